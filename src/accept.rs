@@ -1,0 +1,70 @@
+//! Accept: the listening socket, the connection limit, and backoff on accept errors.
+//!
+//! In: a bound listener and an optional limit. Out: accepted connections, each with the permit
+//! that holds its place under `--max-concurrent-conns`. When the limit is reached, new
+//! connections wait in the kernel's backlog instead of being accepted and dropped.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::config::HostPort;
+
+/// Binds `addr`, resolving a name to its first address that binds.
+pub async fn bind(addr: &HostPort) -> io::Result<TcpListener> {
+    TcpListener::bind((addr.host.as_str(), addr.port)).await
+}
+
+/// A listener with an optional cap on open connections.
+pub struct Acceptor {
+    listener: TcpListener,
+    limit: Option<Arc<Semaphore>>,
+}
+
+impl Acceptor {
+    /// `max` of 0 means no limit.
+    pub fn new(listener: TcpListener, max: usize) -> Acceptor {
+        Acceptor {
+            listener,
+            limit: (max > 0).then(|| Arc::new(Semaphore::new(max))),
+        }
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// The next connection. Errors such as running out of file descriptors are logged and
+    /// retried with a growing pause (up to one second), so a burst cannot spin the loop.
+    pub async fn accept(&self) -> (TcpStream, SocketAddr, Option<OwnedSemaphorePermit>) {
+        let permit = match &self.limit {
+            // The semaphore is never closed, so acquiring cannot fail.
+            Some(s) => s.clone().acquire_owned().await.ok(),
+            None => None,
+        };
+        let mut pause = Duration::from_millis(5);
+        loop {
+            match self.listener.accept().await {
+                Ok((stream, peer)) => return (stream, peer, permit),
+                Err(e) if is_per_connection(&e) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, pause_ms = pause.as_millis() as u64, "accept failed; pausing");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+}
+
+/// Errors that concern only the connection being accepted, not the listener.
+fn is_per_connection(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset
+    )
+}

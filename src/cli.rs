@@ -1,0 +1,245 @@
+//! The command line: subcommands and flags, turned into the same [`TunnelFile`] a config file
+//! holds, so flags and files share one validation path.
+//!
+//! Flag names and `--flag=value` syntax are ghostunnel's wherever the two overlap.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::certs::KeyType;
+use crate::config::{Side, TunnelFile};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "legate",
+    version,
+    about = "Mutual-TLS ambassadors: carry plain TCP between hosts over authenticated TLS",
+    long_about = None,
+    propagate_version = true
+)]
+pub struct Cli {
+    /// Log line format. The level filter comes from RUST_LOG (default: info).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Accept mutual TLS on --listen and forward the plaintext to --target (next to the service).
+    Server(ServerArgs),
+    /// Accept plaintext on --listen and carry it over mutual TLS to a legate server at --target
+    /// (next to the application).
+    Client(ClientArgs),
+    /// Run every tunnel of a TOML config file in one process.
+    Run(RunArgs),
+    /// Write a CA plus server and client certificates, ready for the two sides.
+    GenCerts(GenCertsArgs),
+}
+
+/// Flags both sides take.
+#[derive(Debug, Args)]
+pub struct CommonArgs {
+    /// Address to accept connections on (host:port).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: String,
+    /// Where to forward: the service (server side) or the legate server (client side).
+    #[arg(long, value_name = "ADDR")]
+    pub target: Option<String>,
+    /// This side's certificate chain (PEM).
+    #[arg(long, value_name = "PATH")]
+    pub cert: PathBuf,
+    /// This side's private key (PEM: PKCS#8, SEC1 or RSA).
+    #[arg(long, value_name = "PATH")]
+    pub key: PathBuf,
+    /// CA bundle (PEM) that peers' certificates must chain to.
+    #[arg(long, value_name = "PATH")]
+    pub cacert: PathBuf,
+    /// Lowest TLS version to accept: 1.3 (default) or 1.2.
+    #[arg(long, value_name = "VERSION")]
+    pub min_tls_version: Option<String>,
+    /// Time allowed to connect onward (client side: TCP plus TLS handshake). Default 10s.
+    #[arg(long, value_name = "DURATION")]
+    pub connect_timeout: Option<String>,
+    /// Once one direction of a connection ends, time allowed for the other. Default 10s.
+    #[arg(long, value_name = "DURATION")]
+    pub close_timeout: Option<String>,
+    /// Time allowed for an incoming TLS handshake (server side). Default 10s.
+    #[arg(long, value_name = "DURATION")]
+    pub handshake_timeout: Option<String>,
+    /// TCP keepalive idle time on the TLS side; 0 turns it off. Default 30s.
+    #[arg(long, value_name = "DURATION")]
+    pub keepalive: Option<String>,
+    /// Most connections open at once; further ones wait. 0 (default) is unlimited.
+    #[arg(long, value_name = "N")]
+    pub max_concurrent_conns: Option<usize>,
+    /// On SIGTERM/SIGINT, time open connections get to finish. Default 5m.
+    #[arg(long, value_name = "DURATION")]
+    pub shutdown_timeout: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Admit any client whose certificate chains to --cacert.
+    #[arg(long)]
+    pub allow_all: bool,
+    /// Admit clients with this subject common name (repeatable).
+    #[arg(long, value_name = "CN")]
+    pub allow_cn: Vec<String>,
+    /// Admit clients with this subject organizational unit (repeatable).
+    #[arg(long, value_name = "OU")]
+    pub allow_ou: Vec<String>,
+    /// Admit clients with this DNS SAN (repeatable).
+    #[arg(long, value_name = "DNS")]
+    pub allow_dns: Vec<String>,
+    /// Admit clients with this URI SAN; a trailing /* matches one path segment, /** any
+    /// (repeatable).
+    #[arg(long, value_name = "URI")]
+    pub allow_uri: Vec<String>,
+    /// A named route for legate/1 clients: NAME=ADDR (repeatable).
+    #[arg(long = "route", value_name = "NAME=ADDR", value_parser = parse_route)]
+    pub routes: Vec<(String, String)>,
+    /// Allow a --target (or route) that is not on loopback.
+    #[arg(long)]
+    pub unsafe_target: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Require this common name on the server's certificate (repeatable, any matches).
+    #[arg(long, value_name = "CN")]
+    pub verify_cn: Vec<String>,
+    /// Require this organizational unit on the server's certificate.
+    #[arg(long, value_name = "OU")]
+    pub verify_ou: Vec<String>,
+    /// Require this DNS SAN on the server's certificate.
+    #[arg(long, value_name = "DNS")]
+    pub verify_dns: Vec<String>,
+    /// Require this URI SAN on the server's certificate (trailing /* or /** allowed).
+    #[arg(long, value_name = "URI")]
+    pub verify_uri: Vec<String>,
+    /// Verify the server's certificate for this name instead of --target's host.
+    #[arg(long, value_name = "NAME")]
+    pub override_server_name: Option<String>,
+    /// Ask a legate server for this named route (legate/1).
+    #[arg(long, value_name = "NAME")]
+    pub route: Option<String>,
+    /// Do not offer legate/1: the TLS stream is the byte stream (for non-legate servers;
+    /// legate falls back to this by itself when the server does not pick legate/1).
+    #[arg(long)]
+    pub raw: bool,
+    /// Allow a --listen address that is not on loopback.
+    #[arg(long)]
+    pub unsafe_listen: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The TOML file with [tunnels.NAME] tables.
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Validate the file (and load every certificate and key) and exit.
+    #[arg(long)]
+    pub check: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct GenCertsArgs {
+    /// Directory to write into; a CA already there is reused.
+    #[arg(long, value_name = "DIR", default_value = "certs")]
+    pub out: PathBuf,
+    /// A name the server certificate is valid for: DNS name or IP address (repeatable).
+    /// Default when neither this nor --client is given: localhost and 127.0.0.1.
+    #[arg(long, value_name = "NAME")]
+    pub server_name: Vec<String>,
+    /// Issue a client certificate with this common name (repeatable). Default when neither
+    /// this nor --server-name is given: "client".
+    #[arg(long, value_name = "NAME")]
+    pub client: Vec<String>,
+    /// Add spiffe://DOMAIN/NAME URI SANs to the leaves.
+    #[arg(long, value_name = "DOMAIN")]
+    pub trust_domain: Option<String>,
+    /// Leaf validity in days.
+    #[arg(long, default_value_t = 365)]
+    pub days: u32,
+    /// Key algorithm.
+    #[arg(long, value_enum, default_value_t = KeyType::EcdsaP256)]
+    pub key_type: KeyType,
+    /// Overwrite existing files.
+    #[arg(long)]
+    pub force: bool,
+}
+
+fn parse_route(s: &str) -> Result<(String, String), String> {
+    let (name, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("route {s:?} must be NAME=HOST:PORT"))?;
+    Ok((name.to_string(), addr.to_string()))
+}
+
+impl CommonArgs {
+    fn into_file(self, side: Side) -> TunnelFile {
+        TunnelFile {
+            side: Some(side),
+            listen: Some(self.listen),
+            target: self.target,
+            cert: Some(self.cert),
+            key: Some(self.key),
+            cacert: Some(self.cacert),
+            min_tls_version: self.min_tls_version,
+            connect_timeout: self.connect_timeout,
+            close_timeout: self.close_timeout,
+            handshake_timeout: self.handshake_timeout,
+            keepalive: self.keepalive,
+            max_concurrent_conns: self.max_concurrent_conns,
+            ..TunnelFile::default()
+        }
+    }
+}
+
+impl ServerArgs {
+    /// The tunnel these flags describe, and the shutdown timeout.
+    pub fn into_file(self) -> (TunnelFile, Option<String>) {
+        let shutdown = self.common.shutdown_timeout.clone();
+        let mut f = self.common.into_file(Side::Server);
+        f.allow_all = self.allow_all;
+        f.allow_cn = self.allow_cn;
+        f.allow_ou = self.allow_ou;
+        f.allow_dns = self.allow_dns;
+        f.allow_uri = self.allow_uri;
+        f.routes = self.routes.into_iter().collect::<BTreeMap<_, _>>();
+        f.unsafe_target = self.unsafe_target;
+        (f, shutdown)
+    }
+}
+
+impl ClientArgs {
+    /// The tunnel these flags describe, and the shutdown timeout.
+    pub fn into_file(self) -> (TunnelFile, Option<String>) {
+        let shutdown = self.common.shutdown_timeout.clone();
+        let mut f = self.common.into_file(Side::Client);
+        f.verify_cn = self.verify_cn;
+        f.verify_ou = self.verify_ou;
+        f.verify_dns = self.verify_dns;
+        f.verify_uri = self.verify_uri;
+        f.override_server_name = self.override_server_name;
+        f.route = self.route;
+        f.raw = self.raw;
+        f.unsafe_listen = self.unsafe_listen;
+        (f, shutdown)
+    }
+}

@@ -1,0 +1,607 @@
+//! Configuration: the typed [`Config`] that flags and TOML files both become.
+//!
+//! In: a [`TunnelFile`] per tunnel (from `legate server|client` flags, or a `[tunnels.NAME]`
+//! table of a TOML file). Out: a validated [`Config`] with resolved defaults, typed addresses
+//! and durations, or every problem found, each prefixed with its tunnel's name.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::protocol;
+use crate::tls::{self, MinVersion, Rules};
+
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(30);
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Which end of the tunnel a process is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Side {
+    /// Plain in from the consumer, mutual TLS out to the server side.
+    Client,
+    /// Mutual TLS in from the client side, plain out to the service.
+    Server,
+}
+
+impl Side {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Server => "server",
+        }
+    }
+}
+
+impl fmt::Display for Side {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A `host:port` address; the host may be a name, resolved when it is used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPort {
+    pub host: String,
+    pub port: u16,
+}
+
+impl HostPort {
+    pub fn parse(s: &str) -> Result<HostPort, String> {
+        let (host, port) = s
+            .rsplit_once(':')
+            .ok_or_else(|| format!("address {s:?} needs a port, as in host:port"))?;
+        let bracketed = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
+        if bracketed.is_none() && host.contains(':') {
+            return Err(format!(
+                "address {s:?}: write IPv6 addresses in brackets, as in [::1]:8443"
+            ));
+        }
+        let host = bracketed.unwrap_or(host);
+        if host.is_empty() {
+            return Err(format!(
+                "address {s:?} has no host; write 127.0.0.1:PORT or 0.0.0.0:PORT"
+            ));
+        }
+        if host.contains(':') && host.parse::<IpAddr>().is_err() {
+            return Err(format!(
+                "address {s:?}: write IPv6 addresses in brackets, as in [::1]:8443"
+            ));
+        }
+        let port = port
+            .parse::<u16>()
+            .map_err(|_| format!("address {s:?}: port {port:?} is not a number from 0 to 65535"))?;
+        Ok(HostPort {
+            host: host.to_string(),
+            port,
+        })
+    }
+
+    /// True for `localhost` and loopback IP addresses: reachable only from this host.
+    pub fn is_loopback(&self) -> bool {
+        self.host.eq_ignore_ascii_case("localhost")
+            || self.host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    }
+}
+
+impl fmt::Display for HostPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// One tunnel as written: in a TOML table, or gathered from flags. Keys are the flag names with
+/// `_` for `-`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelFile {
+    pub side: Option<Side>,
+    pub listen: Option<String>,
+    pub target: Option<String>,
+    /// Server side: route name → target, for `legate/1` clients that name a route.
+    #[serde(default)]
+    pub routes: BTreeMap<String, String>,
+    /// Client side: the route to ask the server for.
+    pub route: Option<String>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub cacert: Option<PathBuf>,
+    #[serde(default)]
+    pub allow_all: bool,
+    #[serde(default)]
+    pub allow_cn: Vec<String>,
+    #[serde(default)]
+    pub allow_ou: Vec<String>,
+    #[serde(default)]
+    pub allow_dns: Vec<String>,
+    #[serde(default)]
+    pub allow_uri: Vec<String>,
+    #[serde(default)]
+    pub verify_cn: Vec<String>,
+    #[serde(default)]
+    pub verify_ou: Vec<String>,
+    #[serde(default)]
+    pub verify_dns: Vec<String>,
+    #[serde(default)]
+    pub verify_uri: Vec<String>,
+    pub override_server_name: Option<String>,
+    pub min_tls_version: Option<String>,
+    pub connect_timeout: Option<String>,
+    pub close_timeout: Option<String>,
+    pub handshake_timeout: Option<String>,
+    pub keepalive: Option<String>,
+    pub max_concurrent_conns: Option<usize>,
+    #[serde(default)]
+    pub unsafe_listen: bool,
+    #[serde(default)]
+    pub unsafe_target: bool,
+    /// Client side: do not offer `legate/1`; the TLS stream is the byte stream.
+    #[serde(default)]
+    pub raw: bool,
+}
+
+/// A validated tunnel.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TunnelConfig {
+    pub name: String,
+    pub side: Side,
+    pub listen: HostPort,
+    /// Client side: the server ambassador. Server side: the default target, if any.
+    pub target: Option<HostPort>,
+    /// Server side: named routes.
+    pub routes: BTreeMap<String, HostPort>,
+    /// Client side: the route it asks for ("" for the server's default target).
+    pub route: String,
+    pub tls: tls::Files,
+    pub min_tls: MinVersion,
+    /// Server side: who may connect.
+    pub allow: Rules,
+    /// Client side: what the server's certificate must also carry.
+    pub verify: Rules,
+    /// Client side: the name the server's certificate must be valid for.
+    pub server_name: String,
+    pub connect_timeout: Duration,
+    pub close_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub keepalive: Duration,
+    /// 0 means unlimited.
+    pub max_concurrent_conns: usize,
+    /// Client side: offer `legate/1`.
+    pub legate_protocol: bool,
+}
+
+/// Everything one process runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub tunnels: Vec<TunnelConfig>,
+    pub shutdown_timeout: Duration,
+}
+
+/// Every problem found, one per line, each naming its tunnel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problems(pub Vec<String>);
+
+impl fmt::Display for Problems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0.join("\n"))
+    }
+}
+
+impl std::error::Error for Problems {}
+
+pub fn parse_duration(what: &str, s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{what} {s:?} is not a duration ({e}); write e.g. \"500ms\", \"10s\", \"5m\""))
+}
+
+fn duration(
+    problems: &mut Vec<String>,
+    what: &str,
+    value: &Option<String>,
+    default: Duration,
+) -> Duration {
+    match value {
+        None => default,
+        Some(s) => parse_duration(what, s).unwrap_or_else(|e| {
+            problems.push(e);
+            default
+        }),
+    }
+}
+
+fn address(problems: &mut Vec<String>, what: &str, value: &str) -> Option<HostPort> {
+    match HostPort::parse(value) {
+        Ok(a) => Some(a),
+        Err(e) => {
+            problems.push(format!("{what}: {e}"));
+            None
+        }
+    }
+}
+
+/// Resolves `path` against `base` (the config file's directory) when it is relative.
+fn resolve(base: Option<&Path>, path: &Path) -> PathBuf {
+    match base {
+        Some(base) if path.is_relative() => base.join(path),
+        _ => path.to_path_buf(),
+    }
+}
+
+impl TunnelFile {
+    /// Checks one tunnel. `base` resolves relative paths (the config file's directory).
+    pub fn validate(&self, name: &str, base: Option<&Path>) -> Result<TunnelConfig, Vec<String>> {
+        let mut p = Vec::new();
+        let side = self.side.unwrap_or_else(|| {
+            p.push("side is missing: set side = \"client\" or side = \"server\"".to_string());
+            Side::Server
+        });
+        let listen = match &self.listen {
+            Some(l) => address(&mut p, "--listen", l),
+            None => {
+                p.push("--listen is required (host:port to accept connections on)".into());
+                None
+            }
+        };
+        let target = self
+            .target
+            .as_ref()
+            .and_then(|t| address(&mut p, "--target", t));
+        let mut routes = BTreeMap::new();
+        for (route, t) in &self.routes {
+            if route.is_empty() || !protocol::valid_route(route) {
+                p.push(format!(
+                    "route {route:?}: names are 1 to {} letters, digits, '.', '_' or '-'",
+                    protocol::MAX_ROUTE
+                ));
+            }
+            if let Some(a) = address(&mut p, &format!("route {route:?}"), t) {
+                routes.insert(route.clone(), a);
+            }
+        }
+        let mut files = |flag: &str, v: &Option<PathBuf>| match v {
+            Some(path) => resolve(base, path),
+            None => {
+                p.push(format!("{flag} is required (PEM file)"));
+                PathBuf::new()
+            }
+        };
+        let tls_files = tls::Files {
+            cert: files("--cert", &self.cert),
+            key: files("--key", &self.key),
+            cacert: files("--cacert", &self.cacert),
+        };
+        let min_tls = match &self.min_tls_version {
+            None => MinVersion::default(),
+            Some(v) => v.parse().unwrap_or_else(|e| {
+                p.push(format!("--min-tls-version: {e}"));
+                MinVersion::default()
+            }),
+        };
+        let allow = Rules {
+            all: self.allow_all,
+            cn: self.allow_cn.clone(),
+            ou: self.allow_ou.clone(),
+            dns: self.allow_dns.clone(),
+            uri: self.allow_uri.clone(),
+        };
+        let verify = Rules {
+            all: false,
+            cn: self.verify_cn.clone(),
+            ou: self.verify_ou.clone(),
+            dns: self.verify_dns.clone(),
+            uri: self.verify_uri.clone(),
+        };
+        for pattern in allow.uri.iter().chain(&verify.uri) {
+            if let Err(e) = tls::identity::validate_uri_pattern(pattern) {
+                p.push(e);
+            }
+        }
+        let connect_timeout = duration(
+            &mut p,
+            "--connect-timeout",
+            &self.connect_timeout,
+            DEFAULT_CONNECT_TIMEOUT,
+        );
+        let close_timeout = duration(
+            &mut p,
+            "--close-timeout",
+            &self.close_timeout,
+            DEFAULT_CLOSE_TIMEOUT,
+        );
+        let handshake_timeout = duration(
+            &mut p,
+            "--handshake-timeout",
+            &self.handshake_timeout,
+            DEFAULT_HANDSHAKE_TIMEOUT,
+        );
+        let keepalive = duration(&mut p, "--keepalive", &self.keepalive, DEFAULT_KEEPALIVE);
+        for (what, d) in [
+            ("--connect-timeout", connect_timeout),
+            ("--handshake-timeout", handshake_timeout),
+        ] {
+            if d.is_zero() {
+                p.push(format!("{what} must be more than 0"));
+            }
+        }
+
+        let mut route = String::new();
+        match side {
+            Side::Server => {
+                if allow.is_empty() {
+                    p.push(
+                        "no access rule: give --allow-all, --allow-cn, --allow-ou, --allow-dns or --allow-uri"
+                            .into(),
+                    );
+                }
+                if !verify.is_empty() || self.override_server_name.is_some() {
+                    p.push("--verify-* and --override-server-name are client-side flags".into());
+                }
+                if self.route.is_some() || self.raw {
+                    p.push("--route NAME and --raw are client-side; a server lists routes as NAME=ADDRESS".into());
+                }
+                if target.is_none() && routes.is_empty() && self.target.is_none() {
+                    p.push("--target is required (host:port of the service), or at least one route".into());
+                }
+                if !self.unsafe_target {
+                    for t in target.iter().chain(routes.values()) {
+                        if !t.is_loopback() {
+                            p.push(format!(
+                                "target {t} is not a loopback address: the plaintext would cross the network; pass --unsafe-target if that is intended"
+                            ));
+                        }
+                    }
+                }
+            }
+            Side::Client => {
+                if !allow.is_empty() {
+                    p.push("--allow-* flags are server-side; a client pins its server with --verify-*".into());
+                }
+                if !routes.is_empty() {
+                    p.push("routes are server-side; a client names one with --route NAME".into());
+                }
+                if self.target.is_none() {
+                    p.push("--target is required (host:port of the legate server)".into());
+                }
+                if let Some(r) = &self.route {
+                    if !protocol::valid_route(r) {
+                        p.push(format!(
+                            "--route {r:?}: names are up to {} letters, digits, '.', '_' or '-'",
+                            protocol::MAX_ROUTE
+                        ));
+                    }
+                    if self.raw {
+                        p.push("--route needs the legate/1 protocol; drop --raw".into());
+                    }
+                    route = r.clone();
+                }
+                if let Some(l) = &listen
+                    && !l.is_loopback()
+                    && !self.unsafe_listen
+                {
+                    p.push(format!(
+                        "--listen {l} is not a loopback address: anyone who can reach it gets through the tunnel; pass --unsafe-listen if that is intended"
+                    ));
+                }
+            }
+        }
+        let server_name = self
+            .override_server_name
+            .clone()
+            .or_else(|| target.as_ref().map(|t| t.host.clone()))
+            .unwrap_or_default();
+
+        if !p.is_empty() {
+            return Err(p);
+        }
+        Ok(TunnelConfig {
+            name: name.to_string(),
+            side,
+            listen: listen.expect("checked above"),
+            target,
+            routes,
+            route,
+            tls: tls_files,
+            min_tls,
+            allow,
+            verify,
+            server_name,
+            connect_timeout,
+            close_timeout,
+            handshake_timeout,
+            keepalive,
+            max_concurrent_conns: self.max_concurrent_conns.unwrap_or(0),
+            legate_protocol: !self.raw,
+        })
+    }
+}
+
+/// The top level of a config file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTop {
+    shutdown_timeout: Option<String>,
+    #[serde(default)]
+    tunnels: BTreeMap<String, toml::Value>,
+}
+
+/// Parses and validates a config file's text. Every tunnel is checked, so one run reports
+/// every problem. `base` is the directory relative paths are resolved against.
+pub fn from_toml(text: &str, base: Option<&Path>) -> Result<Config, Problems> {
+    let top: FileTop = toml::from_str(text).map_err(|e| Problems(vec![one_line(&e)]))?;
+    let mut problems = Vec::new();
+    let shutdown_timeout = match &top.shutdown_timeout {
+        None => DEFAULT_SHUTDOWN_TIMEOUT,
+        Some(s) => parse_duration("shutdown_timeout", s).unwrap_or_else(|e| {
+            problems.push(e);
+            DEFAULT_SHUTDOWN_TIMEOUT
+        }),
+    };
+    if top.tunnels.is_empty() {
+        problems.push("no tunnels: add at least one [tunnels.NAME] table".into());
+    }
+    let mut tunnels = Vec::new();
+    for (name, value) in top.tunnels {
+        let parsed = TunnelFile::deserialize(value).map_err(|e| vec![one_line(&e)]);
+        match parsed.and_then(|file| file.validate(&name, base)) {
+            Ok(t) => tunnels.push(t),
+            Err(errs) => {
+                problems.extend(errs.into_iter().map(|e| format!("tunnel {name:?}: {e}")));
+            }
+        }
+    }
+    if !problems.is_empty() {
+        return Err(Problems(problems));
+    }
+    Ok(Config {
+        tunnels,
+        shutdown_timeout,
+    })
+}
+
+/// Reads and validates a config file.
+pub fn load(path: &Path) -> Result<Config, Problems> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Problems(vec![format!("cannot read config {}: {e}", path.display())]))?;
+    from_toml(&text, path.parent()).map_err(|Problems(p)| {
+        Problems(
+            p.into_iter()
+                .map(|e| format!("{}: {e}", path.display()))
+                .collect(),
+        )
+    })
+}
+
+/// TOML errors span several lines (a source excerpt); keep the message and its position.
+fn one_line(e: &impl fmt::Display) -> String {
+    e.to_string()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('|') && !l.chars().all(|c| c == '^'))
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+shutdown_timeout = "30s"
+
+[tunnels.cache]
+side = "server"
+listen = "0.0.0.0:8443"
+target = "127.0.0.1:6379"
+routes = { queue = "127.0.0.1:5672" }
+cert = "server.crt"
+key = "server.key"
+cacert = "ca.crt"
+allow_cn = ["app"]
+
+[tunnels.app]
+side = "client"
+listen = "127.0.0.1:6380"
+target = "cache.internal:8443"
+route = "queue"
+cert = "/etc/legate/app.crt"
+key = "app.key"
+cacert = "ca.crt"
+verify_cn = ["cache.internal"]
+close_timeout = "2s"
+"#;
+
+    #[test]
+    fn a_good_file_builds_the_config() {
+        let c = from_toml(GOOD, Some(Path::new("/conf"))).unwrap();
+        assert_eq!(c.shutdown_timeout, Duration::from_secs(30));
+        let app = &c.tunnels[0];
+        assert_eq!(app.name, "app");
+        assert_eq!(app.side, Side::Client);
+        assert_eq!(app.route, "queue");
+        assert_eq!(app.server_name, "cache.internal");
+        assert_eq!(app.tls.cert, PathBuf::from("/etc/legate/app.crt"));
+        assert_eq!(app.tls.key, PathBuf::from("/conf/app.key"));
+        assert_eq!(app.close_timeout, Duration::from_secs(2));
+        let cache = &c.tunnels[1];
+        assert_eq!(cache.routes["queue"].port, 5672);
+        assert_eq!(cache.allow.cn, vec!["app".to_string()]);
+    }
+
+    #[test]
+    fn every_problem_is_reported_by_tunnel() {
+        let bad = r#"
+[tunnels.one]
+side = "server"
+listen = "nope"
+cert = "a"
+key = "b"
+cacert = "c"
+
+[tunnels.two]
+side = "client"
+listen = "0.0.0.0:1"
+target = "x:1"
+cert = "a"
+key = "b"
+cacert = "c"
+connect_timeout = "soon"
+
+[tunnels.three]
+side = "client"
+colour = "blue"
+"#;
+        let Problems(p) = from_toml(bad, None).unwrap_err();
+        let text = p.join("\n");
+        assert!(text.contains("tunnel \"one\": --listen"), "{text}");
+        assert!(text.contains("tunnel \"one\": no access rule"), "{text}");
+        assert!(text.contains("tunnel \"one\": --target is required"), "{text}");
+        assert!(text.contains("tunnel \"two\": --connect-timeout"), "{text}");
+        assert!(text.contains("tunnel \"two\": --listen 0.0.0.0:1 is not a loopback"), "{text}");
+        assert!(text.contains("tunnel \"three\": unknown field `colour`"), "{text}");
+        assert!(p.iter().all(|l| !l.contains('\n')));
+    }
+
+    #[test]
+    fn non_loopback_targets_need_unsafe_target() {
+        let f = TunnelFile {
+            side: Some(Side::Server),
+            listen: Some("0.0.0.0:8443".into()),
+            target: Some("10.0.0.5:6379".into()),
+            cert: Some("c".into()),
+            key: Some("k".into()),
+            cacert: Some("ca".into()),
+            allow_all: true,
+            ..TunnelFile::default()
+        };
+        let errs = f.validate("t", None).unwrap_err();
+        assert!(errs[0].contains("--unsafe-target"), "{errs:?}");
+        let ok = TunnelFile {
+            unsafe_target: true,
+            ..f
+        };
+        assert!(ok.validate("t", None).is_ok());
+    }
+
+    #[test]
+    fn addresses_parse() {
+        assert_eq!(HostPort::parse("[::1]:80").unwrap().host, "::1");
+        assert!(HostPort::parse("[::1]:80").unwrap().is_loopback());
+        assert!(HostPort::parse("localhost:1").unwrap().is_loopback());
+        assert!(!HostPort::parse("0.0.0.0:1").unwrap().is_loopback());
+        assert!(HostPort::parse("::1:80").is_err());
+        assert!(HostPort::parse("host").is_err());
+        assert!(HostPort::parse("host:99999").is_err());
+        assert_eq!(HostPort::parse("[::1]:80").unwrap().to_string(), "[::1]:80");
+    }
+}

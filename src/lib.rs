@@ -1,0 +1,30 @@
+//! legate: mutual-TLS ambassadors for untrusted networks.
+//!
+//! An application connects to a legate **client** next to it as if the service were local;
+//! the client carries the bytes over mutual TLS to a legate **server** next to the service,
+//! which forwards them to the service:
+//!
+//! ```text
+//! consumer ──plain──▶ legate client ══mTLS══▶ legate server ──plain──▶ service
+//! ```
+//!
+//! Every connection goes through one pipeline ([`tunnel`]): accept, inbound end (plain or a
+//! TLS handshake in the connection's own task), authorize, route, dial, outbound end (plain,
+//! or TLS plus a `legate/1` OPEN), relay both ways with half-close, then one log line with the
+//! outcome.
+//!
+//! Glossary: *client side* and *server side* are the two ambassadors; the *peer* is the other
+//! legate; the *consumer* is the application; the *service* or *target* is what the server side
+//! forwards to; a *tunnel* is one listener with its settings; a *route* is a named target on a
+//! server side, chosen by a `legate/1` client.
+
+pub mod accept;
+pub mod certs;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod dial;
+pub mod protocol;
+pub mod relay;
+pub mod tls;
+pub mod tunnel;

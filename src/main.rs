@@ -1,0 +1,155 @@
+//! The `legate` binary: parse flags, set up logging, dispatch to a subcommand.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::Parser;
+use legate::cli::{Cli, Command, GenCertsArgs, LogFormat};
+use legate::config::{self, Config, TunnelFile};
+use legate::daemon::{self, EXIT_INVALID};
+use legate::{certs, tunnel};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::Server(args) => serve_flags("server", args.into_file()),
+        Command::Client(args) => serve_flags("client", args.into_file()),
+        Command::Run(args) => {
+            let config = match config::load(&args.config) {
+                Ok(c) => c,
+                Err(problems) => return invalid(&problems.to_string()),
+            };
+            if args.check {
+                return check(config);
+            }
+            serve(config)
+        }
+        Command::GenCerts(args) => gen_certs(args),
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
+}
+
+/// Reports invalid input: every line of it, then exit 2.
+fn invalid(message: &str) -> ExitCode {
+    for line in message.lines() {
+        eprintln!("legate: {line}");
+    }
+    ExitCode::from(EXIT_INVALID)
+}
+
+fn serve_flags(name: &str, (file, shutdown): (TunnelFile, Option<String>)) -> ExitCode {
+    let mut problems = Vec::new();
+    let shutdown_timeout = daemon::shutdown_timeout(shutdown.as_deref()).unwrap_or_else(|e| {
+        problems.push(e);
+        config::DEFAULT_SHUTDOWN_TIMEOUT
+    });
+    match file.validate(name, None) {
+        Ok(t) if problems.is_empty() => serve(Config {
+            tunnels: vec![t],
+            shutdown_timeout,
+        }),
+        Ok(_) => invalid(&problems.join("\n")),
+        Err(mut errs) => {
+            errs.extend(problems);
+            invalid(&errs.join("\n"))
+        }
+    }
+}
+
+fn serve(config: Config) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => return invalid(&format!("cannot start the async runtime: {e}")),
+    };
+    match runtime.block_on(daemon::run(config)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => invalid(&format!("{e:#}")),
+    }
+}
+
+fn check(config: Config) -> ExitCode {
+    let count = config.tunnels.len();
+    match daemon::prepare(config.tunnels) {
+        Ok(_) => {
+            println!("config OK: {count} tunnel(s)");
+            ExitCode::SUCCESS
+        }
+        Err(errors) => invalid(
+            &errors
+                .iter()
+                .map(tunnel::Error::to_string)
+                .collect::<Vec<_>>()
+                .join("\n"),
+        ),
+    }
+}
+
+fn gen_certs(args: GenCertsArgs) -> ExitCode {
+    let (server_names, clients) = if args.server_name.is_empty() && args.client.is_empty() {
+        (
+            vec!["localhost".to_string(), "127.0.0.1".to_string()],
+            vec!["client".to_string()],
+        )
+    } else {
+        (args.server_name, args.client)
+    };
+    let request = certs::GenRequest {
+        out: args.out.clone(),
+        server_names,
+        clients,
+        trust_domain: args.trust_domain,
+        days: args.days,
+        key_type: args.key_type,
+        force: args.force,
+    };
+    let report = match certs::generate(&request) {
+        Ok(r) => r,
+        Err(e) => return invalid(&e.to_string()),
+    };
+    let ca = report.ca_cert.display();
+    if report.ca_reused {
+        println!("reused CA {ca}");
+    } else {
+        println!("wrote CA {ca} (its key {}/ca.key stays private)", args.out.display());
+    }
+    if let Some((crt, key)) = &report.server {
+        println!("wrote server certificate {} and key {}", crt.display(), key.display());
+    }
+    for (name, crt, key) in &report.clients {
+        println!("wrote client certificate {} and key {} for {name:?}", crt.display(), key.display());
+    }
+    println!("\nstart the two sides with:\n");
+    if let Some((crt, key)) = &report.server {
+        let allow = match report.clients.first() {
+            Some((name, _, _)) => format!("--allow-cn={name}"),
+            None => "--allow-all".to_string(),
+        };
+        println!(
+            "  legate server --listen=0.0.0.0:8443 --target=127.0.0.1:6379 --cert={} --key={} --cacert={ca} {allow}",
+            crt.display(),
+            key.display()
+        );
+    }
+    let server_host = request.server_names.first().map_or("SERVER-HOST", String::as_str);
+    for (_, crt, key) in report.clients.iter().take(1) {
+        println!(
+            "  legate client --listen=127.0.0.1:6380 --target={server_host}:8443 --cert={} --key={} --cacert={ca}",
+            crt.display(),
+            key.display()
+        );
+    }
+    ExitCode::SUCCESS
+}

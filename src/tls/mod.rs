@@ -1,0 +1,317 @@
+//! TLS: loading PEM material, building the two sides' rustls configs, and the handshakes.
+//!
+//! In: certificate, key and CA bundle paths plus the protocol floor. Out: a [`ServerTls`] that
+//! accepts mutual TLS (raw or `legate/1`, chosen per connection by ALPN) and a [`ClientTls`]
+//! that dials it. The crypto provider is pinned to aws-lc-rs, whose post-quantum hybrid key
+//! exchange (X25519MLKEM768) is offered first.
+
+pub mod identity;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::RootCertStore;
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::{Acceptor, WebPkiClientVerifier};
+use rustls::{ClientConfig, ServerConfig};
+use tokio::net::TcpStream;
+use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
+
+pub use identity::{PeerIdentity, Rules};
+
+/// The ALPN name of the legate-to-legate protocol (`docs/protocol.md`).
+pub const LEGATE_ALPN: &[u8] = b"legate/1";
+
+pub type ServerStream = tokio_rustls::server::TlsStream<TcpStream>;
+pub type ClientStream = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// The lowest TLS version a tunnel accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+pub enum MinVersion {
+    #[serde(rename = "1.2")]
+    Tls12,
+    #[default]
+    #[serde(rename = "1.3")]
+    Tls13,
+}
+
+impl std::str::FromStr for MinVersion {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "1.2" => Ok(MinVersion::Tls12),
+            "1.3" => Ok(MinVersion::Tls13),
+            other => Err(format!(
+                "TLS version {other:?} is not supported; use 1.2 or 1.3"
+            )),
+        }
+    }
+}
+
+/// Why TLS material could not be loaded or a config built.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read {what} {}: {source}", path.display())]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{what} {} is not valid PEM: {detail}", path.display())]
+    Pem {
+        what: &'static str,
+        path: PathBuf,
+        detail: String,
+    },
+    #[error("{what} {} holds no {expected}", path.display())]
+    Empty {
+        what: &'static str,
+        path: PathBuf,
+        expected: &'static str,
+    },
+    #[error("certificate {} and key {} do not fit together: {detail}", cert.display(), key.display())]
+    Identity {
+        cert: PathBuf,
+        key: PathBuf,
+        detail: String,
+    },
+    #[error("CA bundle {}: {detail}", path.display())]
+    Roots { path: PathBuf, detail: String },
+    #[error("TLS setup failed: {0}")]
+    Config(String),
+}
+
+/// The one crypto provider legate uses: aws-lc-rs, post-quantum hybrid key exchange first.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+static TLS13_ONLY: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+static TLS13_AND_12: &[&rustls::SupportedProtocolVersion] =
+    &[&rustls::version::TLS13, &rustls::version::TLS12];
+
+fn versions(min: MinVersion) -> &'static [&'static rustls::SupportedProtocolVersion] {
+    match min {
+        MinVersion::Tls13 => TLS13_ONLY,
+        MinVersion::Tls12 => TLS13_AND_12,
+    }
+}
+
+fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, Error> {
+    std::fs::read(path).map_err(|source| Error::Read {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn pem_error(what: &'static str, path: &Path, e: rustls::pki_types::pem::Error) -> Error {
+    Error::Pem {
+        what,
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    }
+}
+
+/// Reads every certificate in a PEM file, in order.
+pub fn load_certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
+    let pem = read(what, path)?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_error(what, path, e))?;
+    if certs.is_empty() {
+        return Err(Error::Empty {
+            what,
+            path: path.to_path_buf(),
+            expected: "PEM CERTIFICATE block",
+        });
+    }
+    Ok(certs)
+}
+
+/// Reads a private key: PKCS#8, SEC1 (`EC PRIVATE KEY`) or PKCS#1 (`RSA PRIVATE KEY`).
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, Error> {
+    let what = "private key";
+    let pem = read(what, path)?;
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| match e {
+        rustls::pki_types::pem::Error::NoItemsFound => Error::Empty {
+            what,
+            path: path.to_path_buf(),
+            expected: "PEM PRIVATE KEY, EC PRIVATE KEY or RSA PRIVATE KEY block",
+        },
+        e => pem_error(what, path, e),
+    })
+}
+
+/// Reads a CA bundle into a root store; every certificate in it must be usable as a root.
+pub fn load_roots(path: &Path) -> Result<Arc<RootCertStore>, Error> {
+    let mut roots = RootCertStore::empty();
+    for cert in load_certs("CA bundle", path)? {
+        roots.add(cert).map_err(|e| Error::Roots {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        })?;
+    }
+    Ok(Arc::new(roots))
+}
+
+/// The files a tunnel's TLS identity and trust come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Files {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub cacert: PathBuf,
+}
+
+struct Material {
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    roots: Arc<RootCertStore>,
+}
+
+impl Material {
+    fn load(files: &Files) -> Result<Material, Error> {
+        Ok(Material {
+            chain: load_certs("certificate", &files.cert)?,
+            key: load_key(&files.key)?,
+            roots: load_roots(&files.cacert)?,
+        })
+    }
+}
+
+fn identity_error(files: &Files, e: rustls::Error) -> Error {
+    Error::Identity {
+        cert: files.cert.clone(),
+        key: files.key.clone(),
+        detail: e.to_string(),
+    }
+}
+
+/// The server side: mutual TLS in, ALPN decides between raw and `legate/1`.
+#[derive(Clone)]
+pub struct ServerTls {
+    raw: Arc<ServerConfig>,
+    legate: Arc<ServerConfig>,
+}
+
+impl ServerTls {
+    pub fn new(files: &Files, min: MinVersion) -> Result<ServerTls, Error> {
+        let m = Material::load(files)?;
+        let provider = provider();
+        let verifier = WebPkiClientVerifier::builder_with_provider(m.roots, provider.clone())
+            .build()
+            .map_err(|e| Error::Roots {
+                path: files.cacert.clone(),
+                detail: e.to_string(),
+            })?;
+        let raw = ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(versions(min))
+            .map_err(|e| Error::Config(e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(m.chain, m.key)
+            .map_err(|e| identity_error(files, e))?;
+        // Two configs sharing one session cache: rustls refuses a handshake whose ALPN offer has
+        // no overlap with a configured list, and raw peers may offer anything (h2, http/1.1).
+        let mut legate = raw.clone();
+        legate.alpn_protocols = vec![LEGATE_ALPN.to_vec()];
+        Ok(ServerTls {
+            raw: Arc::new(raw),
+            legate: Arc::new(legate),
+        })
+    }
+
+    /// Runs the server handshake on `tcp`. The caller bounds it with a timeout.
+    pub async fn accept(&self, tcp: TcpStream) -> std::io::Result<ServerStream> {
+        let start = LazyConfigAcceptor::new(Acceptor::default(), tcp).await?;
+        let wants_legate = start
+            .client_hello()
+            .alpn()
+            .is_some_and(|mut offered| offered.any(|p| p == LEGATE_ALPN));
+        let config = if wants_legate {
+            self.legate.clone()
+        } else {
+            self.raw.clone()
+        };
+        start.into_stream(config).await
+    }
+}
+
+/// The client side: dials a legate server (or any TLS server) with a client certificate.
+#[derive(Clone)]
+pub struct ClientTls {
+    connector: TlsConnector,
+    server_name: ServerName<'static>,
+}
+
+impl ClientTls {
+    /// `server_name` is what the server's certificate must be valid for: the target's host or
+    /// `--override-server-name`. `offer_legate` adds the `legate/1` ALPN offer.
+    pub fn new(
+        files: &Files,
+        min: MinVersion,
+        server_name: &str,
+        offer_legate: bool,
+    ) -> Result<ClientTls, Error> {
+        let m = Material::load(files)?;
+        let server_name = ServerName::try_from(server_name.to_string()).map_err(|_| {
+            Error::Config(format!(
+                "{server_name:?} is not a valid server name; set --override-server-name"
+            ))
+        })?;
+        let provider = provider();
+        let verifier = WebPkiServerVerifier::builder_with_provider(m.roots, provider.clone())
+            .build()
+            .map_err(|e| Error::Roots {
+                path: files.cacert.clone(),
+                detail: e.to_string(),
+            })?;
+        // The default in-memory session store gives resumption on reconnect.
+        let mut config = ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(versions(min))
+            .map_err(|e| Error::Config(e.to_string()))?
+            .with_webpki_verifier(verifier)
+            .with_client_auth_cert(m.chain, m.key)
+            .map_err(|e| identity_error(files, e))?;
+        if offer_legate {
+            config.alpn_protocols = vec![LEGATE_ALPN.to_vec()];
+        }
+        Ok(ClientTls {
+            connector: TlsConnector::from(Arc::new(config)),
+            server_name,
+        })
+    }
+
+    /// Runs the client handshake on `tcp`. The caller bounds it with a timeout.
+    pub async fn connect(&self, tcp: TcpStream) -> std::io::Result<ClientStream> {
+        self.connector.connect(self.server_name.clone(), tcp).await
+    }
+}
+
+/// The verified identity of the peer on an established connection.
+pub fn peer_identity(conn: &rustls::CommonState) -> Result<PeerIdentity, String> {
+    let cert = conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .ok_or("peer presented no certificate")?;
+    PeerIdentity::from_der(cert)
+}
+
+/// Whether the peer agreed to `legate/1`.
+pub fn negotiated_legate(conn: &rustls::CommonState) -> bool {
+    conn.alpn_protocol() == Some(LEGATE_ALPN)
+}
+
+/// Turns a handshake error into its most useful one-line form: the rustls reason when there
+/// is one (such as "invalid peer certificate: Expired").
+pub fn describe_handshake_error(e: &std::io::Error) -> String {
+    match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+        Some(tls) => tls.to_string(),
+        None if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            "peer closed the connection during the handshake".to_string()
+        }
+        None => e.to_string(),
+    }
+}

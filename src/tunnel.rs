@@ -1,0 +1,565 @@
+//! Tunnel: one listener and the pipeline every connection on it goes through.
+//!
+//! In: a validated [`TunnelConfig`]. Out: served connections, each ending in one logged
+//! [`Outcome`]. [`serve_conn`] is the only place that knows the order of the stages:
+//!
+//! ```text
+//! accept ─▶ inbound (plain | TLS handshake) ─▶ authorize ─▶ route ─▶ dial
+//!        ─▶ outbound (plain | TLS handshake + legate/1 open) ─▶ relay ─▶ log
+//! ```
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::accept::{self, Acceptor};
+use crate::config::{HostPort, Side, TunnelConfig};
+use crate::dial;
+use crate::protocol::{self, Frame, Open, RefuseCode};
+use crate::relay;
+use crate::tls::{self, ClientStream, ClientTls, PeerIdentity, ServerStream, ServerTls};
+
+/// How a connection ended: the log field and (later) the metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    HandshakeFailed,
+    Unauthorized,
+    ProtocolError,
+    UnknownRoute,
+    DialFailed,
+    Refused,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::HandshakeFailed => "handshake_failed",
+            Outcome::Unauthorized => "unauthorized",
+            Outcome::ProtocolError => "protocol_error",
+            Outcome::UnknownRoute => "unknown_route",
+            Outcome::DialFailed => "dial_failed",
+            Outcome::Refused => "refused",
+        }
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a tunnel could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("tunnel {tunnel:?}: {source}")]
+    Tls { tunnel: String, source: tls::Error },
+    #[error("tunnel {tunnel:?}: cannot listen on {addr}: {source}")]
+    Bind {
+        tunnel: String,
+        addr: String,
+        source: io::Error,
+    },
+}
+
+/// The TLS end of a tunnel, loaded and ready.
+#[derive(Clone)]
+enum TlsEnd {
+    Client(ClientTls),
+    Server(ServerTls),
+}
+
+/// A tunnel whose TLS material loaded and whose configuration is consistent, not yet bound.
+pub struct Prepared {
+    cfg: Arc<TunnelConfig>,
+    tls: TlsEnd,
+}
+
+impl Prepared {
+    /// Loads certificates, key and CA bundle and builds the TLS config: everything short of
+    /// binding, so `legate run --check` finds what startup would.
+    pub fn new(cfg: TunnelConfig) -> Result<Prepared, Error> {
+        let tls = match cfg.side {
+            Side::Server => ServerTls::new(&cfg.tls, cfg.min_tls).map(TlsEnd::Server),
+            Side::Client => ClientTls::new(
+                &cfg.tls,
+                cfg.min_tls,
+                &cfg.server_name,
+                cfg.legate_protocol,
+            )
+            .map(TlsEnd::Client),
+        }
+        .map_err(|source| Error::Tls {
+            tunnel: cfg.name.clone(),
+            source,
+        })?;
+        Ok(Prepared {
+            cfg: Arc::new(cfg),
+            tls,
+        })
+    }
+
+    /// Binds the listener, so a port conflict fails startup rather than the first connection.
+    pub async fn bind(self) -> Result<Tunnel, Error> {
+        let listener = accept::bind(&self.cfg.listen)
+            .await
+            .map_err(|source| Error::Bind {
+                tunnel: self.cfg.name.clone(),
+                addr: self.cfg.listen.to_string(),
+                source,
+            })?;
+        Ok(Tunnel {
+            acceptor: Acceptor::new(listener, self.cfg.max_concurrent_conns),
+            shared: Arc::new(Shared {
+                cfg: self.cfg,
+                tls: self.tls,
+            }),
+        })
+    }
+}
+
+/// What every connection of a tunnel reads.
+struct Shared {
+    cfg: Arc<TunnelConfig>,
+    tls: TlsEnd,
+}
+
+/// A bound tunnel.
+pub struct Tunnel {
+    acceptor: Acceptor,
+    shared: Arc<Shared>,
+}
+
+impl Tunnel {
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.acceptor.local_addr()
+    }
+
+    pub fn config(&self) -> &TunnelConfig {
+        &self.shared.cfg
+    }
+
+    /// Accepts until `stop` is cancelled, spawning each connection on `tracker` so the daemon
+    /// can wait for them to drain. The listener closes when this returns.
+    pub async fn serve(self, stop: CancellationToken, tracker: TaskTracker) {
+        loop {
+            let (tcp, peer, permit) = tokio::select! {
+                _ = stop.cancelled() => return,
+                accepted = self.acceptor.accept() => accepted,
+            };
+            let shared = self.shared.clone();
+            tracker.spawn(async move {
+                serve_conn(&shared, tcp, peer).await;
+                drop(permit);
+            });
+        }
+    }
+}
+
+/// What the log line at the end of a connection says.
+struct Record {
+    peer: SocketAddr,
+    identity: Option<PeerIdentity>,
+    route: Option<String>,
+    target: Option<String>,
+    totals: relay::Totals,
+}
+
+/// A stage that failed: the outcome and what to say about it.
+struct Failure {
+    outcome: Outcome,
+    detail: String,
+}
+
+fn fail(outcome: Outcome, detail: impl fmt::Display) -> Failure {
+    Failure {
+        outcome,
+        detail: detail.to_string(),
+    }
+}
+
+/// One connection, start to end. Both sides run this; they differ only in how the inbound and
+/// outbound ends are made.
+async fn serve_conn(t: &Shared, tcp: TcpStream, peer: SocketAddr) {
+    let started = Instant::now();
+    let mut rec = Record {
+        peer,
+        identity: None,
+        route: None,
+        target: None,
+        totals: relay::Totals::default(),
+    };
+    let result = match connect_ends(t, tcp, &mut rec).await {
+        Ok((inbound, outbound)) => {
+            rec.totals = relay::relay(inbound, outbound, t.cfg.close_timeout).await;
+            Ok(())
+        }
+        Err(f) => Err(f),
+    };
+    log_end(&t.cfg, &rec, started.elapsed(), result);
+}
+
+/// Every stage before the relay: the inbound end, who the peer is, where the bytes go, and the
+/// outbound end.
+async fn connect_ends(
+    t: &Shared,
+    tcp: TcpStream,
+    rec: &mut Record,
+) -> Result<(Inbound, Outbound), Failure> {
+    let cfg = &t.cfg;
+    match &t.tls {
+        TlsEnd::Server(server) => {
+            dial::tune(&tcp, Some(cfg.keepalive));
+            let mut tls = handshake_in(server, tcp, cfg.handshake_timeout).await?;
+            rec.identity = Some(authorize(cfg, &tls)?);
+            let open = route_in(cfg, &mut tls).await?;
+            let route = open.as_ref().map_or("", |o| o.route.as_str());
+            rec.route = open.as_ref().map(|o| o.route.clone());
+            let target = pick_target(cfg, route);
+            rec.target = target.map(ToString::to_string);
+            let dialed = dial_target(cfg, target, route).await;
+            if open.is_some() {
+                let answer = match &dialed {
+                    Ok(_) => Frame::Ready,
+                    Err((code, f)) => Frame::Refused {
+                        code: *code,
+                        message: f.detail.clone(),
+                    },
+                };
+                // If the client is gone, the relay (or nothing) will notice; the outcome is
+                // decided by the dial.
+                let _ = protocol::write_frame(&mut tls, &answer).await;
+            }
+            let plain = dialed.map_err(|(_, f)| f)?;
+            Ok((Inbound::Tls(Box::new(tls)), Outbound::Plain(plain)))
+        }
+        TlsEnd::Client(client) => {
+            dial::tune(&tcp, None);
+            rec.target = cfg.target.as_ref().map(ToString::to_string);
+            let (tls, identity) = dial_peer(cfg, client).await?;
+            rec.identity = Some(identity);
+            let tls = open_out(cfg, tls, rec).await?;
+            Ok((Inbound::Plain(tcp), Outbound::Tls(Box::new(tls))))
+        }
+    }
+}
+
+/// Server side: the TLS handshake, under the handshake timeout, in this connection's task.
+async fn handshake_in(
+    server: &ServerTls,
+    tcp: TcpStream,
+    timeout: Duration,
+) -> Result<ServerStream, Failure> {
+    match tokio::time::timeout(timeout, server.accept(tcp)).await {
+        Ok(Ok(tls)) => Ok(tls),
+        Ok(Err(e)) => Err(fail(
+            Outcome::HandshakeFailed,
+            format!("TLS handshake failed: {}", tls::describe_handshake_error(&e)),
+        )),
+        Err(_) => Err(fail(
+            Outcome::HandshakeFailed,
+            format!("TLS handshake timed out after {timeout:?}"),
+        )),
+    }
+}
+
+/// Server side: the client's certificate chains to the CA (rustls checked that); now its
+/// identity must pass the `--allow-*` rules.
+fn authorize(cfg: &TunnelConfig, tls: &ServerStream) -> Result<PeerIdentity, Failure> {
+    let id = tls::peer_identity(tls.get_ref().1).map_err(|e| fail(Outcome::Unauthorized, e))?;
+    if cfg.allow.admits(&id) {
+        Ok(id)
+    } else {
+        Err(fail(
+            Outcome::Unauthorized,
+            format!("client identity {id} is not allowed by the --allow-* rules"),
+        ))
+    }
+}
+
+/// Server side: over `legate/1`, greet the client (it now knows it was admitted) and read its
+/// OPEN. In raw mode there is nothing to read: the default target is the route.
+async fn route_in(cfg: &TunnelConfig, tls: &mut ServerStream) -> Result<Option<Open>, Failure> {
+    if !tls::negotiated_legate(tls.get_ref().1) {
+        return Ok(None);
+    }
+    let greet = async {
+        protocol::write_frame(
+            tls,
+            &Frame::Hello {
+                version: protocol::VERSION,
+            },
+        )
+        .await?;
+        protocol::expect_frame(tls, "OPEN").await
+    };
+    let frame = match tokio::time::timeout(cfg.handshake_timeout, greet).await {
+        Ok(Ok(frame)) => frame,
+        Ok(Err(e)) => {
+            let code = match e {
+                protocol::Error::Version(_) => Some(RefuseCode::BadRequest),
+                protocol::Error::Malformed(..) | protocol::Error::TooLarge(_) => {
+                    Some(RefuseCode::BadRequest)
+                }
+                _ => None,
+            };
+            if let Some(code) = code {
+                let refusal = Frame::Refused {
+                    code,
+                    message: e.to_string(),
+                };
+                let _ = protocol::write_frame(tls, &refusal).await;
+            }
+            return Err(fail(Outcome::ProtocolError, format!("bad OPEN: {e}")));
+        }
+        Err(_) => {
+            return Err(fail(
+                Outcome::ProtocolError,
+                format!("no OPEN within {:?}", cfg.handshake_timeout),
+            ));
+        }
+    };
+    match frame {
+        Frame::Open(open) => Ok(Some(open)),
+        other => Err(fail(
+            Outcome::ProtocolError,
+            format!("expected OPEN, got {other:?}"),
+        )),
+    }
+}
+
+/// Server side: the target for a route name ("" is the default target).
+fn pick_target<'a>(cfg: &'a TunnelConfig, route: &str) -> Option<&'a HostPort> {
+    if route.is_empty() {
+        cfg.target.as_ref()
+    } else {
+        cfg.routes.get(route)
+    }
+}
+
+/// Server side: connect to the service.
+async fn dial_target(
+    cfg: &TunnelConfig,
+    target: Option<&HostPort>,
+    route: &str,
+) -> Result<TcpStream, (RefuseCode, Failure)> {
+    let Some(target) = target else {
+        let detail = if route.is_empty() {
+            "no default target: this server only serves named routes".to_string()
+        } else {
+            format!("unknown route {route:?}")
+        };
+        return Err((RefuseCode::UnknownRoute, fail(Outcome::UnknownRoute, detail)));
+    };
+    match dial::dial(target, cfg.connect_timeout).await {
+        Ok(tcp) => {
+            dial::tune(&tcp, None);
+            Ok(tcp)
+        }
+        Err(e) => Err((RefuseCode::DialFailed, fail(Outcome::DialFailed, e))),
+    }
+}
+
+/// Client side: connect to the legate server and complete the handshake, both within the
+/// connect timeout; then check the server against the `--verify-*` pins.
+async fn dial_peer(
+    cfg: &TunnelConfig,
+    client: &ClientTls,
+) -> Result<(ClientStream, PeerIdentity), Failure> {
+    let target = cfg.target.as_ref().expect("a client tunnel has a target");
+    let deadline = Instant::now() + cfg.connect_timeout;
+    let tcp = dial::dial(target, cfg.connect_timeout)
+        .await
+        .map_err(|e| fail(Outcome::DialFailed, e))?;
+    dial::tune(&tcp, Some(cfg.keepalive));
+    let tls = match tokio::time::timeout_at(deadline.into(), client.connect(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            return Err(fail(
+                Outcome::HandshakeFailed,
+                format!(
+                    "TLS handshake with {target} failed: {}",
+                    tls::describe_handshake_error(&e)
+                ),
+            ));
+        }
+        Err(_) => {
+            return Err(fail(
+                Outcome::HandshakeFailed,
+                format!(
+                    "TLS handshake with {target} timed out after {:?}",
+                    cfg.connect_timeout
+                ),
+            ));
+        }
+    };
+    let id = tls::peer_identity(tls.get_ref().1).map_err(|e| fail(Outcome::Unauthorized, e))?;
+    if !cfg.verify.is_empty() && !cfg.verify.admits(&id) {
+        return Err(fail(
+            Outcome::Unauthorized,
+            format!("server identity {id} does not match the --verify-* pins"),
+        ));
+    }
+    Ok((tls, id))
+}
+
+/// Client side: over `legate/1`, wait for the server's greeting (proof it admitted our
+/// certificate), ask for the route, and wait for READY.
+async fn open_out(
+    cfg: &TunnelConfig,
+    mut tls: ClientStream,
+    rec: &mut Record,
+) -> Result<ClientStream, Failure> {
+    if !tls::negotiated_legate(tls.get_ref().1) {
+        return Ok(tls);
+    }
+    rec.route = Some(cfg.route.clone());
+    let consumer = rec.peer;
+    let exchange = async {
+        match protocol::expect_frame(&mut tls, "HELLO").await? {
+            Frame::Hello { .. } => {}
+            refused => return Ok(refused),
+        }
+        let open = Frame::Open(Open {
+            route: cfg.route.clone(),
+            consumer: Some(consumer),
+        });
+        protocol::write_frame(&mut tls, &open).await?;
+        protocol::expect_frame(&mut tls, "READY").await
+    };
+    let answer = match tokio::time::timeout(cfg.connect_timeout, exchange).await {
+        Ok(Ok(frame)) => frame,
+        Ok(Err(e)) => {
+            return Err(fail(Outcome::ProtocolError, describe_open_error(&e)));
+        }
+        Err(_) => {
+            return Err(fail(
+                Outcome::ProtocolError,
+                format!(
+                    "no legate/1 answer from the server within {:?}",
+                    cfg.connect_timeout
+                ),
+            ));
+        }
+    };
+    match answer {
+        Frame::Ready => Ok(tls),
+        Frame::Refused { code, message } => Err(fail(
+            Outcome::Refused,
+            format!("server refused route {:?}: {code}: {message}", cfg.route),
+        )),
+        other => Err(fail(
+            Outcome::ProtocolError,
+            format!("expected READY, got {other:?}"),
+        )),
+    }
+}
+
+/// In TLS 1.3 a client learns that the server rejected its certificate only when it first
+/// reads, which is here; say so rather than report a bare protocol error.
+fn describe_open_error(e: &protocol::Error) -> String {
+    match e {
+        protocol::Error::Io(io) => format!(
+            "server ended the connection: {}",
+            tls::describe_handshake_error(io)
+        ),
+        protocol::Error::Closed("HELLO") => "server closed the connection before greeting us: \
+             it did not admit this client (see its log and --allow-* rules)"
+            .to_string(),
+        e => format!("legate/1 exchange failed: {e}"),
+    }
+}
+
+fn log_end(cfg: &TunnelConfig, rec: &Record, elapsed: Duration, result: Result<(), Failure>) {
+    let identity = rec.identity.as_ref().map(ToString::to_string);
+    let identity = identity.as_deref().unwrap_or("-");
+    let route = rec.route.as_deref().unwrap_or("-");
+    let target = rec.target.as_deref().unwrap_or("-");
+    let ms = elapsed.as_secs_f64() * 1000.0;
+    let t = &rec.totals;
+    match result {
+        Ok(()) => tracing::info!(
+            tunnel = %cfg.name, side = %cfg.side, peer = %rec.peer, identity, route, target,
+            bytes_up = t.up, bytes_down = t.down, duration_ms = format_args!("{ms:.1}"),
+            outcome = %Outcome::Ok, cut = t.cut,
+            "connection closed"
+        ),
+        Err(f) => tracing::warn!(
+            tunnel = %cfg.name, side = %cfg.side, peer = %rec.peer, identity, route, target,
+            bytes_up = 0u64, bytes_down = 0u64, duration_ms = format_args!("{ms:.1}"),
+            outcome = %f.outcome, error = %f.detail,
+            "connection failed"
+        ),
+    }
+}
+
+/// The consumer-facing end: plain TCP on the client side, TLS on the server side.
+enum Inbound {
+    Plain(TcpStream),
+    Tls(Box<ServerStream>),
+}
+
+/// The far end: TLS to the server ambassador on the client side, plain TCP to the service on
+/// the server side.
+enum Outbound {
+    Plain(TcpStream),
+    Tls(Box<ClientStream>),
+}
+
+macro_rules! delegate_io {
+    ($ty:ident) => {
+        impl AsyncRead for $ty {
+            fn poll_read(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &mut ReadBuf<'_>,
+            ) -> Poll<io::Result<()>> {
+                match self.get_mut() {
+                    $ty::Plain(s) => Pin::new(s).poll_read(cx, buf),
+                    $ty::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+                }
+            }
+        }
+
+        impl AsyncWrite for $ty {
+            fn poll_write(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &[u8],
+            ) -> Poll<io::Result<usize>> {
+                match self.get_mut() {
+                    $ty::Plain(s) => Pin::new(s).poll_write(cx, buf),
+                    $ty::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+                }
+            }
+
+            fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                match self.get_mut() {
+                    $ty::Plain(s) => Pin::new(s).poll_flush(cx),
+                    $ty::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+                }
+            }
+
+            fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                match self.get_mut() {
+                    $ty::Plain(s) => Pin::new(s).poll_shutdown(cx),
+                    $ty::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+                }
+            }
+        }
+    };
+}
+
+delegate_io!(Inbound);
+delegate_io!(Outbound);
