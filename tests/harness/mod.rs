@@ -1,0 +1,468 @@
+//! Test harness: real certificates, a real redis-server, the real `legate` binary, loopback
+//! ports chosen at run time, and polling with deadlines instead of sleeps.
+
+#![allow(dead_code)] // each test file uses a different part of the harness
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use legate::certs::{Ca, KeyType, LeafSpec, Usage, Validity};
+
+/// How long any wait in a test may take before the test fails.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
+pub fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(2);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// A port nobody listens on right now (for services that cannot bind port 0 and report it).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A CA and leaves in a temporary directory, issued by legate's own certs module.
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+    pub ca: Ca,
+}
+
+/// A certificate and key on disk.
+#[derive(Clone, Debug)]
+pub struct Leaf {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl Pki {
+    /// A CA with a server leaf (`server`: localhost, 127.0.0.1) and a client leaf (`client`).
+    pub fn new() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::generate("test CA", KeyType::EcdsaP256, Validity::days(30)).unwrap();
+        std::fs::write(dir.path().join("ca.crt"), ca.cert_pem()).unwrap();
+        let pki = Pki { dir, ca };
+        let mut server = LeafSpec::new("server", Usage::Server);
+        server.names = vec!["localhost".into(), "127.0.0.1".into()];
+        pki.issue("server", &server);
+        pki.issue("client", &LeafSpec::new("client", Usage::Client));
+        pki
+    }
+
+    pub fn ca_cert(&self) -> PathBuf {
+        self.dir.path().join("ca.crt")
+    }
+
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.dir.path().join(file)
+    }
+
+    /// Issues a leaf and writes `NAME.crt` / `NAME.key`.
+    pub fn issue(&self, name: &str, spec: &LeafSpec) -> Leaf {
+        let issued = self.ca.issue(spec).unwrap();
+        let leaf = self.leaf(name);
+        std::fs::write(&leaf.cert, issued.cert_pem).unwrap();
+        legate::certs::write_file(&leaf.key, &issued.key_pem, true, true).unwrap();
+        leaf
+    }
+
+    pub fn leaf(&self, name: &str) -> Leaf {
+        Leaf {
+            cert: self.path(&format!("{name}.crt")),
+            key: self.path(&format!("{name}.key")),
+        }
+    }
+
+    /// `--cert=… --key=… --cacert=…` for leaf `name`.
+    pub fn flags(&self, name: &str) -> Vec<String> {
+        let leaf = self.leaf(name);
+        vec![
+            format!("--cert={}", leaf.cert.display()),
+            format!("--key={}", leaf.key.display()),
+            format!("--cacert={}", self.ca_cert().display()),
+        ]
+    }
+}
+
+/// Lines a child process writes to stderr, shared with the test.
+#[derive(Clone, Default)]
+pub struct Log {
+    inner: Arc<(Mutex<Vec<String>>, Condvar)>,
+}
+
+impl Log {
+    fn follow(&self, stream: impl Read + Send + 'static) {
+        let log = self.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(stream).lines() {
+                let Ok(line) = line else { break };
+                let (lines, cv) = &*log.inner;
+                lines.lock().unwrap().push(line);
+                cv.notify_all();
+            }
+        });
+    }
+
+    pub fn text(&self) -> String {
+        self.inner.0.lock().unwrap().join("\n")
+    }
+
+    /// Waits for a line containing every one of `needles`, and returns it.
+    pub fn wait_for(&self, needles: &[&str]) -> String {
+        let (lines, cv) = &*self.inner;
+        let end = Instant::now() + DEADLINE;
+        let mut guard = lines.lock().unwrap();
+        loop {
+            if let Some(l) = guard
+                .iter()
+                .find(|l| needles.iter().all(|n| l.contains(n)))
+            {
+                return l.clone();
+            }
+            let now = Instant::now();
+            assert!(
+                now < end,
+                "no log line with {needles:?} within {DEADLINE:?}; log so far:\n{}",
+                guard.join("\n")
+            );
+            guard = cv.wait_timeout(guard, end - now).unwrap().0;
+        }
+    }
+
+    pub fn count(&self, needles: &[&str]) -> usize {
+        self.inner
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| needles.iter().all(|n| l.contains(n)))
+            .count()
+    }
+}
+
+/// The real `legate` binary.
+pub struct Legate {
+    child: Child,
+    pub log: Log,
+    /// Tunnel name → the address it listens on.
+    pub addrs: HashMap<String, SocketAddr>,
+    exited: Option<ExitStatus>,
+}
+
+pub fn legate_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_legate")
+}
+
+impl Legate {
+    /// Starts `legate ARGS` and waits until `tunnels` listeners report their addresses.
+    pub fn start(args: &[String], tunnels: usize) -> Legate {
+        let mut child = Command::new(legate_bin())
+            .args(args)
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn legate");
+        let log = Log::default();
+        log.follow(child.stderr.take().unwrap());
+        let mut me = Legate {
+            child,
+            log,
+            addrs: HashMap::new(),
+            exited: None,
+        };
+        eventually("legate to listen", DEADLINE, || {
+            if let Ok(Some(status)) = me.child.try_wait() {
+                panic!(
+                    "legate exited with {status} before listening:\n{}",
+                    me.log.text()
+                );
+            }
+            (me.log.count(&["listening"]) >= tunnels).then_some(())
+        });
+        for line in me.log.text().lines().filter(|l| l.contains("listening")) {
+            let name = field(line, "tunnel").unwrap();
+            let addr = field(line, "listen").unwrap().parse().unwrap();
+            me.addrs.insert(name, addr);
+        }
+        me
+    }
+
+    /// `legate server` on a port chosen by the kernel, with the common flags and `extra`.
+    pub fn server(pki: &Pki, target: &str, extra: &[&str]) -> Legate {
+        let mut args = vec![
+            "server".to_string(),
+            "--listen=127.0.0.1:0".into(),
+            format!("--target={target}"),
+        ];
+        args.extend(pki.flags("server"));
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Legate::start(&args, 1)
+    }
+
+    /// `legate client` toward `server`, authenticating as leaf `leaf` of `pki`.
+    pub fn client(pki: &Pki, leaf: &str, server: SocketAddr, extra: &[&str]) -> Legate {
+        let mut args = vec![
+            "client".to_string(),
+            "--listen=127.0.0.1:0".into(),
+            format!("--target=localhost:{}", server.port()),
+        ];
+        args.extend(pki.flags(leaf));
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Legate::start(&args, 1)
+    }
+
+    /// The address of the only tunnel.
+    pub fn addr(&self) -> SocketAddr {
+        assert_eq!(self.addrs.len(), 1, "addr() is for single-tunnel processes");
+        *self.addrs.values().next().unwrap()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.pid(), sig);
+        }
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let status = eventually("legate to exit", timeout, || self.child.try_wait().unwrap());
+        self.exited = Some(status);
+        status
+    }
+}
+
+impl Drop for Legate {
+    fn drop(&mut self) {
+        if self.exited.is_some() {
+            return;
+        }
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+        if thread::panicking() {
+            eprintln!("--- legate log ---\n{}", self.log.text());
+        }
+    }
+}
+
+/// The value of `name=value` in a tracing text line (quotes stripped).
+pub fn field(line: &str, name: &str) -> Option<String> {
+    let key = format!(" {name}=");
+    let start = line.find(&key)? + key.len();
+    let rest = &line[start..];
+    if let Some(quoted) = rest.strip_prefix('"') {
+        Some(quoted[..quoted.find('"')?].to_string())
+    } else {
+        Some(rest.split_whitespace().next()?.to_string())
+    }
+}
+
+/// A real redis-server on loopback; killed on drop.
+pub struct Redis {
+    child: Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        let bin = "redis-server";
+        for _ in 0..5 {
+            let port = free_port();
+            let dir = tempfile::tempdir().unwrap();
+            let mut child = Command::new(bin)
+                .args(["--port", &port.to_string()])
+                .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| {
+                    panic!("cannot run {bin}: {e}; install it (apt-get install redis-server)")
+                });
+            let ready = eventually("redis to answer or exit", DEADLINE, || {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return Some(false); // lost the port race; try another
+                }
+                let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+                resp(&mut s, &[b"PING"]).ok().map(|r| r == Reply::Simple("PONG".into()))
+            });
+            if ready {
+                return Redis {
+                    child,
+                    port,
+                    _dir: dir,
+                };
+            }
+        }
+        panic!("redis-server did not start on any of 5 ports");
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A RESP reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    Simple(String),
+    Error(String),
+    Int(i64),
+    Bulk(Option<Vec<u8>>),
+    Array(Vec<Reply>),
+}
+
+/// Sends one command and reads its reply.
+pub fn resp(s: &mut TcpStream, args: &[&[u8]]) -> std::io::Result<Reply> {
+    let mut req = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        req.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        req.extend_from_slice(a);
+        req.extend_from_slice(b"\r\n");
+    }
+    s.write_all(&req)?;
+    read_reply(&mut BufReader::new(s))
+}
+
+fn read_reply(r: &mut impl BufRead) -> std::io::Result<Reply> {
+    let mut line = String::new();
+    if r.read_line(&mut line)? == 0 {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    let body = line.trim_end_matches("\r\n");
+    let (kind, rest) = body.split_at(1);
+    Ok(match kind {
+        "+" => Reply::Simple(rest.into()),
+        "-" => Reply::Error(rest.into()),
+        ":" => Reply::Int(rest.parse().unwrap()),
+        "$" => {
+            let len: i64 = rest.parse().unwrap();
+            if len < 0 {
+                Reply::Bulk(None)
+            } else {
+                let mut buf = vec![0; len as usize + 2];
+                r.read_exact(&mut buf)?;
+                buf.truncate(len as usize);
+                Reply::Bulk(Some(buf))
+            }
+        }
+        "*" => {
+            let n: usize = rest.parse().unwrap();
+            Reply::Array((0..n).map(|_| read_reply(r)).collect::<Result<_, _>>()?)
+        }
+        other => panic!("unexpected RESP type {other:?} in {line:?}"),
+    })
+}
+
+/// Connects with a read timeout, so a broken tunnel fails the test instead of hanging it.
+pub fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    s.set_nodelay(true).unwrap();
+    s
+}
+
+/// A TCP backend that records what each connection sent; counts connections.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub accepted: Arc<AtomicUsize>,
+}
+
+impl Backend {
+    /// Runs `handler` on each accepted connection in its own thread.
+    pub fn start(handler: impl Fn(TcpStream) + Send + Sync + 'static) -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        let handler = Arc::new(handler);
+        thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                count.fetch_add(1, Ordering::SeqCst);
+                let h = handler.clone();
+                thread::spawn(move || h(stream));
+            }
+        });
+        Backend { addr, accepted }
+    }
+
+    /// A backend that writes `tag` followed by everything it receives (an echo).
+    pub fn echo(tag: &'static [u8]) -> Backend {
+        Backend::start(move |mut s| {
+            if s.write_all(tag).is_err() {
+                return;
+            }
+            let mut buf = [0u8; 16 * 1024];
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if s.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            let _ = s.shutdown(Shutdown::Write);
+        })
+    }
+
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    pub fn target(&self) -> String {
+        self.addr.to_string()
+    }
+}
+
+/// Reads until EOF (bounded by the stream's read timeout).
+pub fn read_all(s: &mut TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).expect("read to EOF");
+    out
+}
+
+/// Writes a config file into `dir`.
+pub fn write_config(dir: &Path, text: &str) -> PathBuf {
+    let path = dir.join("legate.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
