@@ -161,7 +161,7 @@ impl Ca {
         ];
         params.not_before = validity.not_before;
         params.not_after = validity.not_after;
-        params.serial_number = Some(random_serial());
+        params.serial_number = Some(random_serial()?);
         let cert = params.self_signed(&key)?;
         Ok(Ca {
             cert_pem: cert.pem(),
@@ -211,7 +211,7 @@ impl Ca {
         }];
         params.not_before = spec.validity.not_before;
         params.not_after = spec.validity.not_after;
-        params.serial_number = Some(random_serial());
+        params.serial_number = Some(random_serial()?);
         params.use_authority_key_identifier_extension = true;
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(Issued {
@@ -239,16 +239,24 @@ fn san(name: &str) -> Result<SanType, Error> {
     Ok(SanType::DnsName(value))
 }
 
-fn random_serial() -> SerialNumber {
-    let mut bytes = [0u8; 16];
-    // A serial from the system RNG through a throwaway key would be roundabout; aws-lc's RNG is
-    // what rustls uses too.
-    rustls::crypto::aws_lc_rs::default_provider()
+fn random_bytes<const N: usize>() -> Result<[u8; N], Error> {
+    let mut bytes = [0u8; N];
+    // aws-lc's RNG: the one rustls uses too.
+    crate::tls::provider()
         .secure_random
         .fill(&mut bytes)
-        .expect("system random number generator failed");
+        .map_err(|_| Error::Invalid("the system random number generator failed".into()))?;
+    Ok(bytes)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn random_serial() -> Result<SerialNumber, Error> {
+    let mut bytes = random_bytes::<16>()?;
     bytes[0] &= 0x7f; // positive
-    SerialNumber::from_slice(&bytes)
+    Ok(SerialNumber::from_slice(&bytes))
 }
 
 /// Writes `contents` to `path`: mode 0600 for keys, 0644 otherwise. An existing file is an
@@ -384,8 +392,10 @@ pub fn generate(request: &GenRequest) -> Result<GenReport, Error> {
         Ca::from_pem(&read(&ca_cert)?, &read(&ca_key)?)?
     } else {
         // The CA outlives its leaves so that reissuing a leaf does not mean redistributing trust.
+        // A unique name: verifiers find a certificate's issuer by name, and two CAs both named
+        // "legate CA" would turn "unknown issuer" into a confusing "bad signature".
         let ca = Ca::generate(
-            "legate CA",
+            &format!("legate CA {}", hex(&random_bytes::<4>()?)),
             request.key_type,
             Validity::days(request.days.saturating_mul(2).max(3650)),
         )?;

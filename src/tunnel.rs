@@ -498,7 +498,7 @@ fn log_end(cfg: &TunnelConfig, rec: &Record, elapsed: Duration, result: Result<(
         Err(f) => tracing::warn!(
             tunnel = %cfg.name, side = %cfg.side, peer = %rec.peer, identity, route, target,
             bytes_up = 0u64, bytes_down = 0u64, duration_ms = format_args!("{ms:.1}"),
-            outcome = %f.outcome, error = %f.detail,
+            outcome = %f.outcome, error = f.detail.as_str(),
             "connection failed"
         ),
     }

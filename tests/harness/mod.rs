@@ -58,7 +58,9 @@ impl Pki {
     /// A CA with a server leaf (`server`: localhost, 127.0.0.1) and a client leaf (`client`).
     pub fn new() -> Pki {
         let dir = tempfile::tempdir().unwrap();
-        let ca = Ca::generate("test CA", KeyType::EcdsaP256, Validity::days(30)).unwrap();
+        // A distinct name per CA, as separately made CAs have in life.
+        let name = format!("test CA {}", dir.path().display());
+        let ca = Ca::generate(&name, KeyType::EcdsaP256, Validity::days(30)).unwrap();
         std::fs::write(dir.path().join("ca.crt"), ca.cert_pem()).unwrap();
         let pki = Pki { dir, ca };
         let mut server = LeafSpec::new("server", Usage::Server);

@@ -1,0 +1,197 @@
+//! Refusals: every way a peer can fail authentication, each with a clear log line, and nothing
+//! reaching the backend in any of them.
+
+mod harness;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use harness::{Backend, Legate, Pki, connect, read_all};
+use legate::certs::{LeafSpec, Usage, Validity};
+
+/// A consumer that sends a request through `client` and finds the connection closed unanswered.
+fn consumer_is_turned_away(client: &Legate) {
+    let mut s = connect(client.addr());
+    let _ = s.write_all(b"*1\r\n$4\r\nPING\r\n");
+    // Closed with our request unread, so the kernel may answer with a reset instead of a FIN.
+    let mut reply = Vec::new();
+    match std::io::Read::read_to_end(&mut s, &mut reply) {
+        Ok(_) => assert_eq!(reply, b"", "the consumer got an answer"),
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+    }
+}
+
+/// Checks the backend saw no connection once the refusal has been logged.
+fn backend_untouched(backend: &Backend) {
+    assert_eq!(backend.accepted(), 0, "a refused connection reached the backend");
+}
+
+#[test]
+fn a_client_without_certificate_is_refused() {
+    let pki = Pki::new();
+    let backend = Backend::echo(b"");
+    let server = Legate::server(&pki, &backend.target(), &["--allow-all"]);
+    let mut child = Command::new("openssl")
+        .args(["s_client", "-quiet", "-connect"])
+        .arg(server.addr().to_string())
+        .arg("-CAfile")
+        .arg(pki.ca_cert())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("openssl is needed (apt-get install openssl)");
+    let _ = child.stdin.take().unwrap().write_all(b"PING\r\n");
+    let line = server
+        .log
+        .wait_for(&["connection failed", "outcome=handshake_failed"]);
+    assert!(line.contains("peer sent no certificates"), "{line}");
+    let _ = child.kill();
+    let _ = child.wait();
+    backend_untouched(&backend);
+}
+
+#[test]
+fn a_client_certificate_from_another_ca_is_refused() {
+    let pki = Pki::new();
+    let other = Pki::new();
+    let backend = Backend::echo(b"");
+    let server = Legate::server(&pki, &backend.target(), &["--allow-all"]);
+    let client = Legate::start(
+        &[
+            "client".into(),
+            "--listen=127.0.0.1:0".into(),
+            format!("--target=localhost:{}", server.addr().port()),
+            format!("--cert={}", other.leaf("client").cert.display()),
+            format!("--key={}", other.leaf("client").key.display()),
+            format!("--cacert={}", pki.ca_cert().display()),
+        ],
+        1,
+    );
+    consumer_is_turned_away(&client);
+    let line = server.log.wait_for(&["outcome=handshake_failed"]);
+    assert!(line.contains("UnknownIssuer"), "{line}");
+    let line = client.log.wait_for(&["connection failed"]);
+    assert!(line.contains("server ended the connection"), "{line}");
+    backend_untouched(&backend);
+}
+
+#[test]
+fn an_identity_not_allowed_is_refused() {
+    let pki = Pki::new();
+    pki.issue("intruder", &LeafSpec::new("intruder", Usage::Client));
+    let backend = Backend::echo(b"");
+    let server = Legate::server(
+        &pki,
+        &backend.target(),
+        &["--allow-cn=client", "--allow-uri=spiffe://td/app/*"],
+    );
+    let client = Legate::client(&pki, "intruder", server.addr(), &[]);
+    consumer_is_turned_away(&client);
+    let line = server.log.wait_for(&["outcome=unauthorized"]);
+    assert!(line.contains("CN=intruder") && line.contains("not allowed"), "{line}");
+    let line = client.log.wait_for(&["connection failed"]);
+    assert!(line.contains("did not admit this client"), "{line}");
+    backend_untouched(&backend);
+}
+
+#[test]
+fn an_allowed_uri_wildcard_admits_a_spiffe_identity() {
+    let pki = Pki::new();
+    let mut spec = LeafSpec::new("svc", Usage::Client);
+    spec.uris = vec!["spiffe://td/app/web".into()];
+    pki.issue("svc", &spec);
+    let backend = Backend::echo(b"hi:");
+    let server = Legate::server(
+        &pki,
+        &backend.target(),
+        &["--allow-uri=spiffe://td/app/*"],
+    );
+    let client = Legate::client(&pki, "svc", server.addr(), &[]);
+    let mut s = connect(client.addr());
+    s.write_all(b"x").unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(read_all(&mut s), b"hi:x");
+    server
+        .log
+        .wait_for(&["outcome=ok", "identity=\"spiffe://td/app/web\""]);
+}
+
+#[test]
+fn an_expired_client_certificate_is_refused() {
+    let pki = Pki::new();
+    let mut spec = LeafSpec::new("client", Usage::Client);
+    spec.validity = Validity::expired();
+    pki.issue("old", &spec);
+    let backend = Backend::echo(b"");
+    let server = Legate::server(&pki, &backend.target(), &["--allow-cn=client"]);
+    let client = Legate::client(&pki, "old", server.addr(), &[]);
+    consumer_is_turned_away(&client);
+    let line = server.log.wait_for(&["outcome=handshake_failed"]);
+    assert!(line.contains("certificate expired"), "{line}");
+    backend_untouched(&backend);
+}
+
+#[test]
+fn plaintext_to_the_tls_port_is_refused() {
+    let pki = Pki::new();
+    let backend = Backend::echo(b"");
+    let server = Legate::server(&pki, &backend.target(), &["--allow-all"]);
+    let mut s = connect(server.addr());
+    s.write_all(b"*1\r\n$4\r\nPING\r\n").unwrap();
+    // The server answers with a TLS alert at most, never with the service's reply.
+    let reply = read_all(&mut s);
+    assert!(!reply.windows(4).any(|w| w == b"PONG"));
+    let line = server.log.wait_for(&["outcome=handshake_failed"]);
+    assert!(line.contains("TLS handshake failed"), "{line}");
+    backend_untouched(&backend);
+}
+
+#[test]
+fn a_server_with_the_wrong_name_is_refused_by_the_client() {
+    let pki = Pki::new();
+    let backend = Backend::echo(b"");
+    let server = Legate::server(&pki, &backend.target(), &["--allow-all"]);
+    let client = Legate::client(
+        &pki,
+        "client",
+        server.addr(),
+        &["--override-server-name=redis.example.com"],
+    );
+    consumer_is_turned_away(&client);
+    let line = client.log.wait_for(&["outcome=handshake_failed"]);
+    assert!(line.contains("not valid for name") && line.contains("redis.example.com"), "{line}");
+    backend_untouched(&backend);
+}
+
+#[test]
+fn a_server_from_another_ca_is_refused_by_the_client() {
+    let pki = Pki::new();
+    let other = Pki::new();
+    let backend = Backend::echo(b"");
+    let server = Legate::server(&other, &backend.target(), &["--allow-all"]);
+    let client = Legate::client(&pki, "client", server.addr(), &[]);
+    consumer_is_turned_away(&client);
+    let line = client.log.wait_for(&["outcome=handshake_failed"]);
+    assert!(line.contains("UnknownIssuer"), "{line}");
+    backend_untouched(&backend);
+}
+
+#[test]
+fn a_server_failing_the_verify_pins_is_refused_by_the_client() {
+    let pki = Pki::new();
+    let backend = Backend::echo(b"");
+    let server = Legate::server(&pki, &backend.target(), &["--allow-all"]);
+    let client = Legate::client(&pki, "client", server.addr(), &["--verify-cn=cache-primary"]);
+    consumer_is_turned_away(&client);
+    let line = client.log.wait_for(&["outcome=unauthorized"]);
+    assert!(line.contains("does not match the --verify-* pins"), "{line}");
+    backend_untouched(&backend);
+    // And the matching pin lets the same connection through.
+    let client = Legate::client(&pki, "client", server.addr(), &["--verify-cn=server"]);
+    let mut s = connect(client.addr());
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(read_all(&mut s), b"");
+    client.log.wait_for(&["outcome=ok"]);
+    assert_eq!(backend.accepted(), 1);
+}
