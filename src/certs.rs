@@ -447,7 +447,10 @@ mod tests {
     fn ip_names_become_ip_sans() {
         assert!(matches!(san("127.0.0.1").unwrap(), SanType::IpAddress(_)));
         assert!(matches!(san("::1").unwrap(), SanType::IpAddress(_)));
-        assert!(matches!(san("redis.internal").unwrap(), SanType::DnsName(_)));
+        assert!(matches!(
+            san("redis.internal").unwrap(),
+            SanType::DnsName(_)
+        ));
     }
 
     #[test]

@@ -70,7 +70,10 @@ fn serve_flags(name: &str, (file, shutdown): (TunnelFile, Option<String>)) -> Ex
 }
 
 fn serve(config: Config) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => return invalid(&format!("cannot start the async runtime: {e}")),
     };
@@ -123,13 +126,24 @@ fn gen_certs(args: GenCertsArgs) -> ExitCode {
     if report.ca_reused {
         println!("reused CA {ca}");
     } else {
-        println!("wrote CA {ca} (its key {}/ca.key stays private)", args.out.display());
+        println!(
+            "wrote CA {ca} (its key {}/ca.key stays private)",
+            args.out.display()
+        );
     }
     if let Some((crt, key)) = &report.server {
-        println!("wrote server certificate {} and key {}", crt.display(), key.display());
+        println!(
+            "wrote server certificate {} and key {}",
+            crt.display(),
+            key.display()
+        );
     }
     for (name, crt, key) in &report.clients {
-        println!("wrote client certificate {} and key {} for {name:?}", crt.display(), key.display());
+        println!(
+            "wrote client certificate {} and key {} for {name:?}",
+            crt.display(),
+            key.display()
+        );
     }
     println!("\nstart the two sides with:\n");
     if let Some((crt, key)) = &report.server {
@@ -143,7 +157,10 @@ fn gen_certs(args: GenCertsArgs) -> ExitCode {
             key.display()
         );
     }
-    let server_host = request.server_names.first().map_or("SERVER-HOST", String::as_str);
+    let server_host = request
+        .server_names
+        .first()
+        .map_or("SERVER-HOST", String::as_str);
     for (_, crt, key) in report.clients.iter().take(1) {
         println!(
             "  legate client --listen=127.0.0.1:6380 --target={server_host}:8443 --cert={} --key={} --cacert={ca}",

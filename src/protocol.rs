@@ -207,7 +207,9 @@ pub fn decode(kind: u8, payload: &[u8]) -> Result<Frame, Error> {
 }
 
 fn take_u8(p: &mut &[u8], frame: &'static str) -> Result<u8, Error> {
-    let (&b, rest) = p.split_first().ok_or(Error::Malformed(frame, "truncated"))?;
+    let (&b, rest) = p
+        .split_first()
+        .ok_or(Error::Malformed(frame, "truncated"))?;
     *p = rest;
     Ok(b)
 }
@@ -228,7 +230,9 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     expecting: &'static str,
 ) -> Result<Frame, Error> {
     let mut header = [0u8; 3];
-    r.read_exact(&mut header).await.map_err(|e| closed(e, expecting))?;
+    r.read_exact(&mut header)
+        .await
+        .map_err(|e| closed(e, expecting))?;
     let len = u16::from_be_bytes([header[1], header[2]]) as usize;
     if len > MAX_PAYLOAD {
         return Err(Error::TooLarge(len));
@@ -304,7 +308,10 @@ mod tests {
     fn bad_open_is_an_error_not_a_panic() {
         assert!(matches!(decode(OPEN, &[]), Err(Error::Malformed(..))));
         assert!(matches!(decode(OPEN, &[9, 0, 0]), Err(Error::Version(9))));
-        assert!(matches!(decode(OPEN, &[1, 5, b'a']), Err(Error::Malformed(..))));
+        assert!(matches!(
+            decode(OPEN, &[1, 5, b'a']),
+            Err(Error::Malformed(..))
+        ));
         assert!(matches!(
             decode(OPEN, &[1, 1, b'/', 0]),
             Err(Error::Malformed(_, "invalid route name"))
@@ -313,7 +320,10 @@ mod tests {
             decode(OPEN, &[1, 0, 3, b'x', b'y', b'z']),
             Err(Error::Malformed(_, "invalid consumer address"))
         ));
-        assert!(matches!(decode(OPEN, &[1, 0, 0, 7]), Err(Error::Malformed(..))));
+        assert!(matches!(
+            decode(OPEN, &[1, 0, 0, 7]),
+            Err(Error::Malformed(..))
+        ));
         assert!(matches!(decode(0x7f, &[]), Err(Error::UnknownType(0x7f))));
     }
 

@@ -92,13 +92,10 @@ impl Prepared {
     pub fn new(cfg: TunnelConfig) -> Result<Prepared, Error> {
         let tls = match cfg.side {
             Side::Server => ServerTls::new(&cfg.tls, cfg.min_tls).map(TlsEnd::Server),
-            Side::Client => ClientTls::new(
-                &cfg.tls,
-                cfg.min_tls,
-                &cfg.server_name,
-                cfg.legate_protocol,
-            )
-            .map(TlsEnd::Client),
+            Side::Client => {
+                ClientTls::new(&cfg.tls, cfg.min_tls, &cfg.server_name, cfg.legate_protocol)
+                    .map(TlsEnd::Client)
+            }
         }
         .map_err(|source| Error::Tls {
             tunnel: cfg.name.clone(),
@@ -265,7 +262,10 @@ async fn handshake_in(
         Ok(Ok(tls)) => Ok(tls),
         Ok(Err(e)) => Err(fail(
             Outcome::HandshakeFailed,
-            format!("TLS handshake failed: {}", tls::describe_handshake_error(&e)),
+            format!(
+                "TLS handshake failed: {}",
+                tls::describe_handshake_error(&e)
+            ),
         )),
         Err(_) => Err(fail(
             Outcome::HandshakeFailed,
@@ -360,7 +360,10 @@ async fn dial_target(
         } else {
             format!("unknown route {route:?}")
         };
-        return Err((RefuseCode::UnknownRoute, fail(Outcome::UnknownRoute, detail)));
+        return Err((
+            RefuseCode::UnknownRoute,
+            fail(Outcome::UnknownRoute, detail),
+        ));
     };
     match dial::dial(target, cfg.connect_timeout).await {
         Ok(tcp) => {

@@ -54,7 +54,10 @@ fn ping_set_get_through_the_tunnel() {
     let certs = gen_certs();
     let (server, client) = tunnel(&redis, certs.path());
     let mut s = connect(client.addr());
-    assert_eq!(resp(&mut s, &[b"PING"]).unwrap(), Reply::Simple("PONG".into()));
+    assert_eq!(
+        resp(&mut s, &[b"PING"]).unwrap(),
+        Reply::Simple("PONG".into())
+    );
     assert_eq!(
         resp(&mut s, &[b"SET", b"greeting", b"hello"]).unwrap(),
         Reply::Simple("OK".into())
@@ -67,8 +70,13 @@ fn ping_set_get_through_the_tunnel() {
     // Both sides log the connection's end with the peer identity and byte counts.
     let line = server.log.wait_for(&["connection closed", "outcome=ok"]);
     assert!(line.contains("identity=\"CN=client\""), "{line}");
-    assert!(line.contains("bytes_up=") && line.contains("duration_ms="), "{line}");
-    client.log.wait_for(&["connection closed", "outcome=ok", "CN=localhost"]);
+    assert!(
+        line.contains("bytes_up=") && line.contains("duration_ms="),
+        "{line}"
+    );
+    client
+        .log
+        .wait_for(&["connection closed", "outcome=ok", "CN=localhost"]);
 }
 
 #[test]

@@ -201,8 +201,9 @@ impl fmt::Display for Problems {
 impl std::error::Error for Problems {}
 
 pub fn parse_duration(what: &str, s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim())
-        .map_err(|e| format!("{what} {s:?} is not a duration ({e}); write e.g. \"500ms\", \"10s\", \"5m\""))
+    humantime::parse_duration(s.trim()).map_err(|e| {
+        format!("{what} {s:?} is not a duration ({e}); write e.g. \"500ms\", \"10s\", \"5m\"")
+    })
 }
 
 fn duration(
@@ -351,7 +352,10 @@ impl TunnelFile {
                     p.push("--route NAME and --raw are client-side; a server lists routes as NAME=ADDRESS".into());
                 }
                 if target.is_none() && routes.is_empty() && self.target.is_none() {
-                    p.push("--target is required (host:port of the service), or at least one route".into());
+                    p.push(
+                        "--target is required (host:port of the service), or at least one route"
+                            .into(),
+                    );
                 }
                 if !self.unsafe_target {
                     for t in target.iter().chain(routes.values()) {
@@ -365,7 +369,10 @@ impl TunnelFile {
             }
             Side::Client => {
                 if !allow.is_empty() {
-                    p.push("--allow-* flags are server-side; a client pins its server with --verify-*".into());
+                    p.push(
+                        "--allow-* flags are server-side; a client pins its server with --verify-*"
+                            .into(),
+                    );
                 }
                 if !routes.is_empty() {
                     p.push("routes are server-side; a client names one with --route NAME".into());
@@ -565,10 +572,19 @@ colour = "blue"
         let text = p.join("\n");
         assert!(text.contains("tunnel \"one\": --listen"), "{text}");
         assert!(text.contains("tunnel \"one\": no access rule"), "{text}");
-        assert!(text.contains("tunnel \"one\": --target is required"), "{text}");
+        assert!(
+            text.contains("tunnel \"one\": --target is required"),
+            "{text}"
+        );
         assert!(text.contains("tunnel \"two\": --connect-timeout"), "{text}");
-        assert!(text.contains("tunnel \"two\": --listen 0.0.0.0:1 is not a loopback"), "{text}");
-        assert!(text.contains("tunnel \"three\": unknown field `colour`"), "{text}");
+        assert!(
+            text.contains("tunnel \"two\": --listen 0.0.0.0:1 is not a loopback"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tunnel \"three\": unknown field `colour`"),
+            "{text}"
+        );
         assert!(p.iter().all(|l| !l.contains('\n')));
     }
 

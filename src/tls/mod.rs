@@ -307,7 +307,10 @@ pub fn negotiated_legate(conn: &rustls::CommonState) -> bool {
 /// Turns a handshake error into its most useful one-line form: the rustls reason when there
 /// is one (such as "invalid peer certificate: Expired").
 pub fn describe_handshake_error(e: &std::io::Error) -> String {
-    match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
         Some(tls) => tls.to_string(),
         None if e.kind() == std::io::ErrorKind::UnexpectedEof => {
             "peer closed the connection during the handshake".to_string()

@@ -125,7 +125,8 @@ impl Log {
     }
 
     pub fn text(&self) -> String {
-        self.inner.0.lock().unwrap().join("\n")
+        let lines = self.inner.0.lock().unwrap_or_else(|e| e.into_inner());
+        lines.join("\n")
     }
 
     /// Waits for a line containing every one of `needles`, and returns it.
@@ -134,18 +135,15 @@ impl Log {
         let end = Instant::now() + DEADLINE;
         let mut guard = lines.lock().unwrap();
         loop {
-            if let Some(l) = guard
-                .iter()
-                .find(|l| needles.iter().all(|n| l.contains(n)))
-            {
+            if let Some(l) = guard.iter().find(|l| needles.iter().all(|n| l.contains(n))) {
                 return l.clone();
             }
             let now = Instant::now();
-            assert!(
-                now < end,
-                "no log line with {needles:?} within {DEADLINE:?}; log so far:\n{}",
-                guard.join("\n")
-            );
+            if now >= end {
+                let text = guard.join("\n");
+                drop(guard); // a poisoned log would hide this message behind another panic
+                panic!("no log line with {needles:?} within {DEADLINE:?}; log so far:\n{text}");
+            }
             guard = cv.wait_timeout(guard, end - now).unwrap().0;
         }
     }
@@ -315,7 +313,9 @@ impl Redis {
                     return Some(false); // lost the port race; try another
                 }
                 let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-                resp(&mut s, &[b"PING"]).ok().map(|r| r == Reply::Simple("PONG".into()))
+                resp(&mut s, &[b"PING"])
+                    .ok()
+                    .map(|r| r == Reply::Simple("PONG".into()))
             });
             if ready {
                 return Redis {
@@ -459,6 +459,16 @@ impl Backend {
 pub fn read_all(s: &mut TcpStream) -> Vec<u8> {
     let mut out = Vec::new();
     s.read_to_end(&mut out).expect("read to EOF");
+    out
+}
+
+/// Reads until the tunnel closes the connection. A connection closed with our request unread
+/// may end in a reset instead of a FIN; both count as closed.
+pub fn read_until_closed(s: &mut TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    if let Err(e) = s.read_to_end(&mut out) {
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+    }
     out
 }
 
