@@ -62,12 +62,10 @@ fn backend_half_close_reaches_consumer_and_consumer_can_still_send() {
 fn close_timeout_ends_a_half_open_connection() {
     let pki = Pki::new();
     // A backend that never reads nor closes: it holds the connection until the test ends.
-    let backend = Backend::start(|s| {
+    let backend = Backend::start(|_held| {
         loop {
             std::thread::park();
         }
-        #[allow(unreachable_code)]
-        drop(s);
     });
     let server = Legate::server(
         &pki,

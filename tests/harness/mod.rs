@@ -177,7 +177,7 @@ impl Legate {
     pub fn start(args: &[String], tunnels: usize) -> Legate {
         let mut child = Command::new(legate_bin())
             .args(args)
-            .env("RUST_LOG", "debug")
+            .env("RUST_LOG", "info,legate=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -1,0 +1,164 @@
+//! `legate run --config`: many tunnels in one process, and every config problem at once.
+
+mod harness;
+
+use std::io::Write;
+use std::net::Shutdown;
+use std::process::Command;
+
+use harness::{Backend, Legate, Pki, connect, free_port, legate_bin, read_all, write_config};
+
+fn tunnel_files(pki: &Pki, leaf: &str) -> String {
+    let l = pki.leaf(leaf);
+    format!(
+        "cert = {:?}\nkey = {:?}\ncacert = {:?}\n",
+        l.cert.display().to_string(),
+        l.key.display().to_string(),
+        pki.ca_cert().display().to_string()
+    )
+}
+
+#[test]
+fn three_tunnels_run_in_one_process() {
+    let pki = Pki::new();
+    let main = Backend::echo(b"main:");
+    let jobs = Backend::echo(b"jobs:");
+    let port = free_port();
+    let text = format!(
+        r#"
+shutdown_timeout = "5s"
+
+[tunnels.edge]
+side = "server"
+listen = "127.0.0.1:{port}"
+target = "{main}"
+routes = {{ jobs = "{jobs}" }}
+allow_cn = ["client"]
+{server_files}
+[tunnels.app]
+side = "client"
+listen = "127.0.0.1:0"
+target = "localhost:{port}"
+{client_files}
+[tunnels.worker]
+side = "client"
+listen = "127.0.0.1:0"
+target = "localhost:{port}"
+route = "jobs"
+{client_files}"#,
+        main = main.target(),
+        jobs = jobs.target(),
+        server_files = tunnel_files(&pki, "server"),
+        client_files = tunnel_files(&pki, "client"),
+    );
+    let config = write_config(pki.dir.path(), &text);
+    let check = Command::new(legate_bin())
+        .args(["run", "--check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{check:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&check.stdout),
+        "config OK: 3 tunnel(s)\n"
+    );
+
+    let legate = Legate::start(
+        &[
+            "run".into(),
+            "--config".into(),
+            config.display().to_string(),
+        ],
+        3,
+    );
+    for (tunnel, reply) in [("app", &b"main:hi"[..]), ("worker", b"jobs:hi")] {
+        let mut s = connect(legate.addrs[tunnel]);
+        s.write_all(b"hi").unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        assert_eq!(read_all(&mut s), reply, "through tunnel {tunnel}");
+    }
+    legate
+        .log
+        .wait_for(&["tunnel=edge", "outcome=ok", "route=\"jobs\""]);
+    legate.log.wait_for(&["tunnel=worker", "outcome=ok"]);
+}
+
+#[test]
+fn a_bad_config_reports_every_error_at_once_and_exits_2() {
+    let pki = Pki::new();
+    let text = format!(
+        r#"
+[tunnels.one]
+side = "server"
+listen = "127.0.0.1:http"
+target = "10.1.2.3:6379"
+{server_files}
+[tunnels.two]
+side = "client"
+listen = "0.0.0.0:6380"
+target = "server.internal:8443"
+close_timeout = "forever"
+{client_files}
+[tunnels.three]
+side = "sideways"
+"#,
+        server_files = tunnel_files(&pki, "server"),
+        client_files = tunnel_files(&pki, "client"),
+    );
+    let config = write_config(pki.dir.path(), &text);
+    for args in [&["run", "--config"][..], &["run", "--check", "--config"]] {
+        let out = Command::new(legate_bin())
+            .args(args)
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        for expected in [
+            "tunnel \"one\": --listen: address \"127.0.0.1:http\": port \"http\" is not a number",
+            "tunnel \"one\": no access rule",
+            "tunnel \"one\": target 10.1.2.3:6379 is not a loopback address",
+            "tunnel \"two\": --close-timeout \"forever\" is not a duration",
+            "tunnel \"two\": --listen 0.0.0.0:6380 is not a loopback address",
+            "tunnel \"three\": unknown variant `sideways`",
+        ] {
+            assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
+        }
+        // One line per problem, each prefixed with the file.
+        assert!(err.lines().all(|l| l.starts_with("legate: ")), "{err}");
+        assert_eq!(err.lines().count(), 6, "{err}");
+    }
+}
+
+#[test]
+fn check_loads_certificates_too() {
+    let pki = Pki::new();
+    let text = format!(
+        r#"
+[tunnels.edge]
+side = "server"
+listen = "127.0.0.1:0"
+target = "127.0.0.1:6379"
+allow_all = true
+cert = "missing.crt"
+key = {key:?}
+cacert = {ca:?}
+"#,
+        key = pki.leaf("server").key.display().to_string(),
+        ca = pki.ca_cert().display().to_string(),
+    );
+    let config = write_config(pki.dir.path(), &text);
+    let out = Command::new(legate_bin())
+        .args(["run", "--check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    // Relative paths are resolved against the config file's directory.
+    let missing = pki.path("missing.crt");
+    assert!(
+        err.contains(&format!("cannot read certificate {}", missing.display())),
+        "{err}"
+    );
+}
