@@ -63,18 +63,21 @@ impl fmt::Display for RefuseCode {
 /// The client's request for a stream to a route.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Open {
+    pub features: u8,
     /// Empty means the server's default target.
     pub route: String,
     /// Where the consumer connected from, as the client ambassador saw it.
     pub consumer: Option<SocketAddr>,
 }
 
-/// One control frame.
+/// One control frame. `features` are bit sets for negotiating later additions: HELLO says what
+/// the server offers, OPEN what the client wants of that, READY what the server granted. This
+/// version defines none and sends 0; unknown bits are ignored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
-    Hello { version: u8 },
+    Hello { version: u8, features: u8 },
     Open(Open),
-    Ready,
+    Ready { features: u8 },
     Refused { code: RefuseCode, message: String },
 }
 
@@ -83,7 +86,7 @@ impl Frame {
         match self {
             Frame::Hello { .. } => "HELLO",
             Frame::Open(_) => "OPEN",
-            Frame::Ready => "READY",
+            Frame::Ready { .. } => "READY",
             Frame::Refused { .. } => "REFUSED",
         }
     }
@@ -123,12 +126,12 @@ pub fn valid_route(name: &str) -> bool {
 pub fn encode(frame: &Frame) -> Vec<u8> {
     let mut payload = Vec::new();
     let kind = match frame {
-        Frame::Hello { version } => {
-            payload.push(*version);
+        Frame::Hello { version, features } => {
+            payload.extend_from_slice(&[*version, *features]);
             HELLO
         }
         Frame::Open(open) => {
-            payload.push(VERSION);
+            payload.extend_from_slice(&[VERSION, open.features]);
             payload.push(open.route.len() as u8);
             payload.extend_from_slice(open.route.as_bytes());
             let addr = open.consumer.map(|a| a.to_string()).unwrap_or_default();
@@ -136,7 +139,10 @@ pub fn encode(frame: &Frame) -> Vec<u8> {
             payload.extend_from_slice(addr.as_bytes());
             OPEN
         }
-        Frame::Ready => READY,
+        Frame::Ready { features } => {
+            payload.push(*features);
+            READY
+        }
         Frame::Refused { code, message } => {
             payload.push(*code as u8);
             let mut end = message.len().min(MAX_PAYLOAD - 1);
@@ -158,10 +164,10 @@ pub fn encode(frame: &Frame) -> Vec<u8> {
 pub fn decode(kind: u8, payload: &[u8]) -> Result<Frame, Error> {
     match kind {
         HELLO => {
-            let version = *payload
-                .first()
-                .ok_or(Error::Malformed("HELLO", "empty payload"))?;
-            Ok(Frame::Hello { version })
+            let mut p = payload;
+            let version = take_u8(&mut p, "HELLO")?;
+            let features = take_u8(&mut p, "HELLO")?;
+            Ok(Frame::Hello { version, features })
         }
         OPEN => {
             let mut p = payload;
@@ -169,6 +175,7 @@ pub fn decode(kind: u8, payload: &[u8]) -> Result<Frame, Error> {
             if version != VERSION {
                 return Err(Error::Version(version));
             }
+            let features = take_u8(&mut p, "OPEN")?;
             let route = take_str(&mut p, "OPEN")?;
             if !valid_route(route) {
                 return Err(Error::Malformed("OPEN", "invalid route name"));
@@ -186,11 +193,16 @@ pub fn decode(kind: u8, payload: &[u8]) -> Result<Frame, Error> {
                 return Err(Error::Malformed("OPEN", "trailing bytes"));
             }
             Ok(Frame::Open(Open {
+                features,
                 route: route.to_string(),
                 consumer,
             }))
         }
-        READY => Ok(Frame::Ready),
+        READY => {
+            let mut p = payload;
+            let features = take_u8(&mut p, "READY")?;
+            Ok(Frame::Ready { features })
+        }
         REFUSED => {
             let (&code, message) = payload
                 .split_first()
@@ -288,13 +300,18 @@ mod tests {
 
     #[test]
     fn frames_roundtrip() {
-        roundtrip(Frame::Hello { version: 1 });
-        roundtrip(Frame::Ready);
+        roundtrip(Frame::Hello {
+            version: 1,
+            features: 0,
+        });
+        roundtrip(Frame::Ready { features: 0 });
         roundtrip(Frame::Open(Open {
+            features: 0,
             route: "redis-main".into(),
             consumer: Some("10.1.2.3:4567".parse().unwrap()),
         }));
         roundtrip(Frame::Open(Open {
+            features: 3,
             route: String::new(),
             consumer: None,
         }));
@@ -308,31 +325,37 @@ mod tests {
     fn bad_open_is_an_error_not_a_panic() {
         assert!(matches!(decode(OPEN, &[]), Err(Error::Malformed(..))));
         assert!(matches!(decode(OPEN, &[9, 0, 0]), Err(Error::Version(9))));
+        assert!(matches!(decode(OPEN, &[1]), Err(Error::Malformed(..))));
         assert!(matches!(
-            decode(OPEN, &[1, 5, b'a']),
+            decode(OPEN, &[1, 0, 5, b'a']),
             Err(Error::Malformed(..))
         ));
         assert!(matches!(
-            decode(OPEN, &[1, 1, b'/', 0]),
+            decode(OPEN, &[1, 0, 1, b'/', 0]),
             Err(Error::Malformed(_, "invalid route name"))
         ));
         assert!(matches!(
-            decode(OPEN, &[1, 0, 3, b'x', b'y', b'z']),
+            decode(OPEN, &[1, 0, 0, 3, b'x', b'y', b'z']),
             Err(Error::Malformed(_, "invalid consumer address"))
         ));
         assert!(matches!(
-            decode(OPEN, &[1, 0, 0, 7]),
+            decode(OPEN, &[1, 0, 0, 0, 7]),
             Err(Error::Malformed(..))
         ));
+        assert!(matches!(decode(HELLO, &[1]), Err(Error::Malformed(..))));
+        assert!(matches!(decode(READY, &[]), Err(Error::Malformed(..))));
         assert!(matches!(decode(0x7f, &[]), Err(Error::UnknownType(0x7f))));
     }
 
     #[tokio::test]
     async fn read_frame_leaves_following_bytes() {
-        let mut bytes = encode(&Frame::Ready);
+        let mut bytes = encode(&Frame::Ready { features: 0 });
         bytes.extend_from_slice(b"payload");
         let mut r = &bytes[..];
-        assert_eq!(read_frame(&mut r, "READY").await.unwrap(), Frame::Ready);
+        assert_eq!(
+            read_frame(&mut r, "READY").await.unwrap(),
+            Frame::Ready { features: 0 }
+        );
         assert_eq!(r, b"payload");
     }
 

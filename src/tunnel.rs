@@ -228,7 +228,7 @@ async fn connect_ends(
             let dialed = dial_target(cfg, target, route).await;
             if open.is_some() {
                 let answer = match &dialed {
-                    Ok(_) => Frame::Ready,
+                    Ok(_) => Frame::Ready { features: 0 },
                     Err((code, f)) => Frame::Refused {
                         code: *code,
                         message: f.detail.clone(),
@@ -299,6 +299,7 @@ async fn route_in(cfg: &TunnelConfig, tls: &mut ServerStream) -> Result<Option<O
             tls,
             &Frame::Hello {
                 version: protocol::VERSION,
+                features: 0,
             },
         )
         .await?;
@@ -435,6 +436,7 @@ async fn open_out(
             refused => return Ok(refused),
         }
         let open = Frame::Open(Open {
+            features: 0,
             route: cfg.route.clone(),
             consumer: Some(consumer),
         });
@@ -457,7 +459,7 @@ async fn open_out(
         }
     };
     match answer {
-        Frame::Ready => Ok(tls),
+        Frame::Ready { .. } => Ok(tls),
         Frame::Refused { code, message } => Err(fail(
             Outcome::Refused,
             format!("server refused route {:?}: {code}: {message}", cfg.route),
