@@ -168,6 +168,8 @@ impl Tunnel {
 struct Record {
     peer: SocketAddr,
     identity: Option<PeerIdentity>,
+    /// The negotiated TLS session, from `tls::describe_session`.
+    session: Option<String>,
     route: Option<String>,
     target: Option<String>,
     totals: relay::Totals,
@@ -193,6 +195,7 @@ async fn serve_conn(t: &Shared, tcp: TcpStream, peer: SocketAddr) {
     let mut rec = Record {
         peer,
         identity: None,
+        session: None,
         route: None,
         target: None,
         totals: relay::Totals::default(),
@@ -219,6 +222,7 @@ async fn connect_ends(
         TlsEnd::Server(server) => {
             dial::tune(&tcp, Some(cfg.keepalive));
             let mut tls = handshake_in(server, tcp, cfg.handshake_timeout).await?;
+            rec.session = Some(tls::describe_session(tls.get_ref().1));
             rec.identity = Some(authorize(cfg, &tls)?);
             let open = route_in(cfg, &mut tls).await?;
             let route = open.as_ref().map_or("", |o| o.route.as_str());
@@ -245,6 +249,7 @@ async fn connect_ends(
             dial::tune(&tcp, None);
             rec.target = cfg.target.as_ref().map(ToString::to_string);
             let (tls, identity) = dial_peer(cfg, client).await?;
+            rec.session = Some(tls::describe_session(tls.get_ref().1));
             rec.identity = Some(identity);
             let tls = open_out(cfg, tls, rec).await?;
             Ok((Inbound::Plain(tcp), Outbound::Tls(Box::new(tls))))
@@ -490,19 +495,20 @@ fn log_end(cfg: &TunnelConfig, rec: &Record, elapsed: Duration, result: Result<(
     let identity = rec.identity.as_ref().map(ToString::to_string);
     let identity = identity.as_deref().unwrap_or("-");
     let route = rec.route.as_deref().unwrap_or("-");
+    let session = rec.session.as_deref().unwrap_or("-");
     let target = rec.target.as_deref().unwrap_or("-");
     let ms = elapsed.as_secs_f64() * 1000.0;
     let t = &rec.totals;
     match result {
         Ok(()) => tracing::info!(
             tunnel = %cfg.name, side = %cfg.side, peer = %rec.peer, identity, route, target,
-            bytes_up = t.up, bytes_down = t.down, duration_ms = format_args!("{ms:.1}"),
+            tls = session, bytes_up = t.up, bytes_down = t.down, duration_ms = format_args!("{ms:.1}"),
             outcome = %Outcome::Ok, cut = t.cut,
             "connection closed"
         ),
         Err(f) => tracing::warn!(
             tunnel = %cfg.name, side = %cfg.side, peer = %rec.peer, identity, route, target,
-            bytes_up = 0u64, bytes_down = 0u64, duration_ms = format_args!("{ms:.1}"),
+            tls = session, bytes_up = 0u64, bytes_down = 0u64, duration_ms = format_args!("{ms:.1}"),
             outcome = %f.outcome, error = f.detail.as_str(),
             "connection failed"
         ),

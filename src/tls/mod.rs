@@ -299,22 +299,55 @@ pub fn peer_identity(conn: &rustls::CommonState) -> Result<PeerIdentity, String>
     PeerIdentity::from_der(cert)
 }
 
+/// What was negotiated, for the log: version, cipher suite, key exchange group, and whether
+/// the handshake was full or resumed, e.g. `TLSv1_3 TLS13_AES_256_GCM_SHA384 X25519MLKEM768 full`.
+pub fn describe_session(conn: &rustls::CommonState) -> String {
+    let version = conn
+        .protocol_version()
+        .map_or_else(|| "-".to_string(), |v| format!("{v:?}"));
+    let suite = conn
+        .negotiated_cipher_suite()
+        .map_or_else(|| "-".to_string(), |s| format!("{:?}", s.suite()));
+    let kx = conn
+        .negotiated_key_exchange_group()
+        .map_or_else(|| "-".to_string(), |g| format!("{:?}", g.name()));
+    let kind = match conn.handshake_kind() {
+        Some(rustls::HandshakeKind::Resumed) => "resumed",
+        Some(rustls::HandshakeKind::FullWithHelloRetryRequest) => "full+retry",
+        Some(rustls::HandshakeKind::Full) => "full",
+        None => "-",
+    };
+    format!("{version} {suite} {kx} {kind}")
+}
+
 /// Whether the peer agreed to `legate/1`.
 pub fn negotiated_legate(conn: &rustls::CommonState) -> bool {
     conn.alpn_protocol() == Some(LEGATE_ALPN)
 }
 
-/// Turns a handshake error into its most useful one-line form: the rustls reason when there
-/// is one (such as "invalid peer certificate: Expired").
+/// Turns a handshake error into its most useful one-line form: what happened in words an
+/// operator can act on, with rustls's own reason (such as "invalid peer certificate: Expired").
 pub fn describe_handshake_error(e: &std::io::Error) -> String {
-    match e
-        .get_ref()
-        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-    {
-        Some(tls) => tls.to_string(),
-        None if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+    use rustls::{Error as E, InvalidMessage, PeerIncompatible};
+    let Some(tls) = e.get_ref().and_then(|inner| inner.downcast_ref::<E>()) else {
+        return if e.kind() == std::io::ErrorKind::UnexpectedEof {
             "peer closed the connection during the handshake".to_string()
+        } else {
+            e.to_string()
+        };
+    };
+    let hint = match tls {
+        E::PeerIncompatible(PeerIncompatible::SupportedVersionsExtensionRequired) => Some(
+            "peer offered only TLS 1.2 or older; TLS 1.3 is required (--min-tls-version=1.2 allows 1.2)",
+        ),
+        E::InvalidMessage(InvalidMessage::InvalidContentType) => {
+            Some("peer does not speak TLS (plaintext sent to the TLS port?)")
         }
-        None => e.to_string(),
+        E::NoCertificatesPresented => Some("peer sent no client certificate; one is required"),
+        _ => None,
+    };
+    match hint {
+        Some(hint) => format!("{hint} ({tls})"),
+        None => tls.to_string(),
     }
 }
