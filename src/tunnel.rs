@@ -65,6 +65,12 @@ impl fmt::Display for Outcome {
 pub enum Error {
     #[error("tunnel {tunnel:?}: {source}")]
     Tls { tunnel: String, source: tls::Error },
+    #[error("tunnel {tunnel:?}: target {target} does not resolve ({source}); check the name")]
+    Resolve {
+        tunnel: String,
+        target: String,
+        source: io::Error,
+    },
     #[error("tunnel {tunnel:?}: cannot listen on {addr}: {source}")]
     Bind {
         tunnel: String,
@@ -101,6 +107,19 @@ impl Prepared {
             tunnel: cfg.name.clone(),
             source,
         })?;
+        // A name that does not resolve now is a typo far more often than a service not yet
+        // up; say so at startup rather than at the first connection.
+        for target in cfg.target.iter().chain(cfg.routes.values()) {
+            if let Err(source) =
+                std::net::ToSocketAddrs::to_socket_addrs(&(target.host.as_str(), target.port))
+            {
+                return Err(Error::Resolve {
+                    tunnel: cfg.name.clone(),
+                    target: target.to_string(),
+                    source,
+                });
+            }
+        }
         Ok(Prepared {
             cfg: Arc::new(cfg),
             tls,

@@ -162,3 +162,48 @@ cacert = {ca:?}
         "{err}"
     );
 }
+
+#[test]
+fn startup_problems_are_one_line_and_exit_2() {
+    let pki = Pki::new();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![
+                format!("--listen={}", taken.local_addr().unwrap()),
+                "--target=127.0.0.1:6379".into(),
+            ],
+            "cannot listen on 127.0.0.1:",
+        ),
+        (
+            vec![
+                "--listen=127.0.0.1:0".into(),
+                "--target=no-such-host.invalid:6379".into(),
+                "--unsafe-target".into(),
+            ],
+            "target no-such-host.invalid:6379 does not resolve",
+        ),
+        (
+            vec![
+                "--listen=127.0.0.1:0".into(),
+                "--target=127.0.0.1:6379".into(),
+                "--connect-timeout=ages".into(),
+            ],
+            "--connect-timeout \"ages\" is not a duration",
+        ),
+    ];
+    for (args, expected) in cases {
+        let out = Command::new(legate_bin())
+            .arg("server")
+            .args(&args)
+            .arg("--allow-all")
+            .args(pki.flags("server"))
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<_> = err.lines().filter(|l| l.starts_with("legate: ")).collect();
+        assert_eq!(lines.len(), 1, "{args:?}: {err}");
+        assert!(lines[0].contains(expected), "{args:?}: {err}");
+    }
+}
