@@ -75,6 +75,7 @@ pub async fn run(config: Config) -> anyhow::Result<u8> {
             .map(|(name, addr)| format!("{name}={addr}"))
             .collect::<Vec<_>>()
             .join(",");
+        tracing::info!(tunnel = %cfg.name, config = ?cfg, "effective configuration");
         tracing::info!(
             tunnel = %cfg.name,
             side = %cfg.side,

@@ -63,7 +63,7 @@ impl fmt::Display for Outcome {
 /// Why a tunnel could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("tunnel {tunnel:?}: {source}")]
+    #[error("{}", prefix_lines(tunnel, source))]
     Tls { tunnel: String, source: tls::Error },
     #[error("tunnel {tunnel:?}: target {target} does not resolve ({source}); check the name")]
     Resolve {
@@ -77,6 +77,15 @@ pub enum Error {
         addr: String,
         source: io::Error,
     },
+}
+
+/// `tunnel "NAME": ` before every line of `e`, so each problem names its tunnel.
+fn prefix_lines(tunnel: &str, e: &impl fmt::Display) -> String {
+    e.to_string()
+        .lines()
+        .map(|l| format!("tunnel {tunnel:?}: {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// The TLS end of a tunnel, loaded and ready.

@@ -207,3 +207,59 @@ fn startup_problems_are_one_line_and_exit_2() {
         assert!(lines[0].contains(expected), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn every_bad_tls_file_is_reported_at_once() {
+    let pki = Pki::new();
+    std::fs::write(pki.path("empty.pem"), "").unwrap();
+    let out = Command::new(legate_bin())
+        .args([
+            "server",
+            "--listen=127.0.0.1:0",
+            "--target=127.0.0.1:6379",
+            "--allow-all",
+        ])
+        .arg(format!("--cert={}", pki.path("nope.crt").display()))
+        .arg(format!("--key={}", pki.path("empty.pem").display()))
+        .arg(format!("--cacert={}", pki.leaf("server").key.display()))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<_> = err.lines().collect();
+    assert_eq!(lines.len(), 3, "{err}");
+    assert!(
+        lines[0].contains("cannot read certificate") && lines[0].contains("nope.crt"),
+        "{err}"
+    );
+    assert!(
+        lines[1].contains("empty.pem holds no PEM PRIVATE KEY"),
+        "{err}"
+    );
+    assert!(
+        lines[2].contains("CA bundle") && lines[2].contains("holds no PEM CERTIFICATE"),
+        "{err}"
+    );
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.starts_with("legate: tunnel \"server\": ")),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_key_that_does_not_match_the_certificate_is_refused() {
+    let pki = Pki::new();
+    let out = Command::new(legate_bin())
+        .args(["client", "--listen=127.0.0.1:0", "--target=localhost:1"])
+        .arg(format!("--cert={}", pki.leaf("client").cert.display()))
+        .arg(format!("--key={}", pki.leaf("server").key.display()))
+        .arg(format!("--cacert={}", pki.ca_cert().display()))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("do not fit together"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+}

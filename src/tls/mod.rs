@@ -82,6 +82,8 @@ pub enum Error {
     Roots { path: PathBuf, detail: String },
     #[error("TLS setup failed: {0}")]
     Config(String),
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Several(Vec<Error>),
 }
 
 /// The one crypto provider legate uses: aws-lc-rs, post-quantum hybrid key exchange first.
@@ -173,12 +175,26 @@ struct Material {
 }
 
 impl Material {
+    /// Loads all three files; when several are bad, every problem is reported, one per line.
     fn load(files: &Files) -> Result<Material, Error> {
-        Ok(Material {
-            chain: load_certs("certificate", &files.cert)?,
-            key: load_key(&files.key)?,
-            roots: load_roots(&files.cacert)?,
-        })
+        match (
+            load_certs("certificate", &files.cert),
+            load_key(&files.key),
+            load_roots(&files.cacert),
+        ) {
+            (Ok(chain), Ok(key), Ok(roots)) => Ok(Material { chain, key, roots }),
+            (chain, key, roots) => {
+                let errors: Vec<Error> = [chain.err(), key.err(), roots.err()]
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                Err(if errors.len() == 1 {
+                    errors.into_iter().next().expect("one error")
+                } else {
+                    Error::Several(errors)
+                })
+            }
+        }
     }
 }
 
