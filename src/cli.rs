@@ -57,11 +57,27 @@ pub struct CommonArgs {
     #[arg(long, value_name = "ADDR")]
     pub target: Option<String>,
     /// This side's certificate chain (PEM).
-    #[arg(long, value_name = "PATH")]
-    pub cert: PathBuf,
+    #[arg(
+        long,
+        value_name = "PATH",
+        requires = "key",
+        conflicts_with = "keystore"
+    )]
+    pub cert: Option<PathBuf>,
     /// This side's private key (PEM: PKCS#8, SEC1 or RSA).
-    #[arg(long, value_name = "PATH")]
-    pub key: PathBuf,
+    #[arg(long, value_name = "PATH", requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// This side's identity in one file: PKCS#12, or PEM with the chain and the key.
+    #[arg(long, value_name = "PATH", required_unless_present = "cert")]
+    pub keystore: Option<PathBuf>,
+    /// Password of a PKCS#12 keystore (default: empty).
+    #[arg(
+        long,
+        value_name = "PASS",
+        env = "KEYSTORE_PASS",
+        hide_env_values = true
+    )]
+    pub storepass: Option<String>,
     /// CA bundle (PEM) that peers' certificates must chain to.
     #[arg(long, value_name = "PATH")]
     pub cacert: PathBuf,
@@ -197,8 +213,10 @@ impl CommonArgs {
             side: Some(side),
             listen: Some(self.listen),
             target: self.target,
-            cert: Some(self.cert),
-            key: Some(self.key),
+            cert: self.cert,
+            key: self.key,
+            keystore: self.keystore,
+            storepass: self.storepass,
             cacert: Some(self.cacert),
             min_tls_version: self.min_tls_version,
             connect_timeout: self.connect_timeout,

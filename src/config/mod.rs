@@ -116,6 +116,10 @@ pub struct TunnelFile {
     pub route: Option<String>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
+    /// PKCS#12, or one PEM file with chain and key; instead of `cert` and `key`.
+    pub keystore: Option<PathBuf>,
+    /// The PKCS#12 password; `KEYSTORE_PASS` from the environment when unset.
+    pub storepass: Option<String>,
     pub cacert: Option<PathBuf>,
     #[serde(default)]
     pub allow_all: bool,
@@ -270,18 +274,52 @@ impl TunnelFile {
                 routes.insert(route.clone(), a);
             }
         }
-        let mut files = |flag: &str, v: &Option<PathBuf>| match v {
+        let identity = match (&self.cert, &self.key, &self.keystore) {
+            (Some(cert), Some(key), None) => tls::IdentitySource::Pem {
+                cert: resolve(base, cert),
+                key: resolve(base, key),
+            },
+            (None, None, Some(path)) => tls::IdentitySource::Keystore {
+                path: resolve(base, path),
+                password: tls::Secret(
+                    self.storepass
+                        .clone()
+                        .or_else(|| std::env::var("KEYSTORE_PASS").ok())
+                        .unwrap_or_default(),
+                ),
+            },
+            (_, _, Some(_)) => {
+                p.push("give either --keystore or --cert with --key, not both".into());
+                tls::IdentitySource::Pem {
+                    cert: PathBuf::new(),
+                    key: PathBuf::new(),
+                }
+            }
+            (cert, key, None) => {
+                if cert.is_none() && key.is_none() {
+                    p.push("an identity is required: --cert and --key (PEM), or --keystore".into());
+                } else if cert.is_none() {
+                    p.push("--key needs --cert (the certificate chain, PEM)".into());
+                } else {
+                    p.push("--cert needs --key (the private key, PEM)".into());
+                }
+                tls::IdentitySource::Pem {
+                    cert: PathBuf::new(),
+                    key: PathBuf::new(),
+                }
+            }
+        };
+        if self.storepass.is_some() && self.keystore.is_none() {
+            p.push("--storepass is only for --keystore".into());
+        }
+        let cacert = match &self.cacert {
             Some(path) => resolve(base, path),
             None => {
-                p.push(format!("{flag} is required (PEM file)"));
+                p.push("--cacert is required (PEM bundle of the CA certificates to trust)".into());
                 PathBuf::new()
             }
         };
-        let tls_files = tls::Files {
-            cert: files("--cert", &self.cert),
-            key: files("--key", &self.key),
-            cacert: files("--cacert", &self.cacert),
-        };
+        let tls_files = tls::Files { identity, cacert };
         let min_tls = match &self.min_tls_version {
             None => MinVersion::default(),
             Some(v) => v.parse().unwrap_or_else(|e| {
@@ -537,8 +575,13 @@ close_timeout = "2s"
         assert_eq!(app.side, Side::Client);
         assert_eq!(app.route, "queue");
         assert_eq!(app.server_name, "cache.internal");
-        assert_eq!(app.tls.cert, PathBuf::from("/etc/legate/app.crt"));
-        assert_eq!(app.tls.key, PathBuf::from("/conf/app.key"));
+        assert_eq!(
+            app.tls.identity,
+            tls::IdentitySource::Pem {
+                cert: PathBuf::from("/etc/legate/app.crt"),
+                key: PathBuf::from("/conf/app.key")
+            }
+        );
         assert_eq!(app.close_timeout, Duration::from_secs(2));
         let cache = &c.tunnels[1];
         assert_eq!(cache.routes["queue"].port, 5672);

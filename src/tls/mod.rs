@@ -72,12 +72,10 @@ pub enum Error {
         path: PathBuf,
         expected: &'static str,
     },
-    #[error("certificate {} and key {} do not fit together: {detail}", cert.display(), key.display())]
-    Identity {
-        cert: PathBuf,
-        key: PathBuf,
-        detail: String,
-    },
+    #[error("{identity}: the certificate and key do not fit together: {detail}")]
+    Identity { identity: String, detail: String },
+    #[error("keystore {}: {detail}", path.display())]
+    Keystore { path: PathBuf, detail: String },
     #[error("CA bundle {}: {detail}", path.display())]
     Roots { path: PathBuf, detail: String },
     #[error("TLS setup failed: {0}")]
@@ -160,12 +158,86 @@ pub fn load_roots(path: &Path) -> Result<Arc<RootCertStore>, Error> {
     Ok(Arc::new(roots))
 }
 
+/// A password that never appears in logs or `Debug` output.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "\"***\"" })
+    }
+}
+
+/// Where a tunnel's own certificate chain and key come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdentitySource {
+    /// `--cert` and `--key`: two PEM files.
+    Pem { cert: PathBuf, key: PathBuf },
+    /// `--keystore`: a PKCS#12 file (with `--storepass`), or one PEM file holding the chain and
+    /// the key.
+    Keystore { path: PathBuf, password: Secret },
+}
+
 /// The files a tunnel's TLS identity and trust come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Files {
-    pub cert: PathBuf,
-    pub key: PathBuf,
+    pub identity: IdentitySource,
     pub cacert: PathBuf,
+}
+
+/// Reads a keystore: PEM when it looks like PEM, PKCS#12 otherwise.
+fn load_keystore(
+    path: &Path,
+    password: &Secret,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), Error> {
+    let what = "keystore";
+    let data = read(what, path)?;
+    if data.trim_ascii_start().starts_with(b"-----BEGIN") {
+        let certs = CertificateDer::pem_slice_iter(&data)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| pem_error(what, path, e))?;
+        if certs.is_empty() {
+            return Err(Error::Empty {
+                what,
+                path: path.to_path_buf(),
+                expected: "PEM CERTIFICATE block (a combined PEM keystore holds chain and key)",
+            });
+        }
+        let key = PrivateKeyDer::from_pem_slice(&data).map_err(|e| match e {
+            rustls::pki_types::pem::Error::NoItemsFound => Error::Empty {
+                what,
+                path: path.to_path_buf(),
+                expected: "private key (a combined PEM keystore holds chain and key)",
+            },
+            e => pem_error(what, path, e),
+        })?;
+        return Ok((certs, key));
+    }
+    let store = p12_keystore::KeyStore::from_pkcs12(
+        &data,
+        &password.0,
+        p12_keystore::Pkcs12ImportPolicy::Relaxed,
+    )
+    .map_err(|e| Error::Keystore {
+        path: path.to_path_buf(),
+        detail: match e {
+            p12_keystore::error::Error::MacError(_) => {
+                "wrong password (set --storepass or KEYSTORE_PASS)".to_string()
+            }
+            e => format!("not a readable PKCS#12 or PEM keystore: {e}"),
+        },
+    })?;
+    let (_, chain) = store.private_key_chain().ok_or_else(|| Error::Keystore {
+        path: path.to_path_buf(),
+        detail: "holds no private key with a certificate chain".to_string(),
+    })?;
+    let certs = chain
+        .certs()
+        .iter()
+        .map(|c| CertificateDer::from(c.as_der().to_vec()))
+        .collect();
+    let key = PrivateKeyDer::Pkcs8(chain.key().as_der().to_vec().into());
+    Ok((certs, key))
 }
 
 struct Material {
@@ -175,13 +247,17 @@ struct Material {
 }
 
 impl Material {
-    /// Loads all three files; when several are bad, every problem is reported, one per line.
+    /// Loads identity and trust; when several files are bad, every problem is reported, one per
+    /// line.
     fn load(files: &Files) -> Result<Material, Error> {
-        match (
-            load_certs("certificate", &files.cert),
-            load_key(&files.key),
-            load_roots(&files.cacert),
-        ) {
+        let (chain, key) = match &files.identity {
+            IdentitySource::Pem { cert, key } => (load_certs("certificate", cert), load_key(key)),
+            IdentitySource::Keystore { path, password } => match load_keystore(path, password) {
+                Ok((chain, key)) => (Ok(chain), Ok(key)),
+                Err(e) => (Err(e), Ok(PrivateKeyDer::Pkcs8(Vec::new().into()))),
+            },
+        };
+        match (chain, key, load_roots(&files.cacert)) {
             (Ok(chain), Ok(key), Ok(roots)) => Ok(Material { chain, key, roots }),
             (chain, key, roots) => {
                 let errors: Vec<Error> = [chain.err(), key.err(), roots.err()]
@@ -199,9 +275,14 @@ impl Material {
 }
 
 fn identity_error(files: &Files, e: rustls::Error) -> Error {
+    let identity = match &files.identity {
+        IdentitySource::Pem { cert, key } => {
+            format!("certificate {} and key {}", cert.display(), key.display())
+        }
+        IdentitySource::Keystore { path, .. } => format!("keystore {}", path.display()),
+    };
     Error::Identity {
-        cert: files.cert.clone(),
-        key: files.key.clone(),
+        identity,
         detail: e.to_string(),
     }
 }

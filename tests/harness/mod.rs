@@ -175,8 +175,14 @@ pub fn legate_bin() -> &'static str {
 impl Legate {
     /// Starts `legate ARGS` and waits until `tunnels` listeners report their addresses.
     pub fn start(args: &[String], tunnels: usize) -> Legate {
+        Legate::start_with_env(args, tunnels, &[])
+    }
+
+    /// [`Legate::start`] with extra environment variables.
+    pub fn start_with_env(args: &[String], tunnels: usize, env: &[(&str, &str)]) -> Legate {
         let mut child = Command::new(legate_bin())
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info,legate=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
