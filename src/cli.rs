@@ -45,6 +45,13 @@ pub enum Command {
     Run(RunArgs),
     /// Write a CA plus server and client certificates, ready for the two sides.
     GenCerts(GenCertsArgs),
+    /// Print a shell completion script (e.g. `legate completions bash > /etc/bash_completion.d/legate`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to standard output (e.g. `legate man | man -l -`).
+    Man,
 }
 
 /// Flags both sides take.

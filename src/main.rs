@@ -3,7 +3,7 @@
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use legate::cli::{Cli, Command, GenCertsArgs, LogFormat};
 use legate::config::{self, Config, TunnelFile};
 use legate::daemon::{self, EXIT_INVALID};
@@ -26,6 +26,16 @@ fn main() -> ExitCode {
             serve(config)
         }
         Command::GenCerts(args) => gen_certs(args),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "legate", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Command::Man => {
+            match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => invalid(&format!("cannot write the man page: {e}")),
+            }
+        }
     }
 }
 
