@@ -24,6 +24,12 @@ pub struct Cli {
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
 
+    /// Silence classes of log lines: conns (connections that end well), conn-errs (connections
+    /// that fail after the handshake), handshake-errs (failed handshakes), all (those three and
+    /// every other line below warnings). Repeatable or comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',', global = true)]
+    pub quiet: Vec<crate::tunnel::QuietClass>,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -75,7 +81,7 @@ pub struct CommonArgs {
     #[arg(long, value_name = "PATH", requires = "cert")]
     pub key: Option<PathBuf>,
     /// This side's identity in one file: PKCS#12, or PEM with the chain and the key.
-    #[arg(long, value_name = "PATH", required_unless_present = "cert")]
+    #[arg(long, value_name = "PATH")]
     pub keystore: Option<PathBuf>,
     /// Password of a PKCS#12 keystore (default: empty).
     #[arg(
@@ -87,7 +93,7 @@ pub struct CommonArgs {
     pub storepass: Option<String>,
     /// CA bundle (PEM) that peers' certificates must chain to.
     #[arg(long, value_name = "PATH")]
-    pub cacert: PathBuf,
+    pub cacert: Option<PathBuf>,
     /// Lowest TLS version to accept: 1.3 (default) or 1.2.
     #[arg(long, value_name = "VERSION")]
     pub min_tls_version: Option<String>,
@@ -109,6 +115,10 @@ pub struct CommonArgs {
     /// On SIGTERM/SIGINT, time open connections get to finish. Default 5m.
     #[arg(long, value_name = "DURATION")]
     pub shutdown_timeout: Option<String>,
+    /// Server side: accept clients without certificates. Client side: present no certificate.
+    /// Logged loudly: anyone who reaches the port gets through.
+    #[arg(long)]
+    pub disable_authentication: bool,
 }
 
 #[derive(Debug, Args)]
@@ -224,7 +234,8 @@ impl CommonArgs {
             key: self.key,
             keystore: self.keystore,
             storepass: self.storepass,
-            cacert: Some(self.cacert),
+            cacert: self.cacert,
+            disable_authentication: self.disable_authentication,
             min_tls_version: self.min_tls_version,
             connect_timeout: self.connect_timeout,
             close_timeout: self.close_timeout,

@@ -76,6 +76,18 @@ pub async fn run(config: Config) -> anyhow::Result<u8> {
             .collect::<Vec<_>>()
             .join(",");
         tracing::info!(tunnel = %cfg.name, config = ?cfg, "effective configuration");
+        if cfg.disable_authentication {
+            match cfg.side {
+                crate::config::Side::Server => tracing::warn!(
+                    tunnel = %cfg.name,
+                    "AUTHENTICATION DISABLED: clients need no certificate; anyone who can reach this port reaches the target"
+                ),
+                crate::config::Side::Client => tracing::warn!(
+                    tunnel = %cfg.name,
+                    "authentication disabled: this client presents no certificate"
+                ),
+            }
+        }
         tracing::info!(
             tunnel = %cfg.name,
             side = %cfg.side,

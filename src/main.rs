@@ -11,7 +11,9 @@ use legate::{certs, tunnel};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let all_quiet = cli.quiet.contains(&tunnel::QuietClass::All);
+    init_logging(cli.log_format, all_quiet);
+    tunnel::set_quiet(cli.quiet);
     match cli.command {
         Command::Server(args) => serve_flags("server", args.into_file()),
         Command::Client(args) => serve_flags("client", args.into_file()),
@@ -39,9 +41,11 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat) {
+/// `RUST_LOG` decides the levels; without it, info (or warn with `--quiet=all`).
+fn init_logging(format: LogFormat, quiet: bool) {
+    let default = if quiet { "warn" } else { "info" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -60,6 +60,29 @@ impl fmt::Display for Outcome {
     }
 }
 
+/// A class of connection log lines that `--quiet` can silence (ghostunnel's names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum QuietClass {
+    All,
+    Conns,
+    ConnErrs,
+    HandshakeErrs,
+}
+
+/// The classes silenced in this process, set once at startup.
+static QUIET: std::sync::OnceLock<Vec<QuietClass>> = std::sync::OnceLock::new();
+
+/// Sets the `--quiet` classes; later calls are ignored.
+pub fn set_quiet(classes: Vec<QuietClass>) {
+    let _ = QUIET.set(classes);
+}
+
+fn quiet(class: QuietClass) -> bool {
+    QUIET
+        .get()
+        .is_some_and(|q| q.contains(&class) || q.contains(&QuietClass::All))
+}
+
 /// Why a tunnel could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -251,7 +274,7 @@ async fn connect_ends(
             dial::tune(&tcp, Some(cfg.keepalive));
             let mut tls = handshake_in(server, tcp, cfg.handshake_timeout).await?;
             rec.session = Some(tls::describe_session(tls.get_ref().1));
-            rec.identity = Some(authorize(cfg, &tls)?);
+            rec.identity = authorize(cfg, &tls)?;
             let open = route_in(cfg, &mut tls).await?;
             let route = open.as_ref().map_or("", |o| o.route.as_str());
             rec.route = open.as_ref().map(|o| o.route.clone());
@@ -308,11 +331,15 @@ async fn handshake_in(
 }
 
 /// Server side: the client's certificate chains to the CA (rustls checked that); now its
-/// identity must pass the `--allow-*` rules.
-fn authorize(cfg: &TunnelConfig, tls: &ServerStream) -> Result<PeerIdentity, Failure> {
+/// identity must pass the `--allow-*` rules. With `--disable-authentication` there is no
+/// identity to check.
+fn authorize(cfg: &TunnelConfig, tls: &ServerStream) -> Result<Option<PeerIdentity>, Failure> {
+    if cfg.disable_authentication {
+        return Ok(None);
+    }
     let id = tls::peer_identity(tls.get_ref().1).map_err(|e| fail(Outcome::Unauthorized, e))?;
     if cfg.allow.admits(&id) {
-        Ok(id)
+        Ok(Some(id))
     } else {
         Err(fail(
             Outcome::Unauthorized,
@@ -527,6 +554,14 @@ fn log_end(cfg: &TunnelConfig, rec: &Record, elapsed: Duration, result: Result<(
     let target = rec.target.as_deref().unwrap_or("-");
     let ms = elapsed.as_secs_f64() * 1000.0;
     let t = &rec.totals;
+    let class = match &result {
+        Ok(()) => QuietClass::Conns,
+        Err(f) if f.outcome == Outcome::HandshakeFailed => QuietClass::HandshakeErrs,
+        Err(_) => QuietClass::ConnErrs,
+    };
+    if quiet(class) {
+        return;
+    }
     match result {
         Ok(()) => tracing::info!(
             tunnel = %cfg.name, side = %cfg.side, peer = %rec.peer, identity, route, target,

@@ -146,6 +146,9 @@ pub struct TunnelFile {
     pub handshake_timeout: Option<String>,
     pub keepalive: Option<String>,
     pub max_concurrent_conns: Option<usize>,
+    /// Server side: ask clients for no certificate. Client side: present none.
+    #[serde(default)]
+    pub disable_authentication: bool,
     #[serde(default)]
     pub unsafe_listen: bool,
     #[serde(default)]
@@ -183,6 +186,8 @@ pub struct TunnelConfig {
     pub max_concurrent_conns: usize,
     /// Client side: offer `legate/1`.
     pub legate_protocol: bool,
+    /// `--disable-authentication`: no client certificates on this tunnel.
+    pub disable_authentication: bool,
 }
 
 /// Everything one process runs.
@@ -274,7 +279,13 @@ impl TunnelFile {
                 routes.insert(route.clone(), a);
             }
         }
+        let no_client_cert = self.disable_authentication && self.side == Some(Side::Client);
         let identity = match (&self.cert, &self.key, &self.keystore) {
+            (None, None, None) if no_client_cert => tls::IdentitySource::None,
+            _ if no_client_cert => {
+                p.push("--disable-authentication on a client side presents no certificate; drop --cert, --key and --keystore".into());
+                tls::IdentitySource::None
+            }
             (Some(cert), Some(key), None) => tls::IdentitySource::Pem {
                 cert: resolve(base, cert),
                 key: resolve(base, key),
@@ -312,11 +323,13 @@ impl TunnelFile {
         if self.storepass.is_some() && self.keystore.is_none() {
             p.push("--storepass is only for --keystore".into());
         }
+        let no_client_auth = self.disable_authentication && self.side == Some(Side::Server);
         let cacert = match &self.cacert {
-            Some(path) => resolve(base, path),
+            Some(path) => Some(resolve(base, path)),
+            None if no_client_auth => None,
             None => {
                 p.push("--cacert is required (PEM bundle of the CA certificates to trust)".into());
-                PathBuf::new()
+                None
             }
         };
         let tls_files = tls::Files { identity, cacert };
@@ -377,7 +390,11 @@ impl TunnelFile {
         let mut route = String::new();
         match side {
             Side::Server => {
-                if allow.is_empty() {
+                if self.disable_authentication {
+                    if !allow.is_empty() {
+                        p.push("--allow-* rules need client certificates; they cannot be combined with --disable-authentication".into());
+                    }
+                } else if allow.is_empty() {
                     p.push(
                         "no access rule: give --allow-all, --allow-cn, --allow-ou, --allow-dns or --allow-uri"
                             .into(),
@@ -467,6 +484,7 @@ impl TunnelFile {
             keepalive,
             max_concurrent_conns: self.max_concurrent_conns.unwrap_or(0),
             legate_protocol: !self.raw,
+            disable_authentication: self.disable_authentication,
         })
     }
 }

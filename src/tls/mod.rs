@@ -176,13 +176,17 @@ pub enum IdentitySource {
     /// `--keystore`: a PKCS#12 file (with `--storepass`), or one PEM file holding the chain and
     /// the key.
     Keystore { path: PathBuf, password: Secret },
+    /// No certificate: a client side with `--disable-authentication`.
+    None,
 }
 
 /// The files a tunnel's TLS identity and trust come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Files {
     pub identity: IdentitySource,
-    pub cacert: PathBuf,
+    /// The CA bundle peers must chain to. `None` only on a server side with
+    /// `--disable-authentication`, which asks clients for no certificate.
+    pub cacert: Option<PathBuf>,
 }
 
 /// Reads a keystore: PEM when it looks like PEM, PKCS#12 otherwise.
@@ -241,9 +245,8 @@ fn load_keystore(
 }
 
 struct Material {
-    chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
-    roots: Arc<RootCertStore>,
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+    roots: Option<Arc<RootCertStore>>,
 }
 
 impl Material {
@@ -251,14 +254,22 @@ impl Material {
     /// line.
     fn load(files: &Files) -> Result<Material, Error> {
         let (chain, key) = match &files.identity {
-            IdentitySource::Pem { cert, key } => (load_certs("certificate", cert), load_key(key)),
+            IdentitySource::Pem { cert, key } => (
+                load_certs("certificate", cert).map(Some),
+                load_key(key).map(Some),
+            ),
             IdentitySource::Keystore { path, password } => match load_keystore(path, password) {
-                Ok((chain, key)) => (Ok(chain), Ok(key)),
-                Err(e) => (Err(e), Ok(PrivateKeyDer::Pkcs8(Vec::new().into()))),
+                Ok((chain, key)) => (Ok(Some(chain)), Ok(Some(key))),
+                Err(e) => (Err(e), Ok(None)),
             },
+            IdentitySource::None => (Ok(None), Ok(None)),
         };
-        match (chain, key, load_roots(&files.cacert)) {
-            (Ok(chain), Ok(key), Ok(roots)) => Ok(Material { chain, key, roots }),
+        let roots = files.cacert.as_deref().map(load_roots).transpose();
+        match (chain, key, roots) {
+            (Ok(chain), Ok(key), Ok(roots)) => Ok(Material {
+                identity: chain.zip(key),
+                roots,
+            }),
             (chain, key, roots) => {
                 let errors: Vec<Error> = [chain.err(), key.err(), roots.err()]
                     .into_iter()
@@ -280,6 +291,7 @@ fn identity_error(files: &Files, e: rustls::Error) -> Error {
             format!("certificate {} and key {}", cert.display(), key.display())
         }
         IdentitySource::Keystore { path, .. } => format!("keystore {}", path.display()),
+        IdentitySource::None => "no identity".to_string(),
     };
     Error::Identity {
         identity,
@@ -295,20 +307,30 @@ pub struct ServerTls {
 }
 
 impl ServerTls {
+    /// Without `files.cacert`, clients are asked for no certificate (`--disable-authentication`).
     pub fn new(files: &Files, min: MinVersion) -> Result<ServerTls, Error> {
         let m = Material::load(files)?;
+        let (chain, key) = m
+            .identity
+            .ok_or_else(|| Error::Config("a server side needs its own certificate".into()))?;
         let provider = provider();
-        let verifier = WebPkiClientVerifier::builder_with_provider(m.roots, provider.clone())
-            .build()
-            .map_err(|e| Error::Roots {
-                path: files.cacert.clone(),
-                detail: e.to_string(),
-            })?;
-        let raw = ServerConfig::builder_with_provider(provider)
+        let builder = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(versions(min))
-            .map_err(|e| Error::Config(e.to_string()))?
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(m.chain, m.key)
+            .map_err(|e| Error::Config(e.to_string()))?;
+        let builder = match (m.roots, &files.cacert) {
+            (Some(roots), Some(path)) => {
+                let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider)
+                    .build()
+                    .map_err(|e| Error::Roots {
+                        path: path.clone(),
+                        detail: e.to_string(),
+                    })?;
+                builder.with_client_cert_verifier(verifier)
+            }
+            _ => builder.with_no_client_auth(),
+        };
+        let raw = builder
+            .with_single_cert(chain, key)
             .map_err(|e| identity_error(files, e))?;
         // Two configs sharing one session cache: rustls refuses a handshake whose ALPN offer has
         // no overlap with a configured list, and raw peers may offer anything (h2, http/1.1).
@@ -358,20 +380,28 @@ impl ClientTls {
                 "{server_name:?} is not a valid server name; set --override-server-name"
             ))
         })?;
+        let (roots, path) = m
+            .roots
+            .zip(files.cacert.as_ref())
+            .ok_or_else(|| Error::Config("a client side needs --cacert".into()))?;
         let provider = provider();
-        let verifier = WebPkiServerVerifier::builder_with_provider(m.roots, provider.clone())
+        let verifier = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
             .build()
             .map_err(|e| Error::Roots {
-                path: files.cacert.clone(),
+                path: path.clone(),
                 detail: e.to_string(),
             })?;
         // The default in-memory session store gives resumption on reconnect.
-        let mut config = ClientConfig::builder_with_provider(provider)
+        let builder = ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(versions(min))
             .map_err(|e| Error::Config(e.to_string()))?
-            .with_webpki_verifier(verifier)
-            .with_client_auth_cert(m.chain, m.key)
-            .map_err(|e| identity_error(files, e))?;
+            .with_webpki_verifier(verifier);
+        let mut config = match m.identity {
+            Some((chain, key)) => builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| identity_error(files, e))?,
+            None => builder.with_no_client_auth(),
+        };
         if offer_legate {
             config.alpn_protocols = vec![LEGATE_ALPN.to_vec()];
         }
