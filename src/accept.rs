@@ -5,42 +5,35 @@
 //! connections wait in the kernel's backlog instead of being accepted and dropped.
 
 use std::io;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::config::HostPort;
-
-/// Binds `addr`, resolving a name to its first address that binds.
-pub async fn bind(addr: &HostPort) -> io::Result<TcpListener> {
-    TcpListener::bind((addr.host.as_str(), addr.port)).await
-}
+use crate::net::{Listener, PeerAddr, Stream};
 
 /// A listener with an optional cap on open connections.
 pub struct Acceptor {
-    listener: TcpListener,
+    listener: Listener,
     limit: Option<Arc<Semaphore>>,
 }
 
 impl Acceptor {
     /// `max` of 0 means no limit.
-    pub fn new(listener: TcpListener, max: usize) -> Acceptor {
+    pub fn new(listener: Listener, max: usize) -> Acceptor {
         Acceptor {
             listener,
             limit: (max > 0).then(|| Arc::new(Semaphore::new(max))),
         }
     }
 
-    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+    pub fn local_addr(&self) -> io::Result<String> {
         self.listener.local_addr()
     }
 
     /// The next connection. Errors such as running out of file descriptors are logged and
     /// retried with a growing pause (up to one second), so a burst cannot spin the loop.
-    pub async fn accept(&self) -> (TcpStream, SocketAddr, Option<OwnedSemaphorePermit>) {
+    pub async fn accept(&self) -> (Stream, PeerAddr, Option<OwnedSemaphorePermit>) {
         let permit = match &self.limit {
             // The semaphore is never closed, so acquiring cannot fail.
             Some(s) => s.clone().acquire_owned().await.ok(),

@@ -1,15 +1,15 @@
-//! Dial: outbound TCP connections with a deadline.
+//! Dial: outbound connections with a deadline.
 //!
-//! In: a `host:port` and the connect timeout. Out: a connected, tuned `TcpStream`. Every address
-//! the name resolves to is tried in order until one connects, all within the one deadline.
+//! In: an address (`host:port` or `unix:PATH`) and the connect timeout. Out: a connected
+//! [`Stream`]. Every address a name resolves to is tried in order until one connects, all
+//! within the one deadline.
 
 use std::io;
 use std::time::Duration;
 
-use socket2::{SockRef, TcpKeepalive};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 
-use crate::config::HostPort;
+use crate::net::{Address, HostPort, Stream};
 
 /// Why a dial failed.
 #[derive(Debug, thiserror::Error)]
@@ -24,10 +24,36 @@ pub enum Error {
     Timeout { addr: String, timeout: Duration },
 }
 
-/// Connects to `addr` within `timeout`, trying each resolved address in turn.
-pub async fn dial(addr: &HostPort, timeout: Duration) -> Result<TcpStream, Error> {
+/// Connects to `addr` within `timeout`.
+pub async fn dial(addr: &Address, timeout: Duration) -> Result<Stream, Error> {
     let name = addr.to_string();
     let attempt = async {
+        match addr {
+            Address::Tcp(hp) => dial_tcp(hp, &name).await.map(Stream::Tcp),
+            Address::Unix(path) => {
+                UnixStream::connect(path)
+                    .await
+                    .map(Stream::Unix)
+                    .map_err(|source| Error::Connect {
+                        addr: name.clone(),
+                        source,
+                    })
+            }
+        }
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(result) => result,
+        Err(_) => Err(Error::Timeout {
+            addr: name,
+            timeout,
+        }),
+    }
+}
+
+/// Tries each address `addr` resolves to, in turn.
+async fn dial_tcp(addr: &HostPort, name: &str) -> Result<TcpStream, Error> {
+    let name = name.to_string();
+    {
         let candidates = tokio::net::lookup_host((addr.host.as_str(), addr.port))
             .await
             .map_err(|source| Error::Resolve {
@@ -48,27 +74,5 @@ pub async fn dial(addr: &HostPort, timeout: Duration) -> Result<TcpStream, Error
             },
             None => Error::NoAddress { addr: name.clone() },
         })
-    };
-    match tokio::time::timeout(timeout, attempt).await {
-        Ok(result) => result,
-        Err(_) => Err(Error::Timeout {
-            addr: name,
-            timeout,
-        }),
-    }
-}
-
-/// Sets TCP_NODELAY (the tunnel must not add Nagle delay to small requests) and, for sockets
-/// that cross the network, TCP keepalive so a silently dead peer is noticed.
-pub fn tune(stream: &TcpStream, keepalive: Option<Duration>) {
-    // Failures here leave a working socket with default options; nothing to report upward.
-    let _ = stream.set_nodelay(true);
-    if let Some(idle) = keepalive.filter(|d| !d.is_zero()) {
-        let interval = (idle / 3).max(Duration::from_secs(1));
-        let ka = TcpKeepalive::new()
-            .with_time(idle)
-            .with_interval(interval)
-            .with_retries(3);
-        let _ = SockRef::from(stream).set_tcp_keepalive(&ka);
     }
 }

@@ -24,6 +24,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dial;
+pub mod net;
 pub mod protocol;
 pub mod relay;
 pub mod tls;

@@ -10,20 +10,16 @@
 
 use std::fmt;
 use std::io;
-use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::accept::{self, Acceptor};
-use crate::config::{HostPort, Side, TunnelConfig};
+use crate::accept::Acceptor;
+use crate::config::{Side, TunnelConfig};
 use crate::dial;
+use crate::net::{Address, Listener, PeerAddr, Stream, delegate_io};
 use crate::protocol::{self, Frame, Open, RefuseCode};
 use crate::relay;
 use crate::tls::{self, ClientStream, ClientTls, PeerIdentity, ServerStream, ServerTls};
@@ -142,8 +138,9 @@ impl Prepared {
         // A name that does not resolve now is a typo far more often than a service not yet
         // up; say so at startup rather than at the first connection.
         for target in cfg.target.iter().chain(cfg.routes.values()) {
+            let Address::Tcp(hp) = target else { continue };
             if let Err(source) =
-                std::net::ToSocketAddrs::to_socket_addrs(&(target.host.as_str(), target.port))
+                std::net::ToSocketAddrs::to_socket_addrs(&(hp.host.as_str(), hp.port))
             {
                 return Err(Error::Resolve {
                     tunnel: cfg.name.clone(),
@@ -160,7 +157,7 @@ impl Prepared {
 
     /// Binds the listener, so a port conflict fails startup rather than the first connection.
     pub async fn bind(self) -> Result<Tunnel, Error> {
-        let listener = accept::bind(&self.cfg.listen)
+        let listener = Listener::bind(&self.cfg.listen)
             .await
             .map_err(|source| Error::Bind {
                 tunnel: self.cfg.name.clone(),
@@ -190,7 +187,7 @@ pub struct Tunnel {
 }
 
 impl Tunnel {
-    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+    pub fn local_addr(&self) -> io::Result<String> {
         self.acceptor.local_addr()
     }
 
@@ -217,7 +214,7 @@ impl Tunnel {
 
 /// What the log line at the end of a connection says.
 struct Record {
-    peer: SocketAddr,
+    peer: PeerAddr,
     identity: Option<PeerIdentity>,
     /// The negotiated TLS session, from `tls::describe_session`.
     session: Option<String>,
@@ -241,7 +238,7 @@ fn fail(outcome: Outcome, detail: impl fmt::Display) -> Failure {
 
 /// One connection, start to end. Both sides run this; they differ only in how the inbound and
 /// outbound ends are made.
-async fn serve_conn(t: &Shared, tcp: TcpStream, peer: SocketAddr) {
+async fn serve_conn(t: &Shared, tcp: Stream, peer: PeerAddr) {
     let started = Instant::now();
     let mut rec = Record {
         peer,
@@ -265,13 +262,13 @@ async fn serve_conn(t: &Shared, tcp: TcpStream, peer: SocketAddr) {
 /// outbound end.
 async fn connect_ends(
     t: &Shared,
-    tcp: TcpStream,
+    tcp: Stream,
     rec: &mut Record,
 ) -> Result<(Inbound, Outbound), Failure> {
     let cfg = &t.cfg;
     match &t.tls {
         TlsEnd::Server(server) => {
-            dial::tune(&tcp, Some(cfg.keepalive));
+            tcp.tune(Some(cfg.keepalive));
             let mut tls = handshake_in(server, tcp, cfg.handshake_timeout).await?;
             rec.session = Some(tls::describe_session(tls.get_ref().1));
             rec.identity = authorize(cfg, &tls)?;
@@ -297,7 +294,7 @@ async fn connect_ends(
             Ok((Inbound::Tls(Box::new(tls)), Outbound::Plain(plain)))
         }
         TlsEnd::Client(client) => {
-            dial::tune(&tcp, None);
+            tcp.tune(None);
             rec.target = cfg.target.as_ref().map(ToString::to_string);
             let (tls, identity) = dial_peer(cfg, client).await?;
             rec.session = Some(tls::describe_session(tls.get_ref().1));
@@ -311,7 +308,7 @@ async fn connect_ends(
 /// Server side: the TLS handshake, under the handshake timeout, in this connection's task.
 async fn handshake_in(
     server: &ServerTls,
-    tcp: TcpStream,
+    tcp: Stream,
     timeout: Duration,
 ) -> Result<ServerStream, Failure> {
     match tokio::time::timeout(timeout, server.accept(tcp)).await {
@@ -401,7 +398,7 @@ async fn route_in(cfg: &TunnelConfig, tls: &mut ServerStream) -> Result<Option<O
 }
 
 /// Server side: the target for a route name ("" is the default target).
-fn pick_target<'a>(cfg: &'a TunnelConfig, route: &str) -> Option<&'a HostPort> {
+fn pick_target<'a>(cfg: &'a TunnelConfig, route: &str) -> Option<&'a Address> {
     if route.is_empty() {
         cfg.target.as_ref()
     } else {
@@ -412,9 +409,9 @@ fn pick_target<'a>(cfg: &'a TunnelConfig, route: &str) -> Option<&'a HostPort> {
 /// Server side: connect to the service.
 async fn dial_target(
     cfg: &TunnelConfig,
-    target: Option<&HostPort>,
+    target: Option<&Address>,
     route: &str,
-) -> Result<TcpStream, (RefuseCode, Failure)> {
+) -> Result<Stream, (RefuseCode, Failure)> {
     let Some(target) = target else {
         let detail = if route.is_empty() {
             "no default target: this server only serves named routes".to_string()
@@ -428,7 +425,7 @@ async fn dial_target(
     };
     match dial::dial(target, cfg.connect_timeout).await {
         Ok(tcp) => {
-            dial::tune(&tcp, None);
+            tcp.tune(None);
             Ok(tcp)
         }
         Err(e) => Err((RefuseCode::DialFailed, fail(Outcome::DialFailed, e))),
@@ -446,7 +443,7 @@ async fn dial_peer(
     let tcp = dial::dial(target, cfg.connect_timeout)
         .await
         .map_err(|e| fail(Outcome::DialFailed, e))?;
-    dial::tune(&tcp, Some(cfg.keepalive));
+    tcp.tune(Some(cfg.keepalive));
     let tls = match tokio::time::timeout_at(deadline.into(), client.connect(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
@@ -498,7 +495,7 @@ async fn open_out(
         let open = Frame::Open(Open {
             features: 0,
             route: cfg.route.clone(),
-            consumer: Some(consumer),
+            consumer: consumer.socket_addr(),
         });
         protocol::write_frame(&mut tls, &open).await?;
         protocol::expect_frame(&mut tls, "READY").await
@@ -580,60 +577,16 @@ fn log_end(cfg: &TunnelConfig, rec: &Record, elapsed: Duration, result: Result<(
 
 /// The consumer-facing end: plain TCP on the client side, TLS on the server side.
 enum Inbound {
-    Plain(TcpStream),
+    Plain(Stream),
     Tls(Box<ServerStream>),
 }
 
 /// The far end: TLS to the server ambassador on the client side, plain TCP to the service on
 /// the server side.
 enum Outbound {
-    Plain(TcpStream),
+    Plain(Stream),
     Tls(Box<ClientStream>),
 }
 
-macro_rules! delegate_io {
-    ($ty:ident) => {
-        impl AsyncRead for $ty {
-            fn poll_read(
-                self: Pin<&mut Self>,
-                cx: &mut Context<'_>,
-                buf: &mut ReadBuf<'_>,
-            ) -> Poll<io::Result<()>> {
-                match self.get_mut() {
-                    $ty::Plain(s) => Pin::new(s).poll_read(cx, buf),
-                    $ty::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-                }
-            }
-        }
-
-        impl AsyncWrite for $ty {
-            fn poll_write(
-                self: Pin<&mut Self>,
-                cx: &mut Context<'_>,
-                buf: &[u8],
-            ) -> Poll<io::Result<usize>> {
-                match self.get_mut() {
-                    $ty::Plain(s) => Pin::new(s).poll_write(cx, buf),
-                    $ty::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-                }
-            }
-
-            fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-                match self.get_mut() {
-                    $ty::Plain(s) => Pin::new(s).poll_flush(cx),
-                    $ty::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-                }
-            }
-
-            fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-                match self.get_mut() {
-                    $ty::Plain(s) => Pin::new(s).poll_shutdown(cx),
-                    $ty::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-                }
-            }
-        }
-    };
-}
-
-delegate_io!(Inbound);
-delegate_io!(Outbound);
+delegate_io!(Inbound { Plain, Tls });
+delegate_io!(Outbound { Plain, Tls });

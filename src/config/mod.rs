@@ -6,12 +6,12 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use crate::net::{Address, HostPort};
 use crate::protocol;
 use crate::tls::{self, MinVersion, Rules};
 
@@ -43,61 +43,6 @@ impl Side {
 impl fmt::Display for Side {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
-    }
-}
-
-/// A `host:port` address; the host may be a name, resolved when it is used.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostPort {
-    pub host: String,
-    pub port: u16,
-}
-
-impl HostPort {
-    pub fn parse(s: &str) -> Result<HostPort, String> {
-        let (host, port) = s
-            .rsplit_once(':')
-            .ok_or_else(|| format!("address {s:?} needs a port, as in host:port"))?;
-        let bracketed = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
-        if bracketed.is_none() && host.contains(':') {
-            return Err(format!(
-                "address {s:?}: write IPv6 addresses in brackets, as in [::1]:8443"
-            ));
-        }
-        let host = bracketed.unwrap_or(host);
-        if host.is_empty() {
-            return Err(format!(
-                "address {s:?} has no host; write 127.0.0.1:PORT or 0.0.0.0:PORT"
-            ));
-        }
-        if host.contains(':') && host.parse::<IpAddr>().is_err() {
-            return Err(format!(
-                "address {s:?}: write IPv6 addresses in brackets, as in [::1]:8443"
-            ));
-        }
-        let port = port
-            .parse::<u16>()
-            .map_err(|_| format!("address {s:?}: port {port:?} is not a number from 0 to 65535"))?;
-        Ok(HostPort {
-            host: host.to_string(),
-            port,
-        })
-    }
-
-    /// True for `localhost` and loopback IP addresses: reachable only from this host.
-    pub fn is_loopback(&self) -> bool {
-        self.host.eq_ignore_ascii_case("localhost")
-            || self.host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
-    }
-}
-
-impl fmt::Display for HostPort {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.host.contains(':') {
-            write!(f, "[{}]:{}", self.host, self.port)
-        } else {
-            write!(f, "{}:{}", self.host, self.port)
-        }
     }
 }
 
@@ -163,11 +108,11 @@ pub struct TunnelFile {
 pub struct TunnelConfig {
     pub name: String,
     pub side: Side,
-    pub listen: HostPort,
+    pub listen: Address,
     /// Client side: the server ambassador. Server side: the default target, if any.
-    pub target: Option<HostPort>,
+    pub target: Option<Address>,
     /// Server side: named routes.
-    pub routes: BTreeMap<String, HostPort>,
+    pub routes: BTreeMap<String, Address>,
     /// Client side: the route it asks for ("" for the server's default target).
     pub route: String,
     pub tls: tls::Files,
@@ -230,9 +175,14 @@ fn duration(
     }
 }
 
-fn address(problems: &mut Vec<String>, what: &str, value: &str) -> Option<HostPort> {
-    match HostPort::parse(value) {
-        Ok(a) => Some(a),
+fn address(
+    problems: &mut Vec<String>,
+    what: &str,
+    value: &str,
+    base: Option<&Path>,
+) -> Option<Address> {
+    match Address::parse(value) {
+        Ok(a) => Some(a.resolve(base)),
         Err(e) => {
             problems.push(format!("{what}: {e}"));
             None
@@ -257,7 +207,7 @@ impl TunnelFile {
             Side::Server
         });
         let listen = match &self.listen {
-            Some(l) => address(&mut p, "--listen", l),
+            Some(l) => address(&mut p, "--listen", l, base),
             None => {
                 p.push("--listen is required (host:port to accept connections on)".into());
                 None
@@ -266,7 +216,7 @@ impl TunnelFile {
         let target = self
             .target
             .as_ref()
-            .and_then(|t| address(&mut p, "--target", t));
+            .and_then(|t| address(&mut p, "--target", t, base));
         let mut routes = BTreeMap::new();
         for (route, t) in &self.routes {
             if route.is_empty() || !protocol::valid_route(route) {
@@ -275,7 +225,7 @@ impl TunnelFile {
                     protocol::MAX_ROUTE
                 ));
             }
-            if let Some(a) = address(&mut p, &format!("route {route:?}"), t) {
+            if let Some(a) = address(&mut p, &format!("route {route:?}"), t, base) {
                 routes.insert(route.clone(), a);
             }
         }
@@ -414,7 +364,7 @@ impl TunnelFile {
                 }
                 if !self.unsafe_target {
                     for t in target.iter().chain(routes.values()) {
-                        if !t.is_loopback() {
+                        if !t.is_local() {
                             p.push(format!(
                                 "target {t} is not a loopback address: the plaintext would cross the network; pass --unsafe-target if that is intended"
                             ));
@@ -448,7 +398,7 @@ impl TunnelFile {
                     route = r.clone();
                 }
                 if let Some(l) = &listen
-                    && !l.is_loopback()
+                    && !l.is_local()
                     && !self.unsafe_listen
                 {
                     p.push(format!(
@@ -460,8 +410,14 @@ impl TunnelFile {
         let server_name = self
             .override_server_name
             .clone()
-            .or_else(|| target.as_ref().map(|t| t.host.clone()))
+            .or_else(|| target.as_ref().and_then(|t| t.host()).map(str::to_string))
             .unwrap_or_default();
+        if side == Side::Client
+            && server_name.is_empty()
+            && matches!(target, Some(Address::Unix(_)))
+        {
+            p.push("a unix: target has no host name to check the server's certificate against; set --override-server-name".into());
+        }
 
         if !p.is_empty() {
             return Err(p);
@@ -602,7 +558,7 @@ close_timeout = "2s"
         );
         assert_eq!(app.close_timeout, Duration::from_secs(2));
         let cache = &c.tunnels[1];
-        assert_eq!(cache.routes["queue"].port, 5672);
+        assert_eq!(cache.routes["queue"].to_string(), "127.0.0.1:5672");
         assert_eq!(cache.allow.cn, vec!["app".to_string()]);
     }
 
@@ -668,17 +624,5 @@ colour = "blue"
             ..f
         };
         assert!(ok.validate("t", None).is_ok());
-    }
-
-    #[test]
-    fn addresses_parse() {
-        assert_eq!(HostPort::parse("[::1]:80").unwrap().host, "::1");
-        assert!(HostPort::parse("[::1]:80").unwrap().is_loopback());
-        assert!(HostPort::parse("localhost:1").unwrap().is_loopback());
-        assert!(!HostPort::parse("0.0.0.0:1").unwrap().is_loopback());
-        assert!(HostPort::parse("::1:80").is_err());
-        assert!(HostPort::parse("host").is_err());
-        assert!(HostPort::parse("host:99999").is_err());
-        assert_eq!(HostPort::parse("[::1]:80").unwrap().to_string(), "[::1]:80");
     }
 }

@@ -17,7 +17,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::{Acceptor, WebPkiClientVerifier};
 use rustls::{ClientConfig, ServerConfig};
-use tokio::net::TcpStream;
+
+use crate::net::Stream;
 use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
 
 pub use identity::{PeerIdentity, Rules};
@@ -25,8 +26,8 @@ pub use identity::{PeerIdentity, Rules};
 /// The ALPN name of the legate-to-legate protocol (`docs/protocol.md`).
 pub const LEGATE_ALPN: &[u8] = b"legate/1";
 
-pub type ServerStream = tokio_rustls::server::TlsStream<TcpStream>;
-pub type ClientStream = tokio_rustls::client::TlsStream<TcpStream>;
+pub type ServerStream = tokio_rustls::server::TlsStream<Stream>;
+pub type ClientStream = tokio_rustls::client::TlsStream<Stream>;
 
 /// The lowest TLS version a tunnel accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
@@ -343,7 +344,7 @@ impl ServerTls {
     }
 
     /// Runs the server handshake on `tcp`. The caller bounds it with a timeout.
-    pub async fn accept(&self, tcp: TcpStream) -> std::io::Result<ServerStream> {
+    pub async fn accept(&self, tcp: Stream) -> std::io::Result<ServerStream> {
         let start = LazyConfigAcceptor::new(Acceptor::default(), tcp).await?;
         let wants_legate = start
             .client_hello()
@@ -412,7 +413,7 @@ impl ClientTls {
     }
 
     /// Runs the client handshake on `tcp`. The caller bounds it with a timeout.
-    pub async fn connect(&self, tcp: TcpStream) -> std::io::Result<ClientStream> {
+    pub async fn connect(&self, tcp: Stream) -> std::io::Result<ClientStream> {
         self.connector.connect(self.server_name.clone(), tcp).await
     }
 }

@@ -163,8 +163,10 @@ impl Log {
 pub struct Legate {
     child: Child,
     pub log: Log,
-    /// Tunnel name → the address it listens on.
+    /// Tunnel name → the TCP address it listens on.
     pub addrs: HashMap<String, SocketAddr>,
+    /// Tunnel name → what it listens on, as logged (TCP or `unix:PATH`).
+    pub listens: HashMap<String, String>,
     exited: Option<ExitStatus>,
 }
 
@@ -195,6 +197,7 @@ impl Legate {
             child,
             log,
             addrs: HashMap::new(),
+            listens: HashMap::new(),
             exited: None,
         };
         eventually("legate to listen", DEADLINE, || {
@@ -208,8 +211,11 @@ impl Legate {
         });
         for line in me.log.text().lines().filter(|l| l.contains("listening")) {
             let name = field(line, "tunnel").unwrap();
-            let addr = field(line, "listen").unwrap().parse().unwrap();
-            me.addrs.insert(name, addr);
+            let listen = field(line, "listen").unwrap();
+            if let Ok(addr) = listen.parse() {
+                me.addrs.insert(name.clone(), addr);
+            }
+            me.listens.insert(name, listen);
         }
         me
     }

@@ -1,0 +1,321 @@
+//! Addresses, listeners and streams: TCP (`host:port`) or UNIX sockets (`unix:PATH`).
+//!
+//! In: an address as written in a flag or config file. Out: a listener that accepts, or a
+//! stream that reads and writes, whichever the address names. Everything above this module
+//! works with [`Stream`] and never asks which kind it has, except to set TCP options.
+
+use std::fmt;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use socket2::{SockRef, TcpKeepalive};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+
+/// A `host:port` address; the host may be a name, resolved when it is used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPort {
+    pub host: String,
+    pub port: u16,
+}
+
+impl HostPort {
+    pub fn parse(s: &str) -> Result<HostPort, String> {
+        let (host, port) = s
+            .rsplit_once(':')
+            .ok_or_else(|| format!("address {s:?} needs a port, as in host:port"))?;
+        let bracketed = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
+        if bracketed.is_none() && host.contains(':') {
+            return Err(format!(
+                "address {s:?}: write IPv6 addresses in brackets, as in [::1]:8443"
+            ));
+        }
+        let host = bracketed.unwrap_or(host);
+        if host.is_empty() {
+            return Err(format!(
+                "address {s:?} has no host; write 127.0.0.1:PORT or 0.0.0.0:PORT"
+            ));
+        }
+        if host.contains(':') && host.parse::<IpAddr>().is_err() {
+            return Err(format!(
+                "address {s:?}: write IPv6 addresses in brackets, as in [::1]:8443"
+            ));
+        }
+        let port = port
+            .parse::<u16>()
+            .map_err(|_| format!("address {s:?}: port {port:?} is not a number from 0 to 65535"))?;
+        Ok(HostPort {
+            host: host.to_string(),
+            port,
+        })
+    }
+
+    /// True for `localhost` and loopback IP addresses: reachable only from this host.
+    pub fn is_loopback(&self) -> bool {
+        self.host.eq_ignore_ascii_case("localhost")
+            || self.host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    }
+}
+
+impl fmt::Display for HostPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Where to listen or connect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Address {
+    Tcp(HostPort),
+    Unix(PathBuf),
+}
+
+impl Address {
+    /// `unix:PATH` or `host:port`.
+    pub fn parse(s: &str) -> Result<Address, String> {
+        match s.strip_prefix("unix:") {
+            Some("") => Err(format!(
+                "address {s:?}: unix: needs a path, as in unix:/run/app.sock"
+            )),
+            Some(path) => Ok(Address::Unix(PathBuf::from(path))),
+            None => HostPort::parse(s).map(Address::Tcp),
+        }
+    }
+
+    /// True when only this host can reach it: loopback TCP, or any UNIX socket.
+    pub fn is_local(&self) -> bool {
+        match self {
+            Address::Tcp(hp) => hp.is_loopback(),
+            Address::Unix(_) => true,
+        }
+    }
+
+    /// The host part, which a client side checks the server's certificate against.
+    pub fn host(&self) -> Option<&str> {
+        match self {
+            Address::Tcp(hp) => Some(&hp.host),
+            Address::Unix(_) => None,
+        }
+    }
+
+    /// Relative UNIX socket paths resolve against `base` (a config file's directory).
+    pub fn resolve(self, base: Option<&Path>) -> Address {
+        match (self, base) {
+            (Address::Unix(p), Some(base)) if p.is_relative() => Address::Unix(base.join(p)),
+            (a, _) => a,
+        }
+    }
+}
+
+impl fmt::Display for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Address::Tcp(hp) => hp.fmt(f),
+            Address::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// Who connected to a listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerAddr {
+    Tcp(SocketAddr),
+    /// A UNIX socket peer: such peers are unnamed.
+    Unix,
+}
+
+impl PeerAddr {
+    pub fn socket_addr(self) -> Option<SocketAddr> {
+        match self {
+            PeerAddr::Tcp(a) => Some(a),
+            PeerAddr::Unix => None,
+        }
+    }
+}
+
+impl fmt::Display for PeerAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PeerAddr::Tcp(a) => a.fmt(f),
+            PeerAddr::Unix => f.write_str("unix"),
+        }
+    }
+}
+
+/// A listening socket.
+pub enum Listener {
+    Tcp(TcpListener),
+    /// The path is removed again when the listener is dropped.
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    /// Binds `addr`. A UNIX socket file left behind by a process that is gone is replaced; one
+    /// that something still listens on is "address in use", like a TCP port.
+    pub async fn bind(addr: &Address) -> io::Result<Listener> {
+        match addr {
+            Address::Tcp(hp) => TcpListener::bind((hp.host.as_str(), hp.port))
+                .await
+                .map(Listener::Tcp),
+            Address::Unix(path) => {
+                if std::fs::symlink_metadata(path).is_ok() {
+                    if UnixStream::connect(path).await.is_ok() {
+                        return Err(io::Error::new(
+                            io::ErrorKind::AddrInUse,
+                            "a process is listening on this socket already",
+                        ));
+                    }
+                    use std::os::unix::fs::FileTypeExt;
+                    if !std::fs::symlink_metadata(path)?.file_type().is_socket() {
+                        return Err(io::Error::new(
+                            io::ErrorKind::AlreadyExists,
+                            "the path exists and is not a socket; not replacing it",
+                        ));
+                    }
+                    std::fs::remove_file(path)?;
+                }
+                UnixListener::bind(path).map(|l| Listener::Unix(l, path.clone()))
+            }
+        }
+    }
+
+    /// What it listens on, for the log: `127.0.0.1:8443` or `unix:/run/legate.sock`.
+    pub fn local_addr(&self) -> io::Result<String> {
+        Ok(match self {
+            Listener::Tcp(l) => l.local_addr()?.to_string(),
+            Listener::Unix(_, path) => format!("unix:{}", path.display()),
+        })
+    }
+
+    pub async fn accept(&self) -> io::Result<(Stream, PeerAddr)> {
+        match self {
+            Listener::Tcp(l) => {
+                let (s, peer) = l.accept().await?;
+                Ok((Stream::Tcp(s), PeerAddr::Tcp(peer)))
+            }
+            Listener::Unix(l, _) => {
+                let (s, _) = l.accept().await?;
+                Ok((Stream::Unix(s), PeerAddr::Unix))
+            }
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// A connected byte stream.
+#[derive(Debug)]
+pub enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Stream {
+    /// Sets TCP_NODELAY (the tunnel must not add Nagle delay to small requests) and, for
+    /// sockets that cross the network, TCP keepalive so a silently dead peer is noticed.
+    /// Nothing to set on UNIX sockets.
+    pub fn tune(&self, keepalive: Option<Duration>) {
+        let Stream::Tcp(tcp) = self else { return };
+        // Failures leave a working socket with default options; nothing to report upward.
+        let _ = tcp.set_nodelay(true);
+        if let Some(idle) = keepalive.filter(|d| !d.is_zero()) {
+            let interval = (idle / 3).max(Duration::from_secs(1));
+            let ka = TcpKeepalive::new()
+                .with_time(idle)
+                .with_interval(interval)
+                .with_retries(3);
+            let _ = SockRef::from(tcp).set_tcp_keepalive(&ka);
+        }
+    }
+}
+
+/// Implements `AsyncRead` and `AsyncWrite` for an enum whose variants each hold one stream.
+macro_rules! delegate_io {
+    ($ty:ident { $($variant:ident),+ }) => {
+        impl tokio::io::AsyncRead for $ty {
+            fn poll_read(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                buf: &mut tokio::io::ReadBuf<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                match self.get_mut() {
+                    $($ty::$variant(s) => std::pin::Pin::new(s).poll_read(cx, buf),)+
+                }
+            }
+        }
+
+        impl tokio::io::AsyncWrite for $ty {
+            fn poll_write(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                buf: &[u8],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                match self.get_mut() {
+                    $($ty::$variant(s) => std::pin::Pin::new(s).poll_write(cx, buf),)+
+                }
+            }
+
+            fn poll_flush(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                match self.get_mut() {
+                    $($ty::$variant(s) => std::pin::Pin::new(s).poll_flush(cx),)+
+                }
+            }
+
+            fn poll_shutdown(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                match self.get_mut() {
+                    $($ty::$variant(s) => std::pin::Pin::new(s).poll_shutdown(cx),)+
+                }
+            }
+        }
+    };
+}
+pub(crate) use delegate_io;
+
+delegate_io!(Stream { Tcp, Unix });
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_parse() {
+        assert_eq!(
+            Address::parse("unix:/run/a.sock").unwrap(),
+            Address::Unix("/run/a.sock".into())
+        );
+        assert!(Address::parse("unix:").is_err());
+        assert!(Address::parse("unix:/x").unwrap().is_local());
+        assert_eq!(HostPort::parse("[::1]:80").unwrap().host, "::1");
+        assert!(HostPort::parse("[::1]:80").unwrap().is_loopback());
+        assert!(HostPort::parse("localhost:1").unwrap().is_loopback());
+        assert!(!HostPort::parse("0.0.0.0:1").unwrap().is_loopback());
+        assert!(HostPort::parse("::1:80").is_err());
+        assert!(HostPort::parse("host").is_err());
+        assert!(HostPort::parse("host:99999").is_err());
+        assert_eq!(HostPort::parse("[::1]:80").unwrap().to_string(), "[::1]:80");
+        assert_eq!(
+            Address::parse("unix:rel.sock")
+                .unwrap()
+                .resolve(Some(Path::new("/etc/legate")))
+                .to_string(),
+            "unix:/etc/legate/rel.sock"
+        );
+    }
+}
