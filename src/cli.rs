@@ -147,6 +147,10 @@ pub struct ServerArgs {
     /// Allow a --target (or route) that is not on loopback.
     #[arg(long)]
     pub unsafe_target: bool,
+    /// Send a PROXY protocol v2 header to the target: the consumer's address (over legate/1)
+    /// or the client side's, and the client's identity as TLVs.
+    #[arg(long)]
+    pub proxy_protocol: bool,
 }
 
 #[derive(Debug, Args)]
@@ -259,6 +263,7 @@ impl ServerArgs {
         f.allow_uri = self.allow_uri;
         f.routes = self.routes.into_iter().collect::<BTreeMap<_, _>>();
         f.unsafe_target = self.unsafe_target;
+        f.proxy_protocol = self.proxy_protocol;
         (f, shutdown)
     }
 }

@@ -26,6 +26,7 @@ pub mod daemon;
 pub mod dial;
 pub mod net;
 pub mod protocol;
+pub mod proxy_protocol;
 pub mod relay;
 pub mod tls;
 pub mod tunnel;

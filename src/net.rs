@@ -222,6 +222,14 @@ pub enum Stream {
 }
 
 impl Stream {
+    /// This end's address, for TCP.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Stream::Tcp(s) => s.local_addr().ok(),
+            Stream::Unix(_) => None,
+        }
+    }
+
     /// Sets TCP_NODELAY (the tunnel must not add Nagle delay to small requests) and, for
     /// sockets that cross the network, TCP keepalive so a silently dead peer is noticed.
     /// Nothing to set on UNIX sockets.

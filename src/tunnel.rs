@@ -13,6 +13,7 @@ use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -21,6 +22,7 @@ use crate::config::{Side, TunnelConfig};
 use crate::dial;
 use crate::net::{Address, Listener, PeerAddr, Stream, delegate_io};
 use crate::protocol::{self, Frame, Open, RefuseCode};
+use crate::proxy_protocol;
 use crate::relay;
 use crate::tls::{self, ClientStream, ClientTls, PeerIdentity, ServerStream, ServerTls};
 
@@ -215,6 +217,8 @@ impl Tunnel {
 /// What the log line at the end of a connection says.
 struct Record {
     peer: PeerAddr,
+    /// Server side over `legate/1`: the consumer's address, as the client side saw it.
+    consumer: Option<std::net::SocketAddr>,
     identity: Option<PeerIdentity>,
     /// The negotiated TLS session, from `tls::describe_session`.
     session: Option<String>,
@@ -242,6 +246,7 @@ async fn serve_conn(t: &Shared, tcp: Stream, peer: PeerAddr) {
     let started = Instant::now();
     let mut rec = Record {
         peer,
+        consumer: None,
         identity: None,
         session: None,
         route: None,
@@ -277,7 +282,17 @@ async fn connect_ends(
             rec.route = open.as_ref().map(|o| o.route.clone());
             let target = pick_target(cfg, route);
             rec.target = target.map(ToString::to_string);
-            let dialed = dial_target(cfg, target, route).await;
+            rec.consumer = open.as_ref().and_then(|o| o.consumer);
+            let mut dialed = dial_target(cfg, target, route).await;
+            if cfg.proxy_protocol
+                && let Ok(plain) = &mut dialed
+            {
+                let header = proxy_header(rec, &tls).encode();
+                if let Err(e) = plain.write_all(&header).await {
+                    let detail = format!("sending the PROXY header to the target failed: {e}");
+                    dialed = Err((RefuseCode::DialFailed, fail(Outcome::DialFailed, detail)));
+                }
+            }
             if open.is_some() {
                 let answer = match &dialed {
                     Ok(_) => Frame::Ready { features: 0 },
@@ -394,6 +409,26 @@ async fn route_in(cfg: &TunnelConfig, tls: &mut ServerStream) -> Result<Option<O
             Outcome::ProtocolError,
             format!("expected OPEN, got {other:?}"),
         )),
+    }
+}
+
+/// Server side: the PROXY v2 header for the target. The source is the consumer as the client
+/// ambassador saw it (`legate/1`), or else the TLS peer.
+fn proxy_header(rec: &Record, tls: &ServerStream) -> proxy_protocol::Header {
+    let (stream, conn) = tls.get_ref();
+    proxy_protocol::Header {
+        source: rec.consumer.or(rec.peer.socket_addr()),
+        destination: stream.local_addr(),
+        tls_version: conn.protocol_version().map(|v| match v {
+            rustls::ProtocolVersion::TLSv1_3 => "TLSv1.3".to_string(),
+            rustls::ProtocolVersion::TLSv1_2 => "TLSv1.2".to_string(),
+            other => format!("{other:?}"),
+        }),
+        common_name: rec
+            .identity
+            .as_ref()
+            .and_then(|id| id.common_names.first().cloned()),
+        identity: rec.identity.as_ref().map(ToString::to_string),
     }
 }
 
@@ -548,6 +583,9 @@ fn log_end(cfg: &TunnelConfig, rec: &Record, elapsed: Duration, result: Result<(
     let identity = identity.as_deref().unwrap_or("-");
     let route = rec.route.as_deref().unwrap_or("-");
     let session = rec.session.as_deref().unwrap_or("-");
+    let consumer = rec
+        .consumer
+        .map_or_else(|| "-".to_string(), |c| c.to_string());
     let target = rec.target.as_deref().unwrap_or("-");
     let ms = elapsed.as_secs_f64() * 1000.0;
     let t = &rec.totals;
@@ -561,14 +599,14 @@ fn log_end(cfg: &TunnelConfig, rec: &Record, elapsed: Duration, result: Result<(
     }
     match result {
         Ok(()) => tracing::info!(
-            tunnel = %cfg.name, side = %cfg.side, peer = %rec.peer, identity, route, target,
-            tls = session, bytes_up = t.up, bytes_down = t.down, duration_ms = format_args!("{ms:.1}"),
+            tunnel = %cfg.name, side = %cfg.side, peer = %rec.peer, consumer, identity, route,
+            target, tls = session, bytes_up = t.up, bytes_down = t.down, duration_ms = format_args!("{ms:.1}"),
             outcome = %Outcome::Ok, cut = t.cut,
             "connection closed"
         ),
         Err(f) => tracing::warn!(
-            tunnel = %cfg.name, side = %cfg.side, peer = %rec.peer, identity, route, target,
-            tls = session, bytes_up = 0u64, bytes_down = 0u64, duration_ms = format_args!("{ms:.1}"),
+            tunnel = %cfg.name, side = %cfg.side, peer = %rec.peer, consumer, identity, route,
+            target, tls = session, bytes_up = 0u64, bytes_down = 0u64, duration_ms = format_args!("{ms:.1}"),
             outcome = %f.outcome, error = f.detail.as_str(),
             "connection failed"
         ),

@@ -91,6 +91,9 @@ pub struct TunnelFile {
     pub handshake_timeout: Option<String>,
     pub keepalive: Option<String>,
     pub max_concurrent_conns: Option<usize>,
+    /// Server side: send a PROXY protocol v2 header to the target.
+    #[serde(default)]
+    pub proxy_protocol: bool,
     /// Server side: ask clients for no certificate. Client side: present none.
     #[serde(default)]
     pub disable_authentication: bool,
@@ -133,6 +136,8 @@ pub struct TunnelConfig {
     pub legate_protocol: bool,
     /// `--disable-authentication`: no client certificates on this tunnel.
     pub disable_authentication: bool,
+    /// Server side: a PROXY v2 header goes to the target first.
+    pub proxy_protocol: bool,
 }
 
 /// Everything one process runs.
@@ -382,6 +387,9 @@ impl TunnelFile {
                 if !routes.is_empty() {
                     p.push("routes are server-side; a client names one with --route NAME".into());
                 }
+                if self.proxy_protocol {
+                    p.push("--proxy-protocol is server-side: the server sends the header to the target; a legate client passes the consumer's address to it by itself".into());
+                }
                 if self.target.is_none() {
                     p.push("--target is required (host:port of the legate server)".into());
                 }
@@ -441,6 +449,7 @@ impl TunnelFile {
             max_concurrent_conns: self.max_concurrent_conns.unwrap_or(0),
             legate_protocol: !self.raw,
             disable_authentication: self.disable_authentication,
+            proxy_protocol: self.proxy_protocol,
         })
     }
 }
