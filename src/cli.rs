@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::certs::KeyType;
-use crate::config::{Side, TunnelFile};
+use crate::config::{ProcessFile, Side, TunnelFile};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -94,6 +94,9 @@ pub struct CommonArgs {
     /// CA bundle (PEM) that peers' certificates must chain to.
     #[arg(long, value_name = "PATH")]
     pub cacert: Option<PathBuf>,
+    /// Certificate revocation list (PEM or DER): peers whose certificate it lists are refused.
+    #[arg(long, value_name = "PATH")]
+    pub crl: Option<PathBuf>,
     /// Lowest TLS version to accept: 1.3 (default) or 1.2.
     #[arg(long, value_name = "VERSION")]
     pub min_tls_version: Option<String>,
@@ -115,6 +118,13 @@ pub struct CommonArgs {
     /// On SIGTERM/SIGINT, time open connections get to finish. Default 5m.
     #[arg(long, value_name = "DURATION")]
     pub shutdown_timeout: Option<String>,
+    /// Serve /_status and /_metrics on ADDR: HTTPS with this side's live certificate, or plain
+    /// HTTP when written http://ADDR.
+    #[arg(long, value_name = "ADDR")]
+    pub status: Option<String>,
+    /// Reload certificate, key, CA bundle and CRL this often (as SIGHUP does).
+    #[arg(long, value_name = "DURATION")]
+    pub timed_reload: Option<String>,
     /// Server side: accept clients without certificates. Client side: present no certificate.
     /// Logged loudly: anyone who reaches the port gets through.
     #[arg(long)]
@@ -229,6 +239,14 @@ fn parse_route(s: &str) -> Result<(String, String), String> {
 }
 
 impl CommonArgs {
+    fn process(&self) -> ProcessFile {
+        ProcessFile {
+            shutdown_timeout: self.shutdown_timeout.clone(),
+            status: self.status.clone(),
+            timed_reload: self.timed_reload.clone(),
+        }
+    }
+
     fn into_file(self, side: Side) -> TunnelFile {
         TunnelFile {
             side: Some(side),
@@ -239,6 +257,7 @@ impl CommonArgs {
             keystore: self.keystore,
             storepass: self.storepass,
             cacert: self.cacert,
+            crl: self.crl,
             disable_authentication: self.disable_authentication,
             min_tls_version: self.min_tls_version,
             connect_timeout: self.connect_timeout,
@@ -252,9 +271,9 @@ impl CommonArgs {
 }
 
 impl ServerArgs {
-    /// The tunnel these flags describe, and the shutdown timeout.
-    pub fn into_file(self) -> (TunnelFile, Option<String>) {
-        let shutdown = self.common.shutdown_timeout.clone();
+    /// The tunnel these flags describe, and the process settings.
+    pub fn into_file(self) -> (TunnelFile, ProcessFile) {
+        let process = self.common.process();
         let mut f = self.common.into_file(Side::Server);
         f.allow_all = self.allow_all;
         f.allow_cn = self.allow_cn;
@@ -264,14 +283,14 @@ impl ServerArgs {
         f.routes = self.routes.into_iter().collect::<BTreeMap<_, _>>();
         f.unsafe_target = self.unsafe_target;
         f.proxy_protocol = self.proxy_protocol;
-        (f, shutdown)
+        (f, process)
     }
 }
 
 impl ClientArgs {
-    /// The tunnel these flags describe, and the shutdown timeout.
-    pub fn into_file(self) -> (TunnelFile, Option<String>) {
-        let shutdown = self.common.shutdown_timeout.clone();
+    /// The tunnel these flags describe, and the process settings.
+    pub fn into_file(self) -> (TunnelFile, ProcessFile) {
+        let process = self.common.process();
         let mut f = self.common.into_file(Side::Client);
         f.verify_cn = self.verify_cn;
         f.verify_ou = self.verify_ou;
@@ -281,6 +300,6 @@ impl ClientArgs {
         f.route = self.route;
         f.raw = self.raw;
         f.unsafe_listen = self.unsafe_listen;
-        (f, shutdown)
+        (f, process)
     }
 }

@@ -1,19 +1,32 @@
-//! Daemon: starts every tunnel of a [`Config`], waits for a signal, drains.
+//! Daemon: runs the tunnels of a [`Config`], reloads on signal, drains on shutdown.
 //!
-//! In: a validated config. Out: the process's exit status. Startup loads every tunnel's TLS
-//! material and binds every listener before any of them serves, so a bad file or a taken port
-//! stops the process before it accepts anything. SIGTERM or SIGINT stops accepting; open
-//! connections get `shutdown_timeout` to finish; a second signal stops at once.
+//! In: a validated config (and the file it came from, for `legate run`). Out: the process's
+//! exit status. Startup loads every tunnel's TLS material and binds every listener before any
+//! of them serves, so a bad file or a taken port stops the process before it accepts anything.
+//!
+//! - SIGHUP, SIGUSR1 and `--timed-reload` reload: certificates, keys, CA bundles and CRLs of
+//!   every tunnel, and with `legate run` the config file too (unchanged tunnels keep running,
+//!   removed ones drain, added ones start, changed ones are replaced). A reload that fails
+//!   changes nothing; the error is logged and shown in `/_status`. Open connections are never
+//!   cut by a reload.
+//! - SIGTERM or SIGINT stops accepting; open connections get `shutdown_timeout` to finish; a
+//!   second signal stops at once.
 
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context as _;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, TunnelConfig};
-use crate::tunnel::{self, Prepared};
+use crate::config::{self, Config, Side, TunnelConfig};
+use crate::metrics::Metrics;
+use crate::net::Listener;
+use crate::status::{self, Phase, State, TunnelView};
+use crate::tunnel::{self, Prepared, Tunnel};
 
 /// Exit status after every connection drained.
 pub const EXIT_DRAINED: u8 = 0;
@@ -39,89 +52,302 @@ pub fn prepare(tunnels: Vec<TunnelConfig>) -> Result<Vec<Prepared>, Vec<tunnel::
     }
 }
 
-/// Runs the config until a signal, and returns the exit status.
-pub async fn run(config: Config) -> anyhow::Result<u8> {
-    // Handlers first: a SIGTERM that arrives during startup must drain, not kill.
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+fn joined(errors: &[tunnel::Error]) -> String {
+    errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
 
-    let prepared = prepare(config.tunnels).map_err(|errors| {
-        anyhow::anyhow!(
-            errors
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("\n")
-        )
-    })?;
-    let mut tunnels = Vec::new();
-    for p in prepared {
-        tunnels.push(p.bind().await?);
+/// A tunnel that is serving.
+struct Running {
+    view: TunnelView,
+    stop: CancellationToken,
+    server: JoinHandle<()>,
+}
+
+impl Running {
+    /// Stops accepting and waits until the listener is closed. Its connections carry on.
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.server.await;
+    }
+}
+
+struct Daemon {
+    config: Config,
+    path: Option<PathBuf>,
+    running: BTreeMap<String, Running>,
+    tracker: TaskTracker,
+    state: Arc<State>,
+}
+
+impl Daemon {
+    /// Binds and starts a prepared tunnel.
+    async fn start(&mut self, p: Prepared) -> Result<(), tunnel::Error> {
+        let cfg = Arc::new(p.config().clone());
+        let tls = p.tls().clone();
+        let metrics = self.state.metrics.tunnel(&cfg.name, cfg.side.as_str());
+        let tunnel: Tunnel = p.bind(metrics).await?;
+        let listen = tunnel
+            .local_addr()
+            .unwrap_or_else(|_| cfg.listen.to_string());
+        log_start(&cfg, &listen);
+        let stop = CancellationToken::new();
+        let server = tokio::spawn(tunnel.serve(stop.clone(), self.tracker.clone()));
+        self.running.insert(
+            cfg.name.clone(),
+            Running {
+                view: TunnelView { cfg, listen, tls },
+                stop,
+                server,
+            },
+        );
+        Ok(())
     }
 
-    let stop = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    let mut servers = Vec::new();
-    for t in tunnels {
-        let cfg = t.config();
-        let target = match (&cfg.target, cfg.routes.is_empty()) {
-            (Some(t), _) => t.to_string(),
-            (None, false) => "-".to_string(),
-            (None, true) => unreachable!("validated: a tunnel has a target or routes"),
-        };
-        let routes = cfg
-            .routes
-            .iter()
-            .map(|(name, addr)| format!("{name}={addr}"))
-            .collect::<Vec<_>>()
-            .join(",");
-        tracing::info!(tunnel = %cfg.name, config = ?cfg, "effective configuration");
-        if cfg.disable_authentication {
-            match cfg.side {
-                crate::config::Side::Server => tracing::warn!(
-                    tunnel = %cfg.name,
-                    "AUTHENTICATION DISABLED: clients need no certificate; anyone who can reach this port reaches the target"
-                ),
-                crate::config::Side::Client => tracing::warn!(
-                    tunnel = %cfg.name,
-                    "authentication disabled: this client presents no certificate"
-                ),
+    fn publish(&self) {
+        self.state
+            .set_tunnels(self.running.values().map(|r| r.view.clone()).collect());
+    }
+
+    /// Reloads; on failure nothing changes. Returns the error for the log and `/_status`.
+    async fn reload(&mut self) -> Result<(), String> {
+        match self.path.clone() {
+            Some(path) => self.reload_file(&path).await,
+            None => self.reload_tls(None),
+        }
+    }
+
+    /// Reloads the TLS material of running tunnels (all, or those in `only`).
+    fn reload_tls(&self, only: Option<&[String]>) -> Result<(), String> {
+        let mut errors = Vec::new();
+        for (name, r) in &self.running {
+            if only.is_some_and(|o| !o.contains(name)) {
+                continue;
+            }
+            if let Err(e) = r.view.tls.reload() {
+                errors.push(format!("tunnel {name:?}: {e}"));
             }
         }
-        tracing::info!(
-            tunnel = %cfg.name,
-            side = %cfg.side,
-            listen = %t.local_addr()?,
-            target,
-            routes,
-            "listening"
-        );
-        servers.push(tokio::spawn(t.serve(stop.clone(), tracker.clone())));
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
     }
 
-    let signal_name = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    };
-    stop.cancel();
-    for s in servers {
-        // The accept loops end promptly once cancelled; their listeners close with them.
-        let _ = s.await;
+    async fn reload_file(&mut self, path: &std::path::Path) -> Result<(), String> {
+        let new = config::load(path).map_err(|p| p.0.join("; "))?;
+        let old: Vec<TunnelConfig> = self
+            .running
+            .values()
+            .map(|r| (*r.view.cfg).clone())
+            .collect();
+        let diff = config::diff(&old, &new.tunnels);
+        // Load everything new before touching anything running: an added tunnel whose
+        // certificate does not load must not cost a changed tunnel its old version.
+        let incoming: Vec<TunnelConfig> = new
+            .tunnels
+            .iter()
+            .filter(|t| diff.added.contains(&t.name) || diff.changed.contains(&t.name))
+            .cloned()
+            .collect();
+        let prepared = prepare(incoming).map_err(|e| joined(&e).replace('\n', "; "))?;
+        self.reload_tls(Some(&diff.unchanged))?;
+        if new.status != self.config.status || new.timed_reload != self.config.timed_reload {
+            tracing::warn!("status and timed_reload changes take effect at the next start");
+        }
+        self.config.shutdown_timeout = new.shutdown_timeout;
+        for name in diff.removed.iter().chain(&diff.changed) {
+            if let Some(r) = self.running.remove(name) {
+                r.stop().await;
+            }
+        }
+        let mut errors = Vec::new();
+        for p in prepared {
+            if let Err(e) = self.start(p).await {
+                errors.push(e.to_string());
+            }
+        }
+        self.publish();
+        tracing::info!(
+            added = ?diff.added, removed = ?diff.removed, changed = ?diff.changed,
+            unchanged = diff.unchanged.len(), "config reloaded"
+        );
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
     }
-    tracker.close();
-    let open = tracker.len();
+}
+
+fn log_start(cfg: &TunnelConfig, listen: &str) {
+    tracing::info!(tunnel = %cfg.name, config = ?cfg, "effective configuration");
+    if cfg.disable_authentication {
+        match cfg.side {
+            Side::Server => tracing::warn!(
+                tunnel = %cfg.name,
+                "AUTHENTICATION DISABLED: clients need no certificate; anyone who can reach this port reaches the target"
+            ),
+            Side::Client => tracing::warn!(
+                tunnel = %cfg.name,
+                "authentication disabled: this client presents no certificate"
+            ),
+        }
+    }
+    let target = cfg
+        .target
+        .as_ref()
+        .map_or_else(|| "-".to_string(), ToString::to_string);
+    let routes = cfg
+        .routes
+        .iter()
+        .map(|(name, addr)| format!("{name}={addr}"))
+        .collect::<Vec<_>>()
+        .join(",");
     tracing::info!(
-        signal = signal_name,
-        open_connections = open,
-        timeout = ?config.shutdown_timeout,
+        tunnel = %cfg.name,
+        side = %cfg.side,
+        listen,
+        target,
+        routes,
+        "listening"
+    );
+}
+
+struct Signals {
+    term: Signal,
+    int: Signal,
+    hup: Signal,
+    usr1: Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        let on = |kind: SignalKind, name: &str| {
+            signal(kind).with_context(|| format!("installing the {name} handler"))
+        };
+        Ok(Signals {
+            term: on(SignalKind::terminate(), "SIGTERM")?,
+            int: on(SignalKind::interrupt(), "SIGINT")?,
+            hup: on(SignalKind::hangup(), "SIGHUP")?,
+            usr1: on(SignalKind::user_defined1(), "SIGUSR1")?,
+        })
+    }
+}
+
+/// What woke the main loop.
+enum Event {
+    Stop(&'static str),
+    Reload(&'static str),
+}
+
+/// Runs the config until SIGTERM/SIGINT, and returns the exit status. `path` is the config
+/// file to reread on reload (`legate run`).
+pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<u8> {
+    // Handlers first: a signal that arrives during startup must be handled, not kill us.
+    let mut signals = Signals::install()?;
+
+    let prepared =
+        prepare(config.tunnels.clone()).map_err(|errors| anyhow::anyhow!(joined(&errors)))?;
+    let state = Arc::new(State::new(Arc::new(Metrics::default())));
+    let mut daemon = Daemon {
+        config,
+        path,
+        running: BTreeMap::new(),
+        tracker: TaskTracker::new(),
+        state: state.clone(),
+    };
+    for p in prepared {
+        daemon.start(p).await?;
+    }
+    daemon.publish();
+
+    let status_stop = CancellationToken::new();
+    if let Some(addr) = daemon.config.status.clone() {
+        if addr.https && !state.has_https_config() {
+            anyhow::bail!(
+                "--status {}: HTTPS needs a certificate and no tunnel has one; use http://",
+                addr.addr
+            );
+        }
+        let listener = Listener::bind(&addr.addr)
+            .await
+            .with_context(|| format!("cannot listen for status on {}", addr.addr))?;
+        let scheme = if addr.https { "https" } else { "http" };
+        tracing::info!(status = %format!("{scheme}://{}", listener.local_addr()?), "status listening");
+        tokio::spawn(status::serve(
+            listener,
+            addr.https,
+            state.clone(),
+            status_stop.clone(),
+        ));
+    }
+
+    let mut timer = daemon.config.timed_reload.map(|every| {
+        let mut t = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        t
+    });
+    let stopped_by = loop {
+        let tick = async {
+            match timer.as_mut() {
+                Some(t) => {
+                    t.tick().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let event = tokio::select! {
+            _ = signals.term.recv() => Event::Stop("SIGTERM"),
+            _ = signals.int.recv() => Event::Stop("SIGINT"),
+            _ = signals.hup.recv() => Event::Reload("SIGHUP"),
+            _ = signals.usr1.recv() => Event::Reload("SIGUSR1"),
+            _ = tick => Event::Reload("timer"),
+        };
+        match event {
+            Event::Stop(name) => break name,
+            Event::Reload(trigger) => {
+                state.set_phase(Phase::Reloading);
+                let result = daemon.reload().await;
+                match &result {
+                    Ok(()) => tracing::info!(trigger, "reload complete"),
+                    Err(e) => tracing::error!(
+                        trigger,
+                        error = e.as_str(),
+                        "reload failed; keeping the previous configuration"
+                    ),
+                }
+                state.metrics.reloaded(result.is_ok());
+                state.reloaded(result.err());
+                state.set_phase(Phase::Listening);
+            }
+        }
+    };
+
+    state.set_phase(Phase::Stopping);
+    for (_, r) in std::mem::take(&mut daemon.running) {
+        r.stop().await;
+    }
+    let tracker = daemon.tracker;
+    tracker.close();
+    let shutdown_timeout = daemon.config.shutdown_timeout;
+    tracing::info!(
+        signal = stopped_by,
+        open_connections = tracker.len(),
+        timeout = ?shutdown_timeout,
         "stopped accepting; draining"
     );
     let drained = tokio::select! {
         _ = tracker.wait() => true,
-        _ = tokio::time::sleep(config.shutdown_timeout) => false,
-        _ = term.recv() => false,
-        _ = int.recv() => false,
+        _ = tokio::time::sleep(shutdown_timeout) => false,
+        _ = signals.term.recv() => false,
+        _ = signals.int.recv() => false,
     };
+    status_stop.cancel();
     if drained {
         tracing::info!("all connections finished; exiting");
         Ok(EXIT_DRAINED)
@@ -131,13 +357,5 @@ pub async fn run(config: Config) -> anyhow::Result<u8> {
             "shutdown cut open connections"
         );
         Ok(EXIT_CUT)
-    }
-}
-
-/// Parses an optional shutdown timeout flag.
-pub fn shutdown_timeout(value: Option<&str>) -> Result<Duration, String> {
-    match value {
-        None => Ok(crate::config::DEFAULT_SHUTDOWN_TIMEOUT),
-        Some(s) => crate::config::parse_duration("--shutdown-timeout", s),
     }
 }

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser};
 use legate::cli::{Cli, Command, GenCertsArgs, LogFormat};
-use legate::config::{self, Config, TunnelFile};
+use legate::config::{self, Config, ProcessFile, TunnelFile};
 use legate::daemon::{self, EXIT_INVALID};
 use legate::{certs, tunnel};
 
@@ -25,7 +25,7 @@ fn main() -> ExitCode {
             if args.check {
                 return check(config);
             }
-            serve(config)
+            serve(config, Some(args.config))
         }
         Command::GenCerts(args) => gen_certs(args),
         Command::Completions { shell } => {
@@ -64,26 +64,23 @@ fn invalid(message: &str) -> ExitCode {
     ExitCode::from(EXIT_INVALID)
 }
 
-fn serve_flags(name: &str, (file, shutdown): (TunnelFile, Option<String>)) -> ExitCode {
-    let mut problems = Vec::new();
-    let shutdown_timeout = daemon::shutdown_timeout(shutdown.as_deref()).unwrap_or_else(|e| {
-        problems.push(e);
-        config::DEFAULT_SHUTDOWN_TIMEOUT
-    });
-    match file.validate(name, None) {
-        Ok(t) if problems.is_empty() => serve(Config {
-            tunnels: vec![t],
-            shutdown_timeout,
-        }),
-        Ok(_) => invalid(&problems.join("\n")),
-        Err(mut errs) => {
-            errs.extend(problems);
-            invalid(&errs.join("\n"))
+fn serve_flags(name: &str, (file, process): (TunnelFile, ProcessFile)) -> ExitCode {
+    let tunnel = file.validate(name, None);
+    match (tunnel, process.into_config(Vec::new())) {
+        (Ok(t), Ok(mut config)) => {
+            config.tunnels.push(t);
+            serve(config, None)
+        }
+        (t, c) => {
+            let mut problems = t.err().unwrap_or_default();
+            problems.extend(c.err().unwrap_or_default());
+            invalid(&problems.join("\n"))
         }
     }
 }
 
-fn serve(config: Config) -> ExitCode {
+/// Runs the daemon; `path` is the config file to reread on reload, if any.
+fn serve(config: Config, path: Option<std::path::PathBuf>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -91,7 +88,7 @@ fn serve(config: Config) -> ExitCode {
         Ok(r) => r,
         Err(e) => return invalid(&format!("cannot start the async runtime: {e}")),
     };
-    match runtime.block_on(daemon::run(config)) {
+    match runtime.block_on(daemon::run(config, path)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => invalid(&format!("{e:#}")),
     }

@@ -20,16 +20,19 @@ use tokio_util::task::TaskTracker;
 use crate::accept::Acceptor;
 use crate::config::{Side, TunnelConfig};
 use crate::dial;
+use crate::metrics::TunnelMetrics;
 use crate::net::{Address, Listener, PeerAddr, Stream, delegate_io};
 use crate::protocol::{self, Frame, Open, RefuseCode};
 use crate::proxy_protocol;
 use crate::relay;
 use crate::tls::{self, ClientStream, ClientTls, PeerIdentity, ServerStream, ServerTls};
 
-/// How a connection ended: the log field and (later) the metric label.
+/// How a connection ended: the log field and the metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Ok,
+    /// The client closed after the handshake without asking for anything (a status probe).
+    Idle,
     HandshakeFailed,
     Unauthorized,
     ProtocolError,
@@ -39,9 +42,29 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Every outcome, in metric order.
+    pub const ALL: [Outcome; 8] = [
+        Outcome::Ok,
+        Outcome::Idle,
+        Outcome::HandshakeFailed,
+        Outcome::Unauthorized,
+        Outcome::ProtocolError,
+        Outcome::UnknownRoute,
+        Outcome::DialFailed,
+        Outcome::Refused,
+    ];
+
+    pub fn index(self) -> usize {
+        Outcome::ALL
+            .iter()
+            .position(|o| *o == self)
+            .expect("ALL lists every outcome")
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Ok => "ok",
+            Outcome::Idle => "idle",
             Outcome::HandshakeFailed => "handshake_failed",
             Outcome::Unauthorized => "unauthorized",
             Outcome::ProtocolError => "protocol_error",
@@ -109,11 +132,37 @@ fn prefix_lines(tunnel: &str, e: &impl fmt::Display) -> String {
         .join("\n")
 }
 
-/// The TLS end of a tunnel, loaded and ready.
+/// The TLS end of a tunnel, loaded and ready, and reloadable.
 #[derive(Clone)]
-enum TlsEnd {
-    Client(ClientTls),
-    Server(ServerTls),
+pub enum TlsEnd {
+    Client(Arc<ClientTls>),
+    Server(Arc<ServerTls>),
+}
+
+impl TlsEnd {
+    /// Reloads certificate, key, CA bundle and CRL together; see [`ServerTls::reload`].
+    pub fn reload(&self) -> Result<(), tls::Error> {
+        match self {
+            TlsEnd::Client(c) => c.reload(),
+            TlsEnd::Server(s) => s.reload(),
+        }
+    }
+
+    /// When this side's current certificate expires (Unix seconds).
+    pub fn not_after(&self) -> Option<i64> {
+        match self {
+            TlsEnd::Client(c) => c.not_after(),
+            TlsEnd::Server(s) => s.not_after(),
+        }
+    }
+
+    /// The config an HTTPS status listener uses: this side's live certificate.
+    pub fn status_config(&self) -> Option<Arc<rustls::ServerConfig>> {
+        match self {
+            TlsEnd::Client(c) => c.status_config(),
+            TlsEnd::Server(s) => s.status_config(),
+        }
+    }
 }
 
 /// A tunnel whose TLS material loaded and whose configuration is consistent, not yet bound.
@@ -127,10 +176,12 @@ impl Prepared {
     /// binding, so `legate run --check` finds what startup would.
     pub fn new(cfg: TunnelConfig) -> Result<Prepared, Error> {
         let tls = match cfg.side {
-            Side::Server => ServerTls::new(&cfg.tls, cfg.min_tls).map(TlsEnd::Server),
+            Side::Server => {
+                ServerTls::new(&cfg.tls, cfg.min_tls).map(|s| TlsEnd::Server(Arc::new(s)))
+            }
             Side::Client => {
                 ClientTls::new(&cfg.tls, cfg.min_tls, &cfg.server_name, cfg.legate_protocol)
-                    .map(TlsEnd::Client)
+                    .map(|c| TlsEnd::Client(Arc::new(c)))
             }
         }
         .map_err(|source| Error::Tls {
@@ -157,8 +208,18 @@ impl Prepared {
         })
     }
 
+    pub fn config(&self) -> &TunnelConfig {
+        &self.cfg
+    }
+
+    /// The reloadable TLS end, for the daemon to reload and the status listener to present.
+    pub fn tls(&self) -> &TlsEnd {
+        &self.tls
+    }
+
     /// Binds the listener, so a port conflict fails startup rather than the first connection.
-    pub async fn bind(self) -> Result<Tunnel, Error> {
+    /// Connections are counted in `metrics`.
+    pub async fn bind(self, metrics: Arc<TunnelMetrics>) -> Result<Tunnel, Error> {
         let listener = Listener::bind(&self.cfg.listen)
             .await
             .map_err(|source| Error::Bind {
@@ -171,6 +232,7 @@ impl Prepared {
             shared: Arc::new(Shared {
                 cfg: self.cfg,
                 tls: self.tls,
+                metrics,
             }),
         })
     }
@@ -180,6 +242,7 @@ impl Prepared {
 struct Shared {
     cfg: Arc<TunnelConfig>,
     tls: TlsEnd,
+    metrics: Arc<TunnelMetrics>,
 }
 
 /// A bound tunnel.
@@ -244,6 +307,7 @@ fn fail(outcome: Outcome, detail: impl fmt::Display) -> Failure {
 /// outbound ends are made.
 async fn serve_conn(t: &Shared, tcp: Stream, peer: PeerAddr) {
     let started = Instant::now();
+    let _open = t.metrics.open();
     let mut rec = Record {
         peer,
         consumer: None,
@@ -260,7 +324,11 @@ async fn serve_conn(t: &Shared, tcp: Stream, peer: PeerAddr) {
         }
         Err(f) => Err(f),
     };
-    log_end(&t.cfg, &rec, started.elapsed(), result);
+    let elapsed = started.elapsed();
+    let outcome = result.as_ref().map_or_else(|f| f.outcome, |()| Outcome::Ok);
+    t.metrics
+        .finished(outcome, rec.totals.up, rec.totals.down, elapsed);
+    log_end(&t.cfg, &rec, elapsed, result);
 }
 
 /// Every stage before the relay: the inbound end, who the peer is, where the bytes go, and the
@@ -274,7 +342,9 @@ async fn connect_ends(
     match &t.tls {
         TlsEnd::Server(server) => {
             tcp.tune(Some(cfg.keepalive));
+            let handshake = Instant::now();
             let mut tls = handshake_in(server, tcp, cfg.handshake_timeout).await?;
+            t.metrics.handshake.observe(handshake.elapsed());
             rec.session = Some(tls::describe_session(tls.get_ref().1));
             rec.identity = authorize(cfg, &tls)?;
             let open = route_in(cfg, &mut tls).await?;
@@ -311,7 +381,7 @@ async fn connect_ends(
         TlsEnd::Client(client) => {
             tcp.tune(None);
             rec.target = cfg.target.as_ref().map(ToString::to_string);
-            let (tls, identity) = dial_peer(cfg, client).await?;
+            let (tls, identity) = dial_peer(cfg, client, Some(&t.metrics)).await?;
             rec.session = Some(tls::describe_session(tls.get_ref().1));
             rec.identity = Some(identity);
             let tls = open_out(cfg, tls, rec).await?;
@@ -394,6 +464,12 @@ async fn route_in(cfg: &TunnelConfig, tls: &mut ServerStream) -> Result<Option<O
                 };
                 let _ = protocol::write_frame(tls, &refusal).await;
             }
+            if matches!(e, protocol::Error::Closed(_)) {
+                return Err(fail(
+                    Outcome::Idle,
+                    "client closed before asking for a route",
+                ));
+            }
             return Err(fail(Outcome::ProtocolError, format!("bad OPEN: {e}")));
         }
         Err(_) => {
@@ -409,6 +485,36 @@ async fn route_in(cfg: &TunnelConfig, tls: &mut ServerStream) -> Result<Option<O
             Outcome::ProtocolError,
             format!("expected OPEN, got {other:?}"),
         )),
+    }
+}
+
+/// Checks that this tunnel could serve a connection now, for `/_status`: the server side
+/// connects to each target; the client side completes a TLS handshake with its server and,
+/// over `legate/1`, waits for the greeting that says it was admitted.
+pub async fn probe_backend(cfg: &TunnelConfig, tls: &TlsEnd) -> Result<(), String> {
+    let timeout = cfg.connect_timeout.min(Duration::from_secs(5));
+    match tls {
+        TlsEnd::Server(_) => {
+            for target in cfg.target.iter().chain(cfg.routes.values()) {
+                dial::dial(target, timeout)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        }
+        TlsEnd::Client(client) => {
+            let (mut stream, _) = dial_peer(cfg, client, None).await.map_err(|f| f.detail)?;
+            if tls::negotiated_legate(stream.get_ref().1) {
+                let hello = protocol::expect_frame(&mut stream, "HELLO");
+                match tokio::time::timeout(timeout, hello).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => return Err(describe_open_error(&e)),
+                    Err(_) => return Err("no greeting from the server".into()),
+                }
+            }
+            let _ = stream.shutdown().await;
+            Ok(())
+        }
     }
 }
 
@@ -472,6 +578,7 @@ async fn dial_target(
 async fn dial_peer(
     cfg: &TunnelConfig,
     client: &ClientTls,
+    metrics: Option<&TunnelMetrics>,
 ) -> Result<(ClientStream, PeerIdentity), Failure> {
     let target = cfg.target.as_ref().expect("a client tunnel has a target");
     let deadline = Instant::now() + cfg.connect_timeout;
@@ -479,8 +586,14 @@ async fn dial_peer(
         .await
         .map_err(|e| fail(Outcome::DialFailed, e))?;
     tcp.tune(Some(cfg.keepalive));
+    let handshake = Instant::now();
     let tls = match tokio::time::timeout_at(deadline.into(), client.connect(tcp)).await {
-        Ok(Ok(tls)) => tls,
+        Ok(Ok(tls)) => {
+            if let Some(m) = metrics {
+                m.handshake.observe(handshake.elapsed());
+            }
+            tls
+        }
         Ok(Err(e)) => {
             return Err(fail(
                 Outcome::HandshakeFailed,
@@ -591,6 +704,10 @@ fn log_end(cfg: &TunnelConfig, rec: &Record, elapsed: Duration, result: Result<(
     let t = &rec.totals;
     let class = match &result {
         Ok(()) => QuietClass::Conns,
+        Err(f) if f.outcome == Outcome::Idle => {
+            tracing::debug!(tunnel = %cfg.name, side = %cfg.side, peer = %rec.peer, outcome = %f.outcome, "connection closed idle");
+            return;
+        }
         Err(f) if f.outcome == Outcome::HandshakeFailed => QuietClass::HandshakeErrs,
         Err(_) => QuietClass::ConnErrs,
     };

@@ -66,6 +66,8 @@ pub struct TunnelFile {
     /// The PKCS#12 password; `KEYSTORE_PASS` from the environment when unset.
     pub storepass: Option<String>,
     pub cacert: Option<PathBuf>,
+    /// Certificate revocation list(s), PEM or DER; reloaded with the certificates.
+    pub crl: Option<PathBuf>,
     #[serde(default)]
     pub allow_all: bool,
     #[serde(default)]
@@ -145,6 +147,112 @@ pub struct TunnelConfig {
 pub struct Config {
     pub tunnels: Vec<TunnelConfig>,
     pub shutdown_timeout: Duration,
+    /// Where `/_status` and `/_metrics` are served, if anywhere.
+    pub status: Option<StatusAddr>,
+    /// Reload certificates (and a config file) this often, besides on SIGHUP/SIGUSR1.
+    pub timed_reload: Option<Duration>,
+}
+
+/// The status listener's address and whether it speaks HTTPS (the default) or plain HTTP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusAddr {
+    pub addr: Address,
+    pub https: bool,
+}
+
+impl StatusAddr {
+    /// `ADDR` or `https://ADDR` (HTTPS with the tunnel's live certificate), `http://ADDR`.
+    pub fn parse(s: &str) -> Result<StatusAddr, String> {
+        let (https, rest) = match (s.strip_prefix("http://"), s.strip_prefix("https://")) {
+            (Some(rest), _) => (false, rest),
+            (_, Some(rest)) => (true, rest),
+            _ => (true, s),
+        };
+        let addr =
+            Address::parse(rest.trim_end_matches('/')).map_err(|e| format!("--status: {e}"))?;
+        Ok(StatusAddr { addr, https })
+    }
+}
+
+/// Settings of the whole process, from flags or the top of a config file.
+#[derive(Debug, Clone, Default)]
+pub struct ProcessFile {
+    pub shutdown_timeout: Option<String>,
+    pub status: Option<String>,
+    pub timed_reload: Option<String>,
+}
+
+impl ProcessFile {
+    /// Builds the config from validated tunnels, checking the process settings.
+    pub fn into_config(self, tunnels: Vec<TunnelConfig>) -> Result<Config, Vec<String>> {
+        let mut p = Vec::new();
+        let shutdown_timeout = duration(
+            &mut p,
+            "--shutdown-timeout",
+            &self.shutdown_timeout,
+            DEFAULT_SHUTDOWN_TIMEOUT,
+        );
+        let status = self
+            .status
+            .as_deref()
+            .and_then(|s| match StatusAddr::parse(s) {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    p.push(e);
+                    None
+                }
+            });
+        let timed_reload =
+            self.timed_reload
+                .as_deref()
+                .and_then(|s| match parse_duration("--timed-reload", s) {
+                    Ok(d) if d.is_zero() => {
+                        p.push("--timed-reload must be more than 0".into());
+                        None
+                    }
+                    Ok(d) => Some(d),
+                    Err(e) => {
+                        p.push(e);
+                        None
+                    }
+                });
+        if !p.is_empty() {
+            return Err(p);
+        }
+        Ok(Config {
+            tunnels,
+            shutdown_timeout,
+            status,
+            timed_reload,
+        })
+    }
+}
+
+/// What a reload changes: tunnel names by fate.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Diff {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub changed: Vec<String>,
+    pub unchanged: Vec<String>,
+}
+
+/// Compares two sets of tunnels by name: a pure function, so reload is easy to test.
+pub fn diff(old: &[TunnelConfig], new: &[TunnelConfig]) -> Diff {
+    let mut d = Diff::default();
+    for t in old {
+        match new.iter().find(|n| n.name == t.name) {
+            None => d.removed.push(t.name.clone()),
+            Some(n) if n == t => d.unchanged.push(t.name.clone()),
+            Some(_) => d.changed.push(t.name.clone()),
+        }
+    }
+    for n in new {
+        if !old.iter().any(|t| t.name == n.name) {
+            d.added.push(n.name.clone());
+        }
+    }
+    d
 }
 
 /// Every problem found, one per line, each naming its tunnel.
@@ -287,7 +395,17 @@ impl TunnelFile {
                 None
             }
         };
-        let tls_files = tls::Files { identity, cacert };
+        let crl = self.crl.as_ref().map(|c| resolve(base, c));
+        if crl.is_some() && cacert.is_none() {
+            p.push(
+                "--crl needs --cacert: revocation is checked on verified peer certificates".into(),
+            );
+        }
+        let tls_files = tls::Files {
+            identity,
+            cacert,
+            crl,
+        };
         let min_tls = match &self.min_tls_version {
             None => MinVersion::default(),
             Some(v) => v.parse().unwrap_or_else(|e| {
@@ -459,6 +577,8 @@ impl TunnelFile {
 #[serde(deny_unknown_fields)]
 struct FileTop {
     shutdown_timeout: Option<String>,
+    status: Option<String>,
+    timed_reload: Option<String>,
     #[serde(default)]
     tunnels: BTreeMap<String, toml::Value>,
 }
@@ -468,12 +588,10 @@ struct FileTop {
 pub fn from_toml(text: &str, base: Option<&Path>) -> Result<Config, Problems> {
     let top: FileTop = toml::from_str(text).map_err(|e| Problems(vec![one_line(&e)]))?;
     let mut problems = Vec::new();
-    let shutdown_timeout = match &top.shutdown_timeout {
-        None => DEFAULT_SHUTDOWN_TIMEOUT,
-        Some(s) => parse_duration("shutdown_timeout", s).unwrap_or_else(|e| {
-            problems.push(e);
-            DEFAULT_SHUTDOWN_TIMEOUT
-        }),
+    let process = ProcessFile {
+        shutdown_timeout: top.shutdown_timeout,
+        status: top.status,
+        timed_reload: top.timed_reload,
     };
     if top.tunnels.is_empty() {
         problems.push("no tunnels: add at least one [tunnels.NAME] table".into());
@@ -488,13 +606,14 @@ pub fn from_toml(text: &str, base: Option<&Path>) -> Result<Config, Problems> {
             }
         }
     }
-    if !problems.is_empty() {
-        return Err(Problems(problems));
+    match process.into_config(tunnels) {
+        Ok(config) if problems.is_empty() => Ok(config),
+        Ok(_) => Err(Problems(problems)),
+        Err(errs) => {
+            problems.extend(errs);
+            Err(Problems(problems))
+        }
     }
-    Ok(Config {
-        tunnels,
-        shutdown_timeout,
-    })
 }
 
 /// Reads and validates a config file.
@@ -612,6 +731,32 @@ colour = "blue"
             "{text}"
         );
         assert!(p.iter().all(|l| !l.contains('\n')));
+    }
+
+    #[test]
+    fn diff_sorts_tunnels_by_fate() {
+        let c = from_toml(GOOD, None).unwrap();
+        let mut new = c.tunnels.clone();
+        new[0].close_timeout = Duration::from_secs(3); // "app" changed
+        new.remove(1); // "cache" removed
+        let mut extra = c.tunnels[0].clone();
+        extra.name = "extra".into();
+        new.push(extra);
+        let d = diff(&c.tunnels, &new);
+        assert_eq!(d.changed, vec!["app".to_string()]);
+        assert_eq!(d.removed, vec!["cache".to_string()]);
+        assert_eq!(d.added, vec!["extra".to_string()]);
+        assert!(d.unchanged.is_empty());
+        assert_eq!(diff(&c.tunnels, &c.tunnels).unchanged.len(), 2);
+    }
+
+    #[test]
+    fn status_addresses_parse() {
+        let s = StatusAddr::parse("127.0.0.1:9000").unwrap();
+        assert!(s.https);
+        assert!(!StatusAddr::parse("http://127.0.0.1:9000/").unwrap().https);
+        assert!(StatusAddr::parse("https://localhost:1").unwrap().https);
+        assert!(StatusAddr::parse("http://nope").is_err());
     }
 
     #[test]

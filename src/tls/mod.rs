@@ -10,11 +10,12 @@ pub mod identity;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use rustls::RootCertStore;
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName};
 use rustls::server::{Acceptor, WebPkiClientVerifier};
 use rustls::{ClientConfig, ServerConfig};
 
@@ -188,6 +189,8 @@ pub struct Files {
     /// The CA bundle peers must chain to. `None` only on a server side with
     /// `--disable-authentication`, which asks clients for no certificate.
     pub cacert: Option<PathBuf>,
+    /// Certificate revocation lists (PEM or DER) checked against peers' leaf certificates.
+    pub crl: Option<PathBuf>,
 }
 
 /// Reads a keystore: PEM when it looks like PEM, PKCS#12 otherwise.
@@ -248,6 +251,27 @@ fn load_keystore(
 struct Material {
     identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
     roots: Option<Arc<RootCertStore>>,
+    crls: Option<Vec<CertificateRevocationListDer<'static>>>,
+}
+
+/// Reads CRLs: PEM `X509 CRL` blocks, or one DER CRL.
+pub fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, Error> {
+    let what = "CRL";
+    let data = read(what, path)?;
+    if !data.trim_ascii_start().starts_with(b"-----BEGIN") {
+        return Ok(vec![CertificateRevocationListDer::from(data)]);
+    }
+    let crls = CertificateRevocationListDer::pem_slice_iter(&data)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_error(what, path, e))?;
+    if crls.is_empty() {
+        return Err(Error::Empty {
+            what,
+            path: path.to_path_buf(),
+            expected: "PEM X509 CRL block",
+        });
+    }
+    Ok(crls)
 }
 
 impl Material {
@@ -266,13 +290,15 @@ impl Material {
             IdentitySource::None => (Ok(None), Ok(None)),
         };
         let roots = files.cacert.as_deref().map(load_roots).transpose();
-        match (chain, key, roots) {
-            (Ok(chain), Ok(key), Ok(roots)) => Ok(Material {
+        let crls = files.crl.as_deref().map(load_crls).transpose();
+        match (chain, key, roots, crls) {
+            (Ok(chain), Ok(key), Ok(roots), Ok(crls)) => Ok(Material {
                 identity: chain.zip(key),
                 roots,
+                crls,
             }),
-            (chain, key, roots) => {
-                let errors: Vec<Error> = [chain.err(), key.err(), roots.err()]
+            (chain, key, roots, crls) => {
+                let errors: Vec<Error> = [chain.err(), key.err(), roots.err(), crls.err()]
                     .into_iter()
                     .flatten()
                     .collect();
@@ -300,16 +326,39 @@ fn identity_error(files: &Files, e: rustls::Error) -> Error {
     }
 }
 
-/// The server side: mutual TLS in, ALPN decides between raw and `legate/1`.
-#[derive(Clone)]
-pub struct ServerTls {
+/// One loaded set of TLS material for a server side: what every new connection uses until the
+/// next successful reload.
+struct ServerSnapshot {
     raw: Arc<ServerConfig>,
     legate: Arc<ServerConfig>,
+    status: Arc<ServerConfig>,
+    not_after: Option<i64>,
 }
 
-impl ServerTls {
-    /// Without `files.cacert`, clients are asked for no certificate (`--disable-authentication`).
-    pub fn new(files: &Files, min: MinVersion) -> Result<ServerTls, Error> {
+fn not_after(chain: &[CertificateDer<'_>]) -> Option<i64> {
+    let leaf = chain.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
+    Some(cert.validity().not_after.timestamp())
+}
+
+/// A config that presents `chain`/`key` and asks for no client certificate: the HTTPS status
+/// listener's, which shows the tunnel's live certificate.
+fn status_config(
+    files: &Files,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<Arc<ServerConfig>, Error> {
+    let config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(versions(MinVersion::Tls12))
+        .map_err(|e| Error::Config(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| identity_error(files, e))?;
+    Ok(Arc::new(config))
+}
+
+impl ServerSnapshot {
+    fn load(files: &Files, min: MinVersion) -> Result<ServerSnapshot, Error> {
         let m = Material::load(files)?;
         let (chain, key) = m
             .identity
@@ -320,16 +369,23 @@ impl ServerTls {
             .map_err(|e| Error::Config(e.to_string()))?;
         let builder = match (m.roots, &files.cacert) {
             (Some(roots), Some(path)) => {
-                let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider)
-                    .build()
-                    .map_err(|e| Error::Roots {
-                        path: path.clone(),
-                        detail: e.to_string(),
-                    })?;
+                let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider);
+                let verifier = match m.crls {
+                    Some(crls) => verifier.with_crls(crls).only_check_end_entity_revocation(),
+                    None => verifier,
+                };
+                let verifier = verifier.build().map_err(|e| Error::Roots {
+                    path: path.clone(),
+                    detail: e.to_string(),
+                })?;
                 builder.with_client_cert_verifier(verifier)
             }
             _ => builder.with_no_client_auth(),
         };
+        let not_after = not_after(&chain);
+        let status = status_config(files, chain.clone(), key.clone_key())?;
+        // A new config per load means a new session cache: nobody resumes a session that the
+        // new CA bundle, CRL or rules would not admit afresh.
         let raw = builder
             .with_single_cert(chain, key)
             .map_err(|e| identity_error(files, e))?;
@@ -337,10 +393,49 @@ impl ServerTls {
         // no overlap with a configured list, and raw peers may offer anything (h2, http/1.1).
         let mut legate = raw.clone();
         legate.alpn_protocols = vec![LEGATE_ALPN.to_vec()];
-        Ok(ServerTls {
+        Ok(ServerSnapshot {
             raw: Arc::new(raw),
             legate: Arc::new(legate),
+            status,
+            not_after,
         })
+    }
+}
+
+/// The server side: mutual TLS in, ALPN decides between raw and `legate/1`. Reloadable: new
+/// connections use the material of the last successful load.
+pub struct ServerTls {
+    files: Files,
+    min: MinVersion,
+    current: ArcSwap<ServerSnapshot>,
+}
+
+impl ServerTls {
+    /// Without `files.cacert`, clients are asked for no certificate (`--disable-authentication`).
+    pub fn new(files: &Files, min: MinVersion) -> Result<ServerTls, Error> {
+        Ok(ServerTls {
+            files: files.clone(),
+            min,
+            current: ArcSwap::from_pointee(ServerSnapshot::load(files, min)?),
+        })
+    }
+
+    /// Loads the files again. On success new connections use the new material; on failure
+    /// nothing changes and the error says why. Open connections are never touched.
+    pub fn reload(&self) -> Result<(), Error> {
+        let fresh = ServerSnapshot::load(&self.files, self.min)?;
+        self.current.store(Arc::new(fresh));
+        Ok(())
+    }
+
+    /// When the current certificate expires (Unix seconds).
+    pub fn not_after(&self) -> Option<i64> {
+        self.current.load().not_after
+    }
+
+    /// A server config presenting the current certificate, without client authentication.
+    pub fn status_config(&self) -> Option<Arc<ServerConfig>> {
+        Some(self.current.load().status.clone())
     }
 
     /// Runs the server handshake on `tcp`. The caller bounds it with a timeout.
@@ -350,20 +445,76 @@ impl ServerTls {
             .client_hello()
             .alpn()
             .is_some_and(|mut offered| offered.any(|p| p == LEGATE_ALPN));
+        let snapshot = self.current.load();
         let config = if wants_legate {
-            self.legate.clone()
+            snapshot.legate.clone()
         } else {
-            self.raw.clone()
+            snapshot.raw.clone()
         };
         start.into_stream(config).await
     }
 }
 
-/// The client side: dials a legate server (or any TLS server) with a client certificate.
-#[derive(Clone)]
-pub struct ClientTls {
+/// One loaded set of TLS material for a client side.
+struct ClientSnapshot {
     connector: TlsConnector,
+    status: Option<Arc<ServerConfig>>,
+    not_after: Option<i64>,
+}
+
+impl ClientSnapshot {
+    fn load(files: &Files, min: MinVersion, offer_legate: bool) -> Result<ClientSnapshot, Error> {
+        let m = Material::load(files)?;
+        let (roots, path) = m
+            .roots
+            .zip(files.cacert.as_ref())
+            .ok_or_else(|| Error::Config("a client side needs --cacert".into()))?;
+        let provider = provider();
+        let verifier = WebPkiServerVerifier::builder_with_provider(roots, provider.clone());
+        let verifier = match m.crls {
+            Some(crls) => verifier.with_crls(crls).only_check_end_entity_revocation(),
+            None => verifier,
+        };
+        let verifier = verifier.build().map_err(|e| Error::Roots {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
+        // The default in-memory session store gives resumption on reconnect; a new one per load
+        // forgets sessions that the new trust might not allow.
+        let builder = ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(versions(min))
+            .map_err(|e| Error::Config(e.to_string()))?
+            .with_webpki_verifier(verifier);
+        let (mut config, status, not_after) = match m.identity {
+            Some((chain, key)) => {
+                let not_after = not_after(&chain);
+                let status = status_config(files, chain.clone(), key.clone_key())?;
+                let config = builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| identity_error(files, e))?;
+                (config, Some(status), not_after)
+            }
+            None => (builder.with_no_client_auth(), None, None),
+        };
+        if offer_legate {
+            config.alpn_protocols = vec![LEGATE_ALPN.to_vec()];
+        }
+        Ok(ClientSnapshot {
+            connector: TlsConnector::from(Arc::new(config)),
+            status,
+            not_after,
+        })
+    }
+}
+
+/// The client side: dials a legate server (or any TLS server) with a client certificate.
+/// Reloadable like [`ServerTls`].
+pub struct ClientTls {
+    files: Files,
+    min: MinVersion,
+    offer_legate: bool,
     server_name: ServerName<'static>,
+    current: ArcSwap<ClientSnapshot>,
 }
 
 impl ClientTls {
@@ -375,46 +526,42 @@ impl ClientTls {
         server_name: &str,
         offer_legate: bool,
     ) -> Result<ClientTls, Error> {
-        let m = Material::load(files)?;
+        let snapshot = ClientSnapshot::load(files, min, offer_legate)?;
         let server_name = ServerName::try_from(server_name.to_string()).map_err(|_| {
             Error::Config(format!(
                 "{server_name:?} is not a valid server name; set --override-server-name"
             ))
         })?;
-        let (roots, path) = m
-            .roots
-            .zip(files.cacert.as_ref())
-            .ok_or_else(|| Error::Config("a client side needs --cacert".into()))?;
-        let provider = provider();
-        let verifier = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
-            .build()
-            .map_err(|e| Error::Roots {
-                path: path.clone(),
-                detail: e.to_string(),
-            })?;
-        // The default in-memory session store gives resumption on reconnect.
-        let builder = ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(versions(min))
-            .map_err(|e| Error::Config(e.to_string()))?
-            .with_webpki_verifier(verifier);
-        let mut config = match m.identity {
-            Some((chain, key)) => builder
-                .with_client_auth_cert(chain, key)
-                .map_err(|e| identity_error(files, e))?,
-            None => builder.with_no_client_auth(),
-        };
-        if offer_legate {
-            config.alpn_protocols = vec![LEGATE_ALPN.to_vec()];
-        }
         Ok(ClientTls {
-            connector: TlsConnector::from(Arc::new(config)),
+            files: files.clone(),
+            min,
+            offer_legate,
             server_name,
+            current: ArcSwap::from_pointee(snapshot),
         })
+    }
+
+    /// Loads the files again; see [`ServerTls::reload`].
+    pub fn reload(&self) -> Result<(), Error> {
+        let fresh = ClientSnapshot::load(&self.files, self.min, self.offer_legate)?;
+        self.current.store(Arc::new(fresh));
+        Ok(())
+    }
+
+    /// When the current certificate expires (Unix seconds), if there is one.
+    pub fn not_after(&self) -> Option<i64> {
+        self.current.load().not_after
+    }
+
+    /// A server config presenting the current certificate, for the HTTPS status listener.
+    pub fn status_config(&self) -> Option<Arc<ServerConfig>> {
+        self.current.load().status.clone()
     }
 
     /// Runs the client handshake on `tcp`. The caller bounds it with a timeout.
     pub async fn connect(&self, tcp: Stream) -> std::io::Result<ClientStream> {
-        self.connector.connect(self.server_name.clone(), tcp).await
+        let connector = self.current.load().connector.clone();
+        connector.connect(self.server_name.clone(), tcp).await
     }
 }
 

@@ -1,0 +1,291 @@
+//! The status listener: `GET /_status` (JSON health) and `GET /_metrics` (Prometheus text, or
+//! JSON with `?format=json`), over HTTPS with a tunnel's live certificate or over plain HTTP.
+//!
+//! In: the daemon's shared [`State`]. Out: small HTTP/1.1 responses, one per connection. The
+//! HTTP handling is deliberately minimal (a request line and headers, no body, then close):
+//! status endpoints need nothing more, and a full HTTP stack would be most of the binary.
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::TunnelConfig;
+use crate::metrics::{Expiries, Metrics};
+use crate::net::Listener;
+use crate::tunnel::{self, TlsEnd};
+
+/// How long a status client gets to send its request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest request head accepted.
+const MAX_REQUEST: usize = 8 * 1024;
+
+/// What the process is doing, as `/_status` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Listening,
+    Reloading,
+    Stopping,
+}
+
+impl Phase {
+    fn as_str(self) -> &'static str {
+        match self {
+            Phase::Listening => "listening",
+            Phase::Reloading => "reloading",
+            Phase::Stopping => "stopping",
+        }
+    }
+}
+
+/// One running tunnel, as the status listener sees it.
+#[derive(Clone)]
+pub struct TunnelView {
+    pub cfg: Arc<TunnelConfig>,
+    pub listen: String,
+    pub tls: TlsEnd,
+}
+
+struct Inner {
+    phase: Phase,
+    last_reload: Option<SystemTime>,
+    last_reload_error: Option<String>,
+    tunnels: Vec<TunnelView>,
+}
+
+/// State shared between the daemon (which writes it) and the status listener (which reads it).
+pub struct State {
+    inner: RwLock<Inner>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl State {
+    pub fn new(metrics: Arc<Metrics>) -> State {
+        State {
+            inner: RwLock::new(Inner {
+                phase: Phase::Listening,
+                last_reload: None,
+                last_reload_error: None,
+                tunnels: Vec::new(),
+            }),
+            metrics,
+        }
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn set_phase(&self, phase: Phase) {
+        self.write().phase = phase;
+    }
+
+    pub fn set_tunnels(&self, tunnels: Vec<TunnelView>) {
+        self.write().tunnels = tunnels;
+    }
+
+    /// Records a reload: when, and its error if it failed.
+    pub fn reloaded(&self, error: Option<String>) {
+        let mut w = self.write();
+        w.last_reload = Some(SystemTime::now());
+        w.last_reload_error = error;
+    }
+
+    pub fn tunnels(&self) -> Vec<TunnelView> {
+        self.read().tunnels.clone()
+    }
+
+    fn expiries(&self) -> Expiries {
+        self.read()
+            .tunnels
+            .iter()
+            .map(|t| ((t.cfg.name.clone(), t.cfg.side.as_str()), t.tls.not_after()))
+            .collect()
+    }
+
+    /// Whether some tunnel has a certificate the HTTPS status listener can present.
+    pub fn has_https_config(&self) -> bool {
+        self.https_config().is_some()
+    }
+
+    /// The HTTPS config: the first tunnel (by name) that has a certificate, as it is now.
+    fn https_config(&self) -> Option<Arc<rustls::ServerConfig>> {
+        self.read()
+            .tunnels
+            .iter()
+            .find_map(|t| t.tls.status_config())
+    }
+
+    /// The `/_status` document and whether everything is healthy.
+    async fn status(&self) -> (bool, serde_json::Value) {
+        let (phase, last_reload, last_error, tunnels) = {
+            let r = self.read();
+            (
+                r.phase,
+                r.last_reload,
+                r.last_reload_error.clone(),
+                r.tunnels.clone(),
+            )
+        };
+        // Probe every backend at once: the slowest decides how long /_status takes.
+        let mut probes = tokio::task::JoinSet::new();
+        for (i, t) in tunnels.iter().enumerate() {
+            let (cfg, tls) = (t.cfg.clone(), t.tls.clone());
+            probes.spawn(async move { (i, tunnel::probe_backend(&cfg, &tls).await) });
+        }
+        let mut results: Vec<Result<(), String>> =
+            vec![Err("probe did not finish".to_string()); tunnels.len()];
+        while let Some(done) = probes.join_next().await {
+            if let Ok((i, r)) = done {
+                results[i] = r;
+            }
+        }
+        let mut views = Vec::new();
+        let mut all_ok = true;
+        for (t, result) in tunnels.iter().zip(results) {
+            all_ok &= result.is_ok();
+            views.push(serde_json::json!({
+                "tunnel": t.cfg.name,
+                "side": t.cfg.side.as_str(),
+                "listen_address": t.listen,
+                "forward_address": forward(&t.cfg),
+                "backend_ok": result.is_ok(),
+                "backend_error": result.err(),
+            }));
+        }
+        let ok = all_ok && phase == Phase::Listening;
+        let mut doc = serde_json::json!({
+            "ok": ok,
+            "message": phase.as_str(),
+            "last_reload": last_reload.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+            "last_reload_error": last_error,
+            "backend_ok": all_ok,
+            "version": env!("CARGO_PKG_VERSION"),
+            "tunnels": views,
+        });
+        // With one tunnel, its addresses sit at the top as in ghostunnel's status.
+        if let [only] = tunnels.as_slice() {
+            doc["listen_address"] = only.listen.clone().into();
+            doc["forward_address"] = forward(&only.cfg).into();
+        }
+        (ok, doc)
+    }
+}
+
+fn forward(cfg: &TunnelConfig) -> String {
+    let mut parts: Vec<String> = cfg.target.iter().map(ToString::to_string).collect();
+    parts.extend(cfg.routes.iter().map(|(name, a)| format!("{name}={a}")));
+    parts.join(",")
+}
+
+/// Serves status requests until `stop` is cancelled.
+pub async fn serve(listener: Listener, https: bool, state: Arc<State>, stop: CancellationToken) {
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "status listener: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            if !https {
+                return respond(stream, &state).await;
+            }
+            let Some(config) = state.https_config() else {
+                return;
+            };
+            let accepted =
+                tokio::time::timeout(REQUEST_TIMEOUT, TlsAcceptor::from(config).accept(stream))
+                    .await;
+            if let Ok(Ok(tls)) = accepted {
+                respond(tls, &state).await;
+            }
+        });
+    }
+}
+
+/// Reads one request and writes one response.
+async fn respond<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, state: &State) {
+    let Ok(Some(target)) = tokio::time::timeout(REQUEST_TIMEOUT, read_request(&mut s)).await else {
+        return;
+    };
+    let (code, kind, body) = match target {
+        Request::Get(path, query) => match path.as_str() {
+            "/_status" => {
+                let (ok, doc) = state.status().await;
+                (
+                    if ok { 200 } else { 503 },
+                    "application/json",
+                    doc.to_string() + "\n",
+                )
+            }
+            "/_metrics" if query.split('&').any(|q| q == "format=json") => (
+                200,
+                "application/json",
+                state.metrics.json(&state.expiries()).to_string() + "\n",
+            ),
+            "/_metrics" => (
+                200,
+                "text/plain; version=0.0.4",
+                state.metrics.prometheus(&state.expiries()),
+            ),
+            _ => (
+                404,
+                "text/plain",
+                "not found: try /_status or /_metrics\n".into(),
+            ),
+        },
+        Request::Other => (405, "text/plain", "only GET is supported\n".into()),
+    };
+    let reason = match code {
+        200 => "OK",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        _ => "Service Unavailable",
+    };
+    let head = format!(
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = s.write_all(head.as_bytes()).await;
+    let _ = s.write_all(body.as_bytes()).await;
+    let _ = s.shutdown().await;
+}
+
+enum Request {
+    Get(String, String),
+    Other,
+}
+
+/// Reads a request head; `None` if it is malformed or too long.
+async fn read_request<S: AsyncRead + Unpin>(s: &mut S) -> Option<Request> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = s.read(&mut chunk).await.ok()?;
+        if n == 0 || buf.len() + n > MAX_REQUEST {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let head = std::str::from_utf8(&buf).ok()?;
+    let mut parts = head.lines().next()?.split(' ');
+    let (method, target) = (parts.next()?, parts.next()?);
+    if method != "GET" {
+        return Some(Request::Other);
+    }
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    Some(Request::Get(path.to_string(), query.to_string()))
+}
