@@ -139,6 +139,8 @@ impl LeafSpec {
 pub struct Issued {
     pub cert_pem: String,
     pub key_pem: String,
+    /// The certificate's serial number, to revoke it.
+    pub serial: Vec<u8>,
 }
 
 /// A certificate authority that can sign leaves.
@@ -211,13 +213,38 @@ impl Ca {
         }];
         params.not_before = spec.validity.not_before;
         params.not_after = spec.validity.not_after;
-        params.serial_number = Some(random_serial()?);
+        let serial = random_serial()?;
+        params.serial_number = Some(serial.clone());
         params.use_authority_key_identifier_extension = true;
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(Issued {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
+            serial: serial.to_bytes(),
         })
+    }
+
+    /// A CRL (PEM) listing `revoked` serial numbers, valid for a week; `number` must grow
+    /// with each CRL this CA issues.
+    pub fn crl(&self, revoked: &[Vec<u8>], number: u64) -> Result<String, Error> {
+        let now = OffsetDateTime::now_utc();
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: now - Duration::minutes(5),
+            next_update: now + Duration::days(7),
+            crl_number: SerialNumber::from_slice(&number.to_be_bytes()),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|serial| rcgen::RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(serial),
+                    revocation_time: now - Duration::minutes(1),
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        Ok(params.signed_by(&self.issuer)?.pem()?)
     }
 }
 

@@ -207,9 +207,14 @@ impl Legate {
                     me.log.text()
                 );
             }
-            (me.log.count(&["listening"]) >= tunnels).then_some(())
+            (me.log.count(&["INFO listening"]) >= tunnels).then_some(())
         });
-        for line in me.log.text().lines().filter(|l| l.contains("listening")) {
+        for line in me
+            .log
+            .text()
+            .lines()
+            .filter(|l| l.contains("INFO listening"))
+        {
             let name = field(line, "tunnel").unwrap();
             let listen = field(line, "listen").unwrap();
             if let Ok(addr) = listen.parse() {
@@ -489,4 +494,77 @@ pub fn write_config(dir: &Path, text: &str) -> PathBuf {
     let path = dir.join("legate.toml");
     std::fs::write(&path, text).unwrap();
     path
+}
+
+/// An HTTP response from a status listener.
+#[derive(Debug)]
+pub struct HttpReply {
+    pub code: u16,
+    pub body: String,
+    /// The certificate the server presented (HTTPS only).
+    pub cert: Option<Vec<u8>>,
+}
+
+/// `GET path` from a status listener: plain HTTP, or HTTPS verified against `ca` for the name
+/// "localhost".
+pub fn http_get(addr: SocketAddr, path: &str, ca: Option<&Path>) -> HttpReply {
+    use rustls::pki_types::pem::PemObject;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    let tcp = connect(addr);
+    let (raw, cert) = match ca {
+        None => {
+            let mut tcp = tcp;
+            tcp.write_all(request.as_bytes()).unwrap();
+            (read_all(&mut tcp), None)
+        }
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+                roots.add(c.unwrap()).unwrap();
+            }
+            let config = rustls::ClientConfig::builder_with_provider(legate::tls::provider())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            let conn = rustls::ClientConnection::new(
+                std::sync::Arc::new(config),
+                "localhost".try_into().unwrap(),
+            )
+            .unwrap();
+            let mut tls = rustls::StreamOwned::new(conn, tcp);
+            tls.write_all(request.as_bytes()).unwrap();
+            let mut raw = Vec::new();
+            let _ = tls.read_to_end(&mut raw);
+            let cert = tls
+                .conn
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| c.to_vec());
+            (raw, cert)
+        }
+    };
+    let text = String::from_utf8(raw).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
+    let code = head.split(' ').nth(1).unwrap().parse().unwrap();
+    HttpReply {
+        code,
+        body: body.to_string(),
+        cert,
+    }
+}
+
+/// The DER of the first certificate in a PEM file.
+pub fn cert_der(path: &Path) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::from_pem_file(path)
+        .unwrap()
+        .to_vec()
+}
+
+/// The address the status listener reported in the log.
+pub fn status_addr(legate: &Legate) -> SocketAddr {
+    let line = legate.log.wait_for(&["status listening"]);
+    let url = field(&line, "status").unwrap();
+    url.split("://").nth(1).unwrap().parse().unwrap()
 }
