@@ -52,6 +52,8 @@ pub struct Pki {
 pub struct Leaf {
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// The serial number, when this leaf was just issued.
+    pub serial: Vec<u8>,
 }
 
 impl Pki {
@@ -81,9 +83,10 @@ impl Pki {
     /// Issues a leaf and writes `NAME.crt` / `NAME.key`.
     pub fn issue(&self, name: &str, spec: &LeafSpec) -> Leaf {
         let issued = self.ca.issue(spec).unwrap();
-        let leaf = self.leaf(name);
+        let mut leaf = self.leaf(name);
         std::fs::write(&leaf.cert, issued.cert_pem).unwrap();
         legate::certs::write_file(&leaf.key, &issued.key_pem, true, true).unwrap();
+        leaf.serial = issued.serial;
         leaf
     }
 
@@ -91,6 +94,7 @@ impl Pki {
         Leaf {
             cert: self.path(&format!("{name}.crt")),
             key: self.path(&format!("{name}.key")),
+            serial: Vec::new(),
         }
     }
 
