@@ -59,6 +59,17 @@ fn status_and_metrics_over_https_with_the_live_certificate() {
     assert_eq!(doc["tunnels"][0]["connections"]["ok"], 1);
     assert_eq!(doc["tunnels"][0]["bytes_down"], 8);
     assert_eq!(http_get(status, "/nope", Some(&pki.ca_cert())).code, 404);
+
+    // After a reload the status listener presents the new certificate: the live one.
+    let mut spec = legate::certs::LeafSpec::new("server-next", legate::certs::Usage::Server);
+    spec.names = vec!["localhost".into()];
+    pki.issue("server", &spec);
+    server.signal(libc::SIGHUP);
+    server.log.wait_for(&["reload complete"]);
+    let reply = http_get(status, "/_status", Some(&pki.ca_cert()));
+    assert_eq!(reply.cert.unwrap(), cert_der(&pki.leaf("server").cert));
+    let doc: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+    assert!(doc["last_reload"].is_string() && doc["last_reload_error"].is_null(), "{doc}");
 }
 
 #[test]
