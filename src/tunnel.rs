@@ -338,56 +338,72 @@ async fn connect_ends(
     tcp: Stream,
     rec: &mut Record,
 ) -> Result<(Inbound, Outbound), Failure> {
-    let cfg = &t.cfg;
     match &t.tls {
-        TlsEnd::Server(server) => {
-            tcp.tune(Some(cfg.keepalive));
-            let handshake = Instant::now();
-            let mut tls = handshake_in(server, tcp, cfg.handshake_timeout).await?;
-            t.metrics.handshake.observe(handshake.elapsed());
-            rec.session = Some(tls::describe_session(tls.get_ref().1));
-            rec.identity = authorize(cfg, &tls)?;
-            let open = route_in(cfg, &mut tls).await?;
-            let route = open.as_ref().map_or("", |o| o.route.as_str());
-            rec.route = open.as_ref().map(|o| o.route.clone());
-            let target = pick_target(cfg, route);
-            rec.target = target.map(ToString::to_string);
-            rec.consumer = open.as_ref().and_then(|o| o.consumer);
-            let mut dialed = dial_target(cfg, target, route).await;
-            if cfg.proxy_protocol
-                && let Ok(plain) = &mut dialed
-            {
-                let header = proxy_header(rec, &tls).encode();
-                if let Err(e) = plain.write_all(&header).await {
-                    let detail = format!("sending the PROXY header to the target failed: {e}");
-                    dialed = Err((RefuseCode::DialFailed, fail(Outcome::DialFailed, detail)));
-                }
-            }
-            if open.is_some() {
-                let answer = match &dialed {
-                    Ok(_) => Frame::Ready { features: 0 },
-                    Err((code, f)) => Frame::Refused {
-                        code: *code,
-                        message: f.detail.clone(),
-                    },
-                };
-                // If the client is gone, the relay (or nothing) will notice; the outcome is
-                // decided by the dial.
-                let _ = protocol::write_frame(&mut tls, &answer).await;
-            }
-            let plain = dialed.map_err(|(_, f)| f)?;
-            Ok((Inbound::Tls(Box::new(tls)), Outbound::Plain(plain)))
-        }
-        TlsEnd::Client(client) => {
-            tcp.tune(None);
-            rec.target = cfg.target.as_ref().map(ToString::to_string);
-            let (tls, identity) = dial_peer(cfg, client, Some(&t.metrics)).await?;
-            rec.session = Some(tls::describe_session(tls.get_ref().1));
-            rec.identity = Some(identity);
-            let tls = open_out(cfg, tls, rec).await?;
-            Ok((Inbound::Plain(tcp), Outbound::Tls(Box::new(tls))))
-        }
+        TlsEnd::Server(server) => server_ends(t, server, tcp, rec).await,
+        TlsEnd::Client(client) => client_ends(t, client, tcp, rec).await,
     }
+}
+
+/// Server side: handshake, authorize, route, dial the target (and send it the PROXY header),
+/// then answer a `legate/1` client READY or REFUSED.
+async fn server_ends(
+    t: &Shared,
+    server: &ServerTls,
+    tcp: Stream,
+    rec: &mut Record,
+) -> Result<(Inbound, Outbound), Failure> {
+    let cfg = &t.cfg;
+    tcp.tune(Some(cfg.keepalive));
+    let handshake = Instant::now();
+    let mut tls = handshake_in(server, tcp, cfg.handshake_timeout).await?;
+    t.metrics.handshake.observe(handshake.elapsed());
+    rec.session = Some(tls::describe_session(tls.get_ref().1));
+    rec.identity = authorize(cfg, &tls)?;
+    let open = route_in(cfg, &mut tls).await?;
+    let route = open.as_ref().map_or("", |o| o.route.as_str());
+    rec.route = open.as_ref().map(|o| o.route.clone());
+    rec.consumer = open.as_ref().and_then(|o| o.consumer);
+    let target = pick_target(cfg, route);
+    rec.target = target.map(ToString::to_string);
+    let mut dialed = dial_target(cfg, target, route).await;
+    if let (true, Ok(plain)) = (cfg.proxy_protocol, &mut dialed)
+        && let Err(e) = plain.write_all(&proxy_header(rec, &tls).encode()).await
+    {
+        let detail = format!("sending the PROXY header to the target failed: {e}");
+        dialed = Err((RefuseCode::DialFailed, fail(Outcome::DialFailed, detail)));
+    }
+    if open.is_some() {
+        let answer = match &dialed {
+            Ok(_) => Frame::Ready { features: 0 },
+            Err((code, f)) => Frame::Refused {
+                code: *code,
+                message: f.detail.clone(),
+            },
+        };
+        // If the client is gone, the relay (or nothing) will notice; the outcome is decided
+        // by the dial.
+        let _ = protocol::write_frame(&mut tls, &answer).await;
+    }
+    let plain = dialed.map_err(|(_, f)| f)?;
+    Ok((Inbound::Tls(Box::new(tls)), Outbound::Plain(plain)))
+}
+
+/// Client side: the consumer is already connected; dial the server, handshake, check its
+/// identity, and open the route over `legate/1`.
+async fn client_ends(
+    t: &Shared,
+    client: &ClientTls,
+    tcp: Stream,
+    rec: &mut Record,
+) -> Result<(Inbound, Outbound), Failure> {
+    let cfg = &t.cfg;
+    tcp.tune(None);
+    rec.target = cfg.target.as_ref().map(ToString::to_string);
+    let (tls, identity) = dial_peer(cfg, client, Some(&t.metrics)).await?;
+    rec.session = Some(tls::describe_session(tls.get_ref().1));
+    rec.identity = Some(identity);
+    let tls = open_out(cfg, tls, rec).await?;
+    Ok((Inbound::Plain(tcp), Outbound::Tls(Box::new(tls))))
 }
 
 /// Server side: the TLS handshake, under the handshake timeout, in this connection's task.

@@ -69,7 +69,10 @@ fn status_and_metrics_over_https_with_the_live_certificate() {
     let reply = http_get(status, "/_status", Some(&pki.ca_cert()));
     assert_eq!(reply.cert.unwrap(), cert_der(&pki.leaf("server").cert));
     let doc: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
-    assert!(doc["last_reload"].is_string() && doc["last_reload_error"].is_null(), "{doc}");
+    assert!(
+        doc["last_reload"].is_string() && doc["last_reload_error"].is_null(),
+        "{doc}"
+    );
 }
 
 #[test]
