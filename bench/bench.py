@@ -1,0 +1,571 @@
+#!/usr/bin/env python3
+"""legate's benchmark: legate against direct connections, a plaintext socat pair, stunnel,
+HAProxy, nginx stream and socat with OpenSSL, side by side in one run on loopback.
+
+Each contender runs as a client-side plus server-side pair doing mutual TLS with the same
+ECDSA P-256 certificates (from `legate gen-certs`). Figures: iperf3 throughput (1 and 8
+streams, median of 3), redis-benchmark requests/s (50 clients; pipelined -P 16), single-client
+PING latency p50/p99, new connections/s (-k 0), resident memory per idle connection with
+2,000 connections open, and time to first reply of a fresh connection across a link delayed
+25 ms each way (a delaying relay in this script, since the kernel here has no netem).
+
+Run through bench/run, which installs the packages. Writes bench/RESULTS.md.
+"""
+
+import csv
+import io
+import json
+import os
+import platform
+import queue
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LEGATE = Path(os.environ.get("LEGATE_BIN", ROOT / "target" / "release" / "legate"))
+DELAY = 0.025  # seconds each way on the slow link
+IDLE_CONNS = int(os.environ.get("BENCH_IDLE_CONNS", "2000"))
+QUICK = os.environ.get("BENCH_QUICK") == "1"
+PEERS = ["stunnel", "haproxy", "nginx", "socat-tls"]
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, deadline=10.0):
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError(f"nothing listening on {port} after {deadline}s")
+
+
+class Procs:
+    """Processes started for one contender; stopped by PID, children included."""
+
+    def __init__(self, work):
+        self.work = work
+        self.procs = []
+
+    def start(self, name, args, **kw):
+        logf = open(self.work / f"{name}.log", "w")
+        p = subprocess.Popen(args, stdout=logf, stderr=subprocess.STDOUT,
+                             start_new_session=True, **kw)
+        self.procs.append(p)
+        return p
+
+    def pids(self):
+        """Our processes and all their descendants (socat forks, nginx workers)."""
+        roots = {p.pid for p in self.procs if p.poll() is None}
+        parent = {}
+        for d in os.listdir("/proc"):
+            if d.isdigit():
+                try:
+                    stat = open(f"/proc/{d}/stat").read()
+                    parent[int(d)] = int(stat.rsplit(")", 1)[1].split()[1])
+                except OSError:
+                    pass
+        out = set(roots)
+        changed = True
+        while changed:
+            changed = False
+            for pid, ppid in parent.items():
+                if ppid in out and pid not in out:
+                    out.add(pid)
+                    changed = True
+        return out
+
+    def rss(self):
+        total = 0
+        for pid in self.pids():
+            try:
+                for line in open(f"/proc/{pid}/status"):
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+            except OSError:
+                pass
+        return total
+
+    def stop(self):
+        for p in self.procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for p in self.procs:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        self.procs = []
+
+
+# ---------------------------------------------------------------------------------------------
+# Contenders: each starts a client-side + server-side pair and returns the consumer's port.
+
+def certs(work):
+    c = work / "certs"
+    subprocess.run([LEGATE, "gen-certs", "--out", c, "--server-name", "localhost",
+                    "--server-name", "127.0.0.1", "--client", "client"],
+                   check=True, stdout=subprocess.DEVNULL)
+    for leaf in ["server", "client"]:
+        (c / f"{leaf}.pem").write_text((c / f"{leaf}.crt").read_text() + (c / f"{leaf}.key").read_text())
+    return c
+
+
+def direct(procs, c, target, peer_port):
+    return target
+
+
+def socat_plain(procs, c, target, hop):
+    s, cl = hop["server"], hop["client"]
+    procs.start("socat-server", ["socat", f"TCP-LISTEN:{s},bind=127.0.0.1,fork,reuseaddr,backlog=4096",
+                                 f"TCP:127.0.0.1:{target},nodelay"])
+    procs.start("socat-client", ["socat", f"TCP-LISTEN:{cl},bind=127.0.0.1,fork,reuseaddr,backlog=4096",
+                                 f"TCP:127.0.0.1:{hop['dial']},nodelay"])
+    return cl
+
+
+def legate(procs, c, target, hop):
+    s, cl = hop["server"], hop["client"]
+    procs.start("legate-server", [LEGATE, "server", f"--listen=127.0.0.1:{s}",
+                                  f"--target=127.0.0.1:{target}", f"--cert={c}/server.crt",
+                                  f"--key={c}/server.key", f"--cacert={c}/ca.crt", "--allow-cn=client"],
+                env={**os.environ, "RUST_LOG": "warn"})
+    procs.start("legate-client", [LEGATE, "client", f"--listen=127.0.0.1:{cl}",
+                                  f"--target=127.0.0.1:{hop['dial']}", f"--cert={c}/client.crt",
+                                  f"--key={c}/client.key", f"--cacert={c}/ca.crt"],
+                env={**os.environ, "RUST_LOG": "warn"})
+    return cl
+
+
+def stunnel(procs, c, target, hop):
+    s, cl = hop["server"], hop["client"]
+    common = "foreground = yes\npid =\nsocket = l:TCP_NODELAY=1\nsocket = r:TCP_NODELAY=1\n"
+    srv = procs.work / "stunnel-server.conf"
+    srv.write_text(common + f"""[server]
+accept = 127.0.0.1:{s}
+connect = 127.0.0.1:{target}
+cert = {c}/server.crt
+key = {c}/server.key
+CAfile = {c}/ca.crt
+verifyChain = yes
+requireCert = yes
+""")
+    cli = procs.work / "stunnel-client.conf"
+    cli.write_text(common + f"""[client]
+client = yes
+accept = 127.0.0.1:{cl}
+connect = 127.0.0.1:{hop['dial']}
+cert = {c}/client.crt
+key = {c}/client.key
+CAfile = {c}/ca.crt
+verifyChain = yes
+checkHost = localhost
+""")
+    procs.start("stunnel-server", ["stunnel", srv])
+    procs.start("stunnel-client", ["stunnel", cli])
+    return cl
+
+
+def haproxy(procs, c, target, hop):
+    s, cl = hop["server"], hop["client"]
+    common = """global
+  maxconn 20000
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 1h
+  timeout server 1h
+"""
+    srv = procs.work / "haproxy-server.cfg"
+    srv.write_text(common + f"""frontend f
+  bind 127.0.0.1:{s} ssl crt {c}/server.pem ca-file {c}/ca.crt verify required
+  default_backend b
+backend b
+  server t 127.0.0.1:{target}
+""")
+    cli = procs.work / "haproxy-client.cfg"
+    cli.write_text(common + f"""frontend f
+  bind 127.0.0.1:{cl}
+  default_backend b
+backend b
+  server s 127.0.0.1:{hop['dial']} ssl crt {c}/client.pem ca-file {c}/ca.crt verify required sni str(localhost) verifyhost localhost
+""")
+    procs.start("haproxy-server", ["haproxy", "-db", "-f", srv])
+    procs.start("haproxy-client", ["haproxy", "-db", "-f", cli])
+    return cl
+
+
+def nginx(procs, c, target, hop):
+    s, cl = hop["server"], hop["client"]
+
+    def conf(name, server_block):
+        d = procs.work / name
+        d.mkdir(exist_ok=True)
+        (d / "nginx.conf").write_text(f"""load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+daemon off;
+worker_processes auto;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 20000; }}
+stream {{
+  tcp_nodelay on;
+  server {{
+{server_block}
+  }}
+}}
+""")
+        return d
+
+    srv = conf("nginx-server", f"""    listen 127.0.0.1:{s} ssl;
+    ssl_certificate {c}/server.crt;
+    ssl_certificate_key {c}/server.key;
+    ssl_client_certificate {c}/ca.crt;
+    ssl_verify_client on;
+    ssl_protocols TLSv1.3;
+    proxy_pass 127.0.0.1:{target};""")
+    cli = conf("nginx-client", f"""    listen 127.0.0.1:{cl};
+    proxy_pass 127.0.0.1:{hop['dial']};
+    proxy_ssl on;
+    proxy_ssl_certificate {c}/client.crt;
+    proxy_ssl_certificate_key {c}/client.key;
+    proxy_ssl_trusted_certificate {c}/ca.crt;
+    proxy_ssl_verify on;
+    proxy_ssl_name localhost;
+    proxy_ssl_server_name on;
+    proxy_ssl_session_reuse on;""")
+    for d in (srv, cli):
+        procs.start(d.name, ["nginx", "-p", d, "-c", d / "nginx.conf", "-e", d / "error.log"])
+    return cl
+
+
+def socat_tls(procs, c, target, hop):
+    s, cl = hop["server"], hop["client"]
+    procs.start("socat-tls-server", ["socat",
+                f"OPENSSL-LISTEN:{s},bind=127.0.0.1,fork,reuseaddr,backlog=4096,cert={c}/server.pem,cafile={c}/ca.crt,verify=1,nodelay",
+                f"TCP:127.0.0.1:{target},nodelay"])
+    procs.start("socat-tls-client", ["socat",
+                f"TCP-LISTEN:{cl},bind=127.0.0.1,fork,reuseaddr,backlog=4096,nodelay",
+                f"OPENSSL:127.0.0.1:{hop['dial']},cert={c}/client.pem,cafile={c}/ca.crt,verify=1,commonname=localhost,nodelay"])
+    return cl
+
+
+CONTENDERS = {
+    "direct": direct,
+    "socat-plain": socat_plain,
+    "legate": legate,
+    "stunnel": stunnel,
+    "haproxy": haproxy,
+    "nginx": nginx,
+    "socat-tls": socat_tls,
+}
+
+# ---------------------------------------------------------------------------------------------
+# The slow link: a relay that holds every chunk for DELAY seconds in each direction.
+
+
+class DelayRelay:
+    """Accepts on `listen`, connects to `forward`, and holds each chunk DELAY seconds in each
+    direction (order kept, half-close passed on). Threads, so stopping it is simple."""
+
+    def __init__(self, listen, forward):
+        self.forward = forward
+        self.sock = socket.create_server(("127.0.0.1", listen), backlog=4096)
+        self.conns = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                a, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                b = socket.create_connection(("127.0.0.1", self.forward))
+            except OSError:
+                a.close()
+                continue
+            for x in (a, b):
+                x.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.conns += [a, b]
+            for src, dst in ((a, b), (b, a)):
+                q = queue.Queue()
+                threading.Thread(target=self._pump_in, args=(src, q), daemon=True).start()
+                threading.Thread(target=self._pump_out, args=(dst, q), daemon=True).start()
+
+    @staticmethod
+    def _pump_in(src, q):
+        while True:
+            try:
+                data = src.recv(65536)
+            except OSError:
+                data = b""
+            q.put((time.monotonic() + DELAY, data))
+            if not data:
+                return
+
+    @staticmethod
+    def _pump_out(dst, q):
+        while True:
+            due, data = q.get()
+            wait = due - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            try:
+                if not data:
+                    dst.shutdown(socket.SHUT_WR)
+                    return
+                dst.sendall(data)
+            except OSError:
+                return
+
+    def stop(self):
+        self.sock.close()
+        for c in self.conns:
+            try:
+                c.close()
+            except OSError:
+                pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurements.
+
+def iperf(port, streams):
+    runs = []
+    while len(runs) < (1 if QUICK else 3):
+        for attempt in range(5):
+            out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", "2" if QUICK else "3",
+                                  "-P", str(streams), "-J"], capture_output=True, text=True, timeout=60)
+            doc = json.loads(out.stdout)
+            if "error" not in doc:
+                runs.append(doc["end"]["sum_received"]["bits_per_second"] / 1e9)
+                break
+            # The iperf3 server runs one test at a time and may still be closing the last one.
+            log(f"    iperf3: {doc['error']} (attempt {attempt + 1})")
+            time.sleep(1)
+        else:
+            raise RuntimeError(f"iperf3 kept failing: {doc['error']}")
+    return statistics.median(runs), runs
+
+
+def redis_bench(port, *args):
+    out = subprocess.run(["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "--csv", *args],
+                         capture_output=True, text=True, timeout=300)
+    rows = list(csv.DictReader(io.StringIO(out.stdout)))
+    if not rows:
+        raise RuntimeError(f"redis-benchmark printed nothing: {out.stderr[-300:]}")
+    return rows
+
+
+def rps(port, *args):
+    rows = redis_bench(port, *args)
+    return statistics.mean(float(r["rps"]) for r in rows)
+
+
+def latency(port):
+    rows = redis_bench(port, "-c", "1", "-n", "5000" if QUICK else "20000", "-t", "ping")
+    row = next(r for r in rows if r["test"] == "PING_MBULK")
+    return float(row["p50_latency_ms"]), float(row["p99_latency_ms"])
+
+
+def idle_memory(procs, port):
+    """Resident bytes per connection with IDLE_CONNS connections open end to end."""
+    time.sleep(0.5)  # let the processes settle after the earlier load before the baseline
+    base = procs.rss()
+    conns = []
+    for _ in range(IDLE_CONNS):
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.sendall(b"*1\r\n$4\r\nPING\r\n")
+        conns.append(s)
+    for s in conns:
+        got = b""
+        while not got.endswith(b"\r\n"):
+            chunk = s.recv(64)
+            if not chunk:
+                raise RuntimeError("a connection closed during the memory test")
+            got += chunk
+    time.sleep(0.5)
+    used = procs.rss()
+    for s in conns:
+        s.close()
+    return max(used - base, 0) / IDLE_CONNS, used
+
+
+def first_reply_ms(port, n=20):
+    times = []
+    for _ in range(n):
+        t0 = time.monotonic()
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.sendall(b"*1\r\n$4\r\nPING\r\n")
+        got = b""
+        while not got.endswith(b"\r\n"):
+            got += s.recv(64)
+        times.append((time.monotonic() - t0) * 1000)
+        s.close()
+    return statistics.median(times)
+
+
+def measure(name, work, c, redis_port, iperf_port):
+    results = {}
+    procs = Procs(work / name)
+    (work / name).mkdir(exist_ok=True)
+    try:
+        # Pair in front of redis and iperf3, on the fast path.
+        for svc, target in (("redis", redis_port), ("iperf", iperf_port)):
+            hop = {"server": free_port(), "client": free_port()}
+            hop["dial"] = hop["server"]
+            port = CONTENDERS[name](procs, c, target, hop)
+            wait_port(port)
+            results[f"{svc}_port"] = port
+        log(f"  {name}: throughput")
+        results["gbps_1"], results["gbps_1_runs"] = iperf(results["iperf_port"], 1)
+        results["gbps_8"], results["gbps_8_runs"] = iperf(results["iperf_port"], 8)
+        log(f"  {name}: redis")
+        rp = results["redis_port"]
+        n = "50000" if QUICK else "200000"
+        results["rps_50"] = rps(rp, "-c", "50", "-n", n, "-t", "set,get")
+        results["rps_p16"] = rps(rp, "-c", "50", "-n", str(int(n) * 5), "-P", "16", "-t", "set,get")
+        results["p50"], results["p99"] = latency(rp)
+        results["conn_rps"] = rps(rp, "-c", "50", "-n", "3000" if QUICK else "10000", "-k", "0", "-t", "ping")
+        if name != "direct":
+            log(f"  {name}: memory with {IDLE_CONNS} idle connections")
+            results["mem_per_conn"], results["mem_total"] = idle_memory(procs, rp)
+        procs.stop()
+        # The same pair with the delaying relay between the two sides.
+        log(f"  {name}: slow link")
+        relay_port = free_port()
+        if name == "direct":
+            relay = DelayRelay(relay_port, redis_port)
+            port = relay_port
+        else:
+            hop = {"server": free_port(), "client": free_port()}
+            relay = DelayRelay(relay_port, hop["server"])
+            hop["dial"] = relay_port
+            port = CONTENDERS[name](procs, c, redis_port, hop)
+            wait_port(port)
+        try:
+            first_reply_ms(port, 2)  # warm up: session tickets, pools
+            results["first_reply_ms"] = first_reply_ms(port)
+        finally:
+            relay.stop()
+    finally:
+        procs.stop()
+    return results
+
+
+def main():
+    only = [a for a in sys.argv[1:] if a in CONTENDERS] or list(CONTENDERS)
+    started = time.monotonic()
+    work = Path(tempfile.mkdtemp(prefix="legate-bench-"))
+    c = certs(work)
+    services = Procs(work)
+    redis_port, iperf_port = free_port(), free_port()
+    services.start("redis", ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
+                             "--save", "", "--appendonly", "no", "--maxclients", "20000",
+                             "--dir", work])
+    services.start("iperf3", ["iperf3", "-s", "-p", str(iperf_port)])
+    wait_port(redis_port)
+    wait_port(iperf_port)
+    results = {}
+    try:
+        for name in only:
+            log(f"measuring {name}")
+            results[name] = measure(name, work, c, redis_port, iperf_port)
+    finally:
+        services.stop()
+    elapsed = time.monotonic() - started
+    report = render(results, elapsed)
+    print(report)
+    if not os.environ.get("BENCH_NO_WRITE"):
+        (ROOT / "bench" / "RESULTS.md").write_text(report)
+        (ROOT / "bench" / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+
+
+METRICS = [
+    # key, label, unit, higher is better
+    ("gbps_1", "throughput, 1 stream", "Gbit/s", True),
+    ("gbps_8", "throughput, 8 streams", "Gbit/s", True),
+    ("rps_50", "redis SET/GET, 50 clients", "req/s", True),
+    ("rps_p16", "redis SET/GET, 50 clients, -P 16", "req/s", True),
+    ("p50", "PING latency p50, 1 client", "ms", False),
+    ("p99", "PING latency p99, 1 client", "ms", False),
+    ("conn_rps", "new connections (-k 0 PING)", "conn/s", True),
+    ("mem_per_conn", f"memory per idle connection ({IDLE_CONNS} open)", "KB", False),
+    ("first_reply_ms", "fresh connection to first reply, 25 ms each way", "ms", False),
+]
+
+
+def fmt(key, v):
+    if v is None:
+        return "-"
+    if key == "mem_per_conn":
+        return f"{v / 1000:.1f}"
+    if key.startswith("gbps"):
+        return f"{v:.2f}"
+    if key in ("p50", "p99", "first_reply_ms"):
+        return f"{v:.3f}" if v < 10 else f"{v:.1f}"
+    return f"{v:,.0f}"
+
+
+def render(results, elapsed):
+    names = list(results)
+    out = ["# legate benchmark results", ""]
+    out.append(f"Run on {platform.node()} ({os.cpu_count()} cores, Linux {platform.release()}), "
+               f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, in {elapsed:.0f} s with "
+               f"`bench/run`. All on loopback; every pair does mutual TLS (ECDSA P-256) except "
+               f"`direct` (no tunnel) and `socat-plain` (a plaintext pair).")
+    out.append("")
+    out.append("| figure | " + " | ".join(names) + " | legate / direct | legate / best peer |")
+    out.append("|---|" + "---|" * (len(names) + 2))
+    for key, label, unit, higher in METRICS:
+        row = [f"{label} ({unit})"]
+        for n in names:
+            row.append(fmt(key, results[n].get(key)))
+        lg = results.get("legate", {}).get(key)
+        dr = results.get("direct", {}).get(key)
+        peers = [results[p][key] for p in PEERS if p in results and results[p].get(key) is not None]
+        best = (max(peers) if higher else min(peers)) if peers else None
+        row.append(f"{lg / dr:.2f}x" if lg is not None and dr else "-")
+        row.append(f"{lg / best:.2f}x" if lg is not None and best else "-")
+        out.append("| " + " | ".join(row) + " |")
+    out.append("")
+    out.append("Ratios are legate's figure divided by the other's: above 1 is better for throughput, "
+               "requests and connections; below 1 is better for latency, memory and time.")
+    if "direct" in results and "first_reply_ms" in results["direct"]:
+        rtt = 2 * DELAY * 1000
+        out.append("")
+        out.append(f"Across the slow link (round trip {rtt:.0f} ms), time to first reply in round trips: " +
+                   ", ".join(f"{n} {results[n]['first_reply_ms'] / rtt:.1f}" for n in names
+                             if "first_reply_ms" in results[n]) + ".")
+    out.append("")
+    out.append("Noise: throughput is the median of 3 runs; the runs were " +
+               "; ".join(f"{n} {'/'.join(f'{x:.2f}' for x in results[n]['gbps_1_runs'])}"
+                         for n in names if "gbps_1_runs" in results[n]) + " Gbit/s (1 stream).")
+    out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()
