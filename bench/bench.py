@@ -394,17 +394,21 @@ def idle_memory(procs, port):
     time.sleep(0.5)  # let the processes settle after the earlier load before the baseline
     base = procs.rss()
     conns = []
-    for _ in range(IDLE_CONNS):
-        s = socket.create_connection(("127.0.0.1", port), timeout=10)
-        s.sendall(b"*1\r\n$4\r\nPING\r\n")
-        conns.append(s)
-    for s in conns:
-        got = b""
-        while not got.endswith(b"\r\n"):
-            chunk = s.recv(64)
-            if not chunk:
-                raise RuntimeError("a connection closed during the memory test")
-            got += chunk
+    # In batches, so a peer that handshakes slowly (a thread per connection) is not timed out.
+    while len(conns) < IDLE_CONNS:
+        batch = []
+        for _ in range(min(100, IDLE_CONNS - len(conns))):
+            s = socket.create_connection(("127.0.0.1", port), timeout=60)
+            s.sendall(b"*1\r\n$4\r\nPING\r\n")
+            batch.append(s)
+        for s in batch:
+            got = b""
+            while not got.endswith(b"\r\n"):
+                chunk = s.recv(64)
+                if not chunk:
+                    raise RuntimeError("a connection closed during the memory test")
+                got += chunk
+        conns += batch
     time.sleep(0.5)
     used = procs.rss()
     for s in conns:
