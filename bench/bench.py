@@ -190,7 +190,7 @@ checkHost = localhost
 def haproxy(procs, c, target, hop):
     s, cl = hop["server"], hop["client"]
     common = """global
-  maxconn 20000
+  maxconn 8000
 defaults
   mode tcp
   timeout connect 5s
@@ -227,7 +227,8 @@ daemon off;
 worker_processes auto;
 pid {d}/nginx.pid;
 error_log {d}/error.log warn;
-events {{ worker_connections 20000; }}
+worker_rlimit_nofile 16384;
+events {{ worker_connections 8000; }}
 stream {{
   tcp_nodelay on;
   server {{
@@ -452,7 +453,7 @@ def measure(name, work, c, redis_port, iperf_port):
         results["rps_50"] = rps(rp, "-c", "50", "-n", n, "-t", "set,get")
         results["rps_p16"] = rps(rp, "-c", "50", "-n", str(int(n) * 5), "-P", "16", "-t", "set,get")
         results["p50"], results["p99"] = latency(rp)
-        results["conn_rps"] = rps(rp, "-c", "50", "-n", "3000" if QUICK else "10000", "-k", "0", "-t", "ping")
+        results["conn_rps"] = rps(rp, "-c", "50", "-n", "2000" if QUICK else "5000", "-k", "0", "-t", "ping")
         if name != "direct":
             log(f"  {name}: memory with {IDLE_CONNS} idle connections")
             results["mem_per_conn"], results["mem_total"] = idle_memory(procs, rp)
@@ -496,7 +497,9 @@ def main():
     try:
         for name in only:
             log(f"measuring {name}")
+            t0 = time.monotonic()
             results[name] = measure(name, work, c, redis_port, iperf_port)
+            log(f"  {name}: done in {time.monotonic() - t0:.0f} s")
     finally:
         services.stop()
     elapsed = time.monotonic() - started

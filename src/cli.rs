@@ -157,6 +157,10 @@ pub struct ServerArgs {
     /// Allow a --target (or route) that is not on loopback.
     #[arg(long)]
     pub unsafe_target: bool,
+    /// How long a legate/1 connection may wait for its next stream (clients keep connections
+    /// ready and reuse them). Default 60s.
+    #[arg(long, value_name = "DURATION")]
+    pub idle_timeout: Option<String>,
     /// Send a PROXY protocol v2 header to the target: the consumer's address (over legate/1)
     /// or the client side's, and the client's identity as TLVs.
     #[arg(long)]
@@ -192,6 +196,10 @@ pub struct ClientArgs {
     /// Allow a --listen address that is not on loopback.
     #[arg(long)]
     pub unsafe_listen: bool,
+    /// legate/1 connections to keep handshaken and ready, so a new consumer connection pays no
+    /// handshake; 0 turns the pool off. Default 4.
+    #[arg(long, value_name = "N")]
+    pub pool_size: Option<usize>,
 }
 
 #[derive(Debug, Args)]
@@ -283,6 +291,7 @@ impl ServerArgs {
         f.routes = self.routes.into_iter().collect::<BTreeMap<_, _>>();
         f.unsafe_target = self.unsafe_target;
         f.proxy_protocol = self.proxy_protocol;
+        f.idle_timeout = self.idle_timeout;
         (f, process)
     }
 }
@@ -300,6 +309,7 @@ impl ClientArgs {
         f.route = self.route;
         f.raw = self.raw;
         f.unsafe_listen = self.unsafe_listen;
+        f.pool_size = self.pool_size;
         (f, process)
     }
 }

@@ -26,6 +26,7 @@ pub mod daemon;
 pub mod dial;
 pub mod metrics;
 pub mod net;
+pub mod pool;
 pub mod protocol;
 pub mod proxy_protocol;
 pub mod relay;

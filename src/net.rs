@@ -294,8 +294,6 @@ macro_rules! delegate_io {
         }
     };
 }
-pub(crate) use delegate_io;
-
 delegate_io!(Stream { Tcp, Unix });
 
 #[cfg(test)]

@@ -20,6 +20,25 @@ const HELLO: u8 = 0x01;
 const OPEN: u8 = 0x02;
 const READY: u8 = 0x03;
 const REFUSED: u8 = 0x04;
+/// Stream frames, after READY when [`FEATURE_FRAMED`] was granted: bytes, the end of one
+/// direction (a half-close), and the reset of the whole stream.
+pub const DATA: u8 = 0x05;
+pub const END: u8 = 0x06;
+pub const ABORT: u8 = 0x07;
+
+/// Feature bit: after READY both directions are DATA frames closed by END (or ABORT), and a
+/// connection whose stream ended cleanly in both directions carries the next OPEN.
+pub const FEATURE_FRAMED: u8 = 0x01;
+
+/// The largest DATA payload (the length field is 16 bits).
+pub const MAX_DATA: usize = u16::MAX as usize;
+
+/// The 3-byte header of a stream frame with `len` bytes of payload.
+pub fn stream_header(kind: u8, len: usize) -> [u8; 3] {
+    debug_assert!(len <= MAX_DATA);
+    let l = (len as u16).to_be_bytes();
+    [kind, l[0], l[1]]
+}
 
 /// Why a server refused an OPEN. The numbers are on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,10 +94,21 @@ pub struct Open {
 /// version defines none and sends 0; unknown bits are ignored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
-    Hello { version: u8, features: u8 },
+    /// `idle_secs`: how long the server keeps a connection open between streams (0: it does
+    /// not say). Clients replace pooled connections well before that.
+    Hello {
+        version: u8,
+        features: u8,
+        idle_secs: u32,
+    },
     Open(Open),
-    Ready { features: u8 },
-    Refused { code: RefuseCode, message: String },
+    Ready {
+        features: u8,
+    },
+    Refused {
+        code: RefuseCode,
+        message: String,
+    },
 }
 
 impl Frame {
@@ -126,8 +156,13 @@ pub fn valid_route(name: &str) -> bool {
 pub fn encode(frame: &Frame) -> Vec<u8> {
     let mut payload = Vec::new();
     let kind = match frame {
-        Frame::Hello { version, features } => {
+        Frame::Hello {
+            version,
+            features,
+            idle_secs,
+        } => {
             payload.extend_from_slice(&[*version, *features]);
+            payload.extend_from_slice(&idle_secs.to_be_bytes());
             HELLO
         }
         Frame::Open(open) => {
@@ -167,7 +202,16 @@ pub fn decode(kind: u8, payload: &[u8]) -> Result<Frame, Error> {
             let mut p = payload;
             let version = take_u8(&mut p, "HELLO")?;
             let features = take_u8(&mut p, "HELLO")?;
-            Ok(Frame::Hello { version, features })
+            // Added after the first release of version 1; absent means "not said".
+            let idle_secs = match p {
+                [a, b, c, d, ..] => u32::from_be_bytes([*a, *b, *c, *d]),
+                _ => 0,
+            };
+            Ok(Frame::Hello {
+                version,
+                features,
+                idle_secs,
+            })
         }
         OPEN => {
             let mut p = payload;
@@ -302,8 +346,17 @@ mod tests {
     fn frames_roundtrip() {
         roundtrip(Frame::Hello {
             version: 1,
-            features: 0,
+            features: FEATURE_FRAMED,
+            idle_secs: 60,
         });
+        assert_eq!(
+            decode(HELLO, &[1, 0]).unwrap(),
+            Frame::Hello {
+                version: 1,
+                features: 0,
+                idle_secs: 0
+            }
+        );
         roundtrip(Frame::Ready { features: 0 });
         roundtrip(Frame::Open(Open {
             features: 0,

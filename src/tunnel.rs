@@ -21,7 +21,8 @@ use crate::accept::Acceptor;
 use crate::config::{Side, TunnelConfig};
 use crate::dial;
 use crate::metrics::TunnelMetrics;
-use crate::net::{Address, Listener, PeerAddr, Stream, delegate_io};
+use crate::net::{Address, Listener, PeerAddr, Stream};
+use crate::pool::Pool;
 use crate::protocol::{self, Frame, Open, RefuseCode};
 use crate::proxy_protocol;
 use crate::relay;
@@ -230,6 +231,10 @@ impl Prepared {
         Ok(Tunnel {
             acceptor: Acceptor::new(listener, self.cfg.max_concurrent_conns),
             shared: Arc::new(Shared {
+                pool: (self.cfg.side == Side::Client
+                    && self.cfg.legate_protocol
+                    && self.cfg.pool_size > 0)
+                    .then(|| Arc::new(Pool::new(self.cfg.pool_size))),
                 cfg: self.cfg,
                 tls: self.tls,
                 metrics,
@@ -243,6 +248,8 @@ struct Shared {
     cfg: Arc<TunnelConfig>,
     tls: TlsEnd,
     metrics: Arc<TunnelMetrics>,
+    /// Client side over `legate/1`: connections kept ready.
+    pool: Option<Arc<Pool>>,
 }
 
 /// A bound tunnel.
@@ -263,14 +270,20 @@ impl Tunnel {
     /// Accepts until `stop` is cancelled, spawning each connection on `tracker` so the daemon
     /// can wait for them to drain. The listener closes when this returns.
     pub async fn serve(self, stop: CancellationToken, tracker: TaskTracker) {
+        if let (Some(pool), TlsEnd::Client(client)) = (&self.shared.pool, &self.shared.tls) {
+            let (pool, client, cfg) = (pool.clone(), client.clone(), self.shared.cfg.clone());
+            let stop = stop.clone();
+            tokio::spawn(async move { pool.refill(&cfg, &client, stop).await });
+        }
         loop {
             let (tcp, peer, permit) = tokio::select! {
                 _ = stop.cancelled() => return,
                 accepted = self.acceptor.accept() => accepted,
             };
             let shared = self.shared.clone();
+            let stop = stop.clone();
             tracker.spawn(async move {
-                serve_conn(&shared, tcp, peer).await;
+                serve_conn(&shared, tcp, peer, &stop).await;
                 drop(permit);
             });
         }
@@ -278,6 +291,7 @@ impl Tunnel {
 }
 
 /// What the log line at the end of a connection says.
+#[derive(Clone)]
 struct Record {
     peer: PeerAddr,
     /// Server side over `legate/1`: the consumer's address, as the client side saw it.
@@ -290,76 +304,145 @@ struct Record {
     totals: relay::Totals,
 }
 
-/// A stage that failed: the outcome and what to say about it.
-struct Failure {
-    outcome: Outcome,
-    detail: String,
+impl Record {
+    fn new(peer: PeerAddr) -> Record {
+        Record {
+            peer,
+            consumer: None,
+            identity: None,
+            session: None,
+            route: None,
+            target: None,
+            totals: relay::Totals::default(),
+        }
+    }
 }
 
-fn fail(outcome: Outcome, detail: impl fmt::Display) -> Failure {
+/// A stage that failed: the outcome and what to say about it.
+pub(crate) struct Failure {
+    pub(crate) outcome: Outcome,
+    pub(crate) detail: String,
+}
+
+pub(crate) fn fail(outcome: Outcome, detail: impl fmt::Display) -> Failure {
     Failure {
         outcome,
         detail: detail.to_string(),
     }
 }
 
-/// One connection, start to end. Both sides run this; they differ only in how the inbound and
-/// outbound ends are made.
-async fn serve_conn(t: &Shared, tcp: Stream, peer: PeerAddr) {
-    let started = Instant::now();
+/// One accepted connection, start to end. The client side serves one consumer; the server side
+/// serves one peer connection, which over framed `legate/1` carries one stream after another.
+async fn serve_conn(t: &Shared, tcp: Stream, peer: PeerAddr, stop: &CancellationToken) {
     let _open = t.metrics.open();
-    let mut rec = Record {
-        peer,
-        consumer: None,
-        identity: None,
-        session: None,
-        route: None,
-        target: None,
-        totals: relay::Totals::default(),
-    };
-    let result = match connect_ends(t, tcp, &mut rec).await {
-        Ok((inbound, outbound)) => {
-            rec.totals = relay::relay(inbound, outbound, t.cfg.close_timeout).await;
-            Ok(())
-        }
-        Err(f) => Err(f),
-    };
+    match &t.tls {
+        TlsEnd::Server(server) => serve_peer(t, server, tcp, peer, stop).await,
+        TlsEnd::Client(client) => serve_consumer(t, client, tcp, peer).await,
+    }
+}
+
+/// Counts and logs the end of one consumer connection (one stream).
+fn finish(t: &Shared, rec: &Record, started: Instant, result: Result<(), Failure>) {
     let elapsed = started.elapsed();
     let outcome = result.as_ref().map_or_else(|f| f.outcome, |()| Outcome::Ok);
     t.metrics
         .finished(outcome, rec.totals.up, rec.totals.down, elapsed);
-    log_end(&t.cfg, &rec, elapsed, result);
+    log_end(&t.cfg, rec, elapsed, result);
 }
 
-/// Every stage before the relay: the inbound end, who the peer is, where the bytes go, and the
-/// outbound end.
-async fn connect_ends(
-    t: &Shared,
-    tcp: Stream,
-    rec: &mut Record,
-) -> Result<(Inbound, Outbound), Failure> {
-    match &t.tls {
-        TlsEnd::Server(server) => server_ends(t, server, tcp, rec).await,
-        TlsEnd::Client(client) => client_ends(t, client, tcp, rec).await,
-    }
-}
-
-/// Server side: handshake, authorize, route, dial the target (and send it the PROXY header),
-/// then answer a `legate/1` client READY or REFUSED.
-async fn server_ends(
+/// Server side: handshake and authorize once; then, over `legate/1`, one stream per OPEN for
+/// as long as each ends cleanly (framed), or the one raw stream to the default target. Once
+/// the tunnel stops accepting (`stop`), a connection waiting for its next OPEN is closed: it
+/// carries no stream, so draining need not wait for it.
+async fn serve_peer(
     t: &Shared,
     server: &ServerTls,
     tcp: Stream,
-    rec: &mut Record,
-) -> Result<(Inbound, Outbound), Failure> {
+    peer: PeerAddr,
+    stop: &CancellationToken,
+) {
     let cfg = &t.cfg;
+    let started = Instant::now();
+    let mut rec = Record::new(peer);
     tcp.tune(Some(cfg.keepalive));
-    let handshake = Instant::now();
-    let mut tls = handshake_in(server, tcp, cfg.handshake_timeout).await?;
-    t.metrics.handshake.observe(handshake.elapsed());
+    // Subscribed before the handshake, so a reload during it counts as one after it.
+    let mut reloads = server.reloads();
+    let mut tls = match handshake_in(server, tcp, cfg.handshake_timeout).await {
+        Ok(tls) => tls,
+        Err(f) => return finish(t, &rec, started, Err(f)),
+    };
+    t.metrics.handshake.observe(started.elapsed());
     rec.session = Some(tls::describe_session(tls.get_ref().1));
-    rec.identity = authorize(cfg, &tls)?;
-    let open = route_in(cfg, &mut tls).await?;
+    match authorize(cfg, &tls) {
+        Ok(id) => rec.identity = id,
+        Err(f) => return finish(t, &rec, started, Err(f)),
+    }
+    if !tls::negotiated_legate(tls.get_ref().1) {
+        // Raw mode: the TLS stream is the byte stream to the default target.
+        let result = serve_stream(t, &mut tls, None, &mut rec).await.map(|_| ());
+        return finish(t, &rec, started, result);
+    }
+    let hello = Frame::Hello {
+        version: protocol::VERSION,
+        features: protocol::FEATURE_FRAMED,
+        idle_secs: u32::try_from(cfg.idle_timeout.as_secs()).unwrap_or(u32::MAX),
+    };
+    if protocol::write_frame(&mut tls, &hello).await.is_err() {
+        return finish(
+            t,
+            &rec,
+            started,
+            Err(fail(Outcome::Idle, "client left before HELLO")),
+        );
+    }
+    let mut started = started;
+    loop {
+        let mut stream_rec = Record::new(peer);
+        stream_rec.session = rec.session.clone();
+        stream_rec.identity = rec.identity.clone();
+        // A connection made under certificates, a CA bundle or a CRL that have since been
+        // reloaded starts no new stream: the client must handshake afresh.
+        let next = if reloads.has_changed().unwrap_or(true) {
+            Err("TLS material reloaded; idle connection closed")
+        } else {
+            // Biased: an OPEN that arrives together with a reload must not slip past it.
+            tokio::select! {
+                biased;
+                _ = reloads.changed() => Err("TLS material reloaded; idle connection closed"),
+                _ = stop.cancelled() => Err("tunnel stopping; idle connection closed"),
+                open = read_open(cfg, &mut tls) => Ok(open),
+            }
+        };
+        let open = match next {
+            Ok(Ok(open)) => open,
+            Ok(Err(f)) => return finish(t, &stream_rec, started, Err(f)),
+            Err(why) => {
+                let _ = tls.shutdown().await;
+                return finish(t, &stream_rec, started, Err(fail(Outcome::Idle, why)));
+            }
+        };
+        let result = serve_stream(t, &mut tls, Some(open), &mut stream_rec).await;
+        let again = matches!(result, Ok(true));
+        finish(t, &stream_rec, started, result.map(|_| ()));
+        if !again {
+            return;
+        }
+        // Between streams the connection idles in the client's pool; the next stream's
+        // duration starts with its OPEN.
+        started = Instant::now();
+    }
+}
+
+/// Server side: one stream: route, dial the target (and send it the PROXY header), answer a
+/// `legate/1` client READY or REFUSED, relay. Returns whether the connection can carry another
+/// stream.
+async fn serve_stream(
+    t: &Shared,
+    tls: &mut ServerStream,
+    open: Option<Open>,
+    rec: &mut Record,
+) -> Result<bool, Failure> {
+    let cfg = &t.cfg;
     let route = open.as_ref().map_or("", |o| o.route.as_str());
     rec.route = open.as_ref().map(|o| o.route.clone());
     rec.consumer = open.as_ref().and_then(|o| o.consumer);
@@ -367,14 +450,19 @@ async fn server_ends(
     rec.target = target.map(ToString::to_string);
     let mut dialed = dial_target(cfg, target, route).await;
     if let (true, Ok(plain)) = (cfg.proxy_protocol, &mut dialed)
-        && let Err(e) = plain.write_all(&proxy_header(rec, &tls).encode()).await
+        && let Err(e) = plain.write_all(&proxy_header(rec, tls).encode()).await
     {
         let detail = format!("sending the PROXY header to the target failed: {e}");
         dialed = Err((RefuseCode::DialFailed, fail(Outcome::DialFailed, detail)));
     }
+    let framed = open
+        .as_ref()
+        .is_some_and(|o| o.features & protocol::FEATURE_FRAMED != 0);
     if open.is_some() {
         let answer = match &dialed {
-            Ok(_) => Frame::Ready { features: 0 },
+            Ok(_) => Frame::Ready {
+                features: if framed { protocol::FEATURE_FRAMED } else { 0 },
+            },
             Err((code, f)) => Frame::Refused {
                 code: *code,
                 message: f.detail.clone(),
@@ -382,28 +470,223 @@ async fn server_ends(
         };
         // If the client is gone, the relay (or nothing) will notice; the outcome is decided
         // by the dial.
-        let _ = protocol::write_frame(&mut tls, &answer).await;
+        let _ = protocol::write_frame(tls, &answer).await;
+        if dialed.is_err() && framed {
+            linger(tls).await;
+        }
     }
     let plain = dialed.map_err(|(_, f)| f)?;
-    Ok((Inbound::Tls(Box::new(tls)), Outbound::Plain(plain)))
+    if framed {
+        let r = relay::relay_framed(plain, tls, cfg.close_timeout, false).await;
+        rec.totals = relay::Totals {
+            up: r.from_frames,
+            down: r.to_frames,
+            cut: r.cut,
+        };
+        Ok(r.reusable)
+    } else {
+        rec.totals = relay::relay(tls, plain, cfg.close_timeout).await;
+        Ok(false)
+    }
 }
 
-/// Client side: the consumer is already connected; dial the server, handshake, check its
-/// identity, and open the route over `legate/1`.
-async fn client_ends(
-    t: &Shared,
-    client: &ClientTls,
-    tcp: Stream,
-    rec: &mut Record,
-) -> Result<(Inbound, Outbound), Failure> {
+/// After refusing a framed stream: the client may already have sent DATA behind its OPEN.
+/// Closing with those bytes unread would reset the connection and could destroy the REFUSED
+/// frame in flight, so end our side and read until the client closes (briefly).
+async fn linger(tls: &mut ServerStream) {
+    let _ = tls.shutdown().await;
+    let drain = async {
+        let mut sink = [0u8; 4096];
+        while matches!(tokio::io::AsyncReadExt::read(tls, &mut sink).await, Ok(n) if n > 0) {}
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
+}
+
+/// Client side: one consumer connection, over a pooled framed `legate/1` connection when the
+/// pool is on, else over a connection of its own.
+async fn serve_consumer(t: &Shared, client: &ClientTls, mut tcp: Stream, peer: PeerAddr) {
     let cfg = &t.cfg;
+    let started = Instant::now();
+    let mut rec = Record::new(peer);
     tcp.tune(None);
     rec.target = cfg.target.as_ref().map(ToString::to_string);
+    let result = match &t.pool {
+        Some(pool) if pool.is_on() => consumer_framed(t, client, pool, &mut tcp, &mut rec).await,
+        _ => consumer_own(t, client, &mut tcp, &mut rec).await,
+    };
+    finish(t, &rec, started, result);
+}
+
+/// Client side without a pool: dial, handshake, open (over `legate/1`), relay.
+async fn consumer_own(
+    t: &Shared,
+    client: &ClientTls,
+    tcp: &mut Stream,
+    rec: &mut Record,
+) -> Result<(), Failure> {
+    let cfg = &t.cfg;
     let (tls, identity) = dial_peer(cfg, client, Some(&t.metrics)).await?;
     rec.session = Some(tls::describe_session(tls.get_ref().1));
     rec.identity = Some(identity);
     let tls = open_out(cfg, tls, rec).await?;
-    Ok((Inbound::Plain(tcp), Outbound::Tls(Box::new(tls))))
+    rec.totals = relay::relay(tcp, tls, cfg.close_timeout).await;
+    Ok(())
+}
+
+/// The most consumer bytes sent ahead of READY, kept to resend if the connection turns out dead.
+const MAX_EARLY: usize = 64 * 1024;
+
+/// Client side with a pool: take a ready connection (or make one), send OPEN and the consumer's
+/// first bytes at once without waiting for READY, then relay DATA frames. A pooled connection
+/// that turns out dead before READY is replaced by a fresh one, and the early bytes are sent
+/// again there: nothing is lost, and nothing reached a target twice, since a dead connection
+/// delivered nothing. A connection whose stream ends cleanly goes back to the pool.
+async fn consumer_framed(
+    t: &Shared,
+    client: &ClientTls,
+    pool: &Pool,
+    consumer: &mut Stream,
+    rec: &mut Record,
+) -> Result<(), Failure> {
+    let cfg = &t.cfg;
+    let mut early = Vec::new();
+    let mut consumer_done = false;
+    let mut pooled = pool.take(client.generation());
+    let generation = client.generation();
+    let (mut tls, idle_limit) = loop {
+        let was_pooled = pooled.is_some();
+        let (mut tls, idle_limit) = match pooled.take() {
+            Some(c) => c,
+            None => match crate::pool::open(cfg, client, Some(&t.metrics)).await {
+                Ok(c) => c,
+                Err(crate::pool::OpenError::Failed(f)) => return Err(f),
+                Err(crate::pool::OpenError::NotFramed) => {
+                    // A server without framing (or not legate at all): no pool, and this
+                    // consumer gets a connection of its own.
+                    pool.turn_off();
+                    return consumer_own(t, client, consumer, rec).await;
+                }
+            },
+        };
+        rec.session = Some(tls::describe_session(tls.get_ref().1));
+        rec.identity = tls::peer_identity(tls.get_ref().1).ok();
+        rec.route = Some(cfg.route.clone());
+        match open_early(
+            cfg,
+            &mut tls,
+            consumer,
+            rec.peer,
+            &mut early,
+            &mut consumer_done,
+        )
+        .await
+        {
+            Ok(()) => break (tls, idle_limit),
+            Err(Early::Refused(f)) => return Err(f),
+            Err(Early::Dead(detail)) if was_pooled => {
+                tracing::debug!(tunnel = %cfg.name, error = %detail, "pooled connection was dead; retrying on a fresh one");
+            }
+            Err(Early::Dead(detail)) => {
+                return Err(fail(Outcome::ProtocolError, detail));
+            }
+        }
+    };
+    let r = relay::relay_framed(&mut *consumer, &mut tls, cfg.close_timeout, consumer_done).await;
+    rec.totals = relay::Totals {
+        up: early.len() as u64 + r.to_frames,
+        down: r.from_frames,
+        cut: r.cut,
+    };
+    if r.reusable {
+        pool.put(tls, idle_limit, generation);
+    }
+    Ok(())
+}
+
+enum Early {
+    /// The server answered REFUSED (or something else that is final).
+    Refused(Failure),
+    /// The connection failed before any answer: safe to try again elsewhere.
+    Dead(String),
+}
+
+/// Sends OPEN, any early bytes already taken from the consumer, and more of them as they come,
+/// until READY arrives (or REFUSED, or the connection fails).
+async fn open_early(
+    cfg: &TunnelConfig,
+    tls: &mut ClientStream,
+    consumer: &mut Stream,
+    consumer_addr: PeerAddr,
+    early: &mut Vec<u8>,
+    consumer_done: &mut bool,
+) -> Result<(), Early> {
+    use tokio::io::AsyncReadExt;
+    let dead = |e: &dyn fmt::Display| Early::Dead(format!("server connection failed: {e}"));
+    let open = Frame::Open(Open {
+        features: protocol::FEATURE_FRAMED,
+        route: cfg.route.clone(),
+        consumer: consumer_addr.socket_addr(),
+    });
+    let mut first = protocol::encode(&open);
+    for chunk in early.chunks(protocol::MAX_DATA) {
+        first.extend_from_slice(&protocol::stream_header(protocol::DATA, chunk.len()));
+        first.extend_from_slice(chunk);
+    }
+    if *consumer_done {
+        first.extend_from_slice(&protocol::stream_header(protocol::END, 0));
+    }
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    if let Err(e) = async {
+        wr.write_all(&first).await?;
+        wr.flush().await
+    }
+    .await
+    {
+        return Err(dead(&e));
+    }
+    let deadline = tokio::time::Instant::now() + cfg.connect_timeout;
+    let mut answer = std::pin::pin!(tokio::time::timeout_at(
+        deadline,
+        protocol::expect_frame(&mut rd, "READY")
+    ));
+    let mut buf = vec![0u8; 3 + relay::BUF_SIZE];
+    loop {
+        let room = !*consumer_done && early.len() < MAX_EARLY;
+        tokio::select! {
+            answer = &mut answer => {
+                return match answer {
+                    Ok(Ok(Frame::Ready { features })) if features & protocol::FEATURE_FRAMED != 0 => Ok(()),
+                    Ok(Ok(Frame::Refused { code, message })) => Err(Early::Refused(fail(
+                        Outcome::Refused,
+                        format!("server refused route {:?}: {code}: {message}", cfg.route),
+                    ))),
+                    Ok(Ok(other)) => Err(Early::Refused(fail(
+                        Outcome::ProtocolError,
+                        format!("expected a framed READY, got {other:?}"),
+                    ))),
+                    Ok(Err(e)) => Err(Early::Dead(describe_open_error(&e))),
+                    Err(_) => Err(Early::Refused(fail(
+                        Outcome::ProtocolError,
+                        format!("no answer to OPEN within {:?}", cfg.connect_timeout),
+                    ))),
+                };
+            }
+            n = consumer.read(&mut buf[3..]), if room => {
+                let n = n.unwrap_or(0);
+                let frame = if n == 0 {
+                    *consumer_done = true;
+                    &protocol::stream_header(protocol::END, 0)[..]
+                } else {
+                    early.extend_from_slice(&buf[3..3 + n]);
+                    buf[..3].copy_from_slice(&protocol::stream_header(protocol::DATA, n));
+                    &buf[..3 + n]
+                };
+                if let Err(e) = async { wr.write_all(frame).await?; wr.flush().await }.await {
+                    return Err(dead(&e));
+                }
+            }
+        }
+    }
 }
 
 /// Server side: the TLS handshake, under the handshake timeout, in this connection's task.
@@ -446,57 +729,45 @@ fn authorize(cfg: &TunnelConfig, tls: &ServerStream) -> Result<Option<PeerIdenti
     }
 }
 
-/// Server side: over `legate/1`, greet the client (it now knows it was admitted) and read its
-/// OPEN. In raw mode there is nothing to read: the default target is the route.
-async fn route_in(cfg: &TunnelConfig, tls: &mut ServerStream) -> Result<Option<Open>, Failure> {
-    if !tls::negotiated_legate(tls.get_ref().1) {
-        return Ok(None);
-    }
-    let greet = async {
-        protocol::write_frame(
-            tls,
-            &Frame::Hello {
-                version: protocol::VERSION,
-                features: 0,
-            },
-        )
-        .await?;
-        protocol::expect_frame(tls, "OPEN").await
-    };
-    let frame = match tokio::time::timeout(cfg.handshake_timeout, greet).await {
-        Ok(Ok(frame)) => frame,
-        Ok(Err(e)) => {
-            let code = match e {
-                protocol::Error::Version(_) => Some(RefuseCode::BadRequest),
-                protocol::Error::Malformed(..) | protocol::Error::TooLarge(_) => {
-                    Some(RefuseCode::BadRequest)
-                }
-                _ => None,
-            };
-            if let Some(code) = code {
-                let refusal = Frame::Refused {
-                    code,
-                    message: e.to_string(),
-                };
-                let _ = protocol::write_frame(tls, &refusal).await;
-            }
-            if matches!(e, protocol::Error::Closed(_)) {
+/// Server side over `legate/1`: the next OPEN. A client may keep a connection in its pool for
+/// up to `--idle-timeout` before using it; closing it unused is not an error (outcome `idle`).
+async fn read_open(cfg: &TunnelConfig, tls: &mut ServerStream) -> Result<Open, Failure> {
+    let frame =
+        match tokio::time::timeout(cfg.idle_timeout, protocol::expect_frame(tls, "OPEN")).await {
+            Ok(Ok(frame)) => frame,
+            Ok(Err(protocol::Error::Closed(_))) => {
                 return Err(fail(
                     Outcome::Idle,
-                    "client closed before asking for a route",
+                    "client closed without opening a stream",
                 ));
             }
-            return Err(fail(Outcome::ProtocolError, format!("bad OPEN: {e}")));
-        }
-        Err(_) => {
-            return Err(fail(
-                Outcome::ProtocolError,
-                format!("no OPEN within {:?}", cfg.handshake_timeout),
-            ));
-        }
-    };
+            Ok(Err(protocol::Error::Io(e))) => {
+                return Err(fail(Outcome::Idle, format!("client connection ended: {e}")));
+            }
+            Ok(Err(e)) => {
+                if matches!(
+                    e,
+                    protocol::Error::Version(_)
+                        | protocol::Error::Malformed(..)
+                        | protocol::Error::TooLarge(_)
+                ) {
+                    let refusal = Frame::Refused {
+                        code: RefuseCode::BadRequest,
+                        message: e.to_string(),
+                    };
+                    let _ = protocol::write_frame(tls, &refusal).await;
+                }
+                return Err(fail(Outcome::ProtocolError, format!("bad OPEN: {e}")));
+            }
+            Err(_) => {
+                return Err(fail(
+                    Outcome::Idle,
+                    format!("no OPEN within the idle timeout ({:?})", cfg.idle_timeout),
+                ));
+            }
+        };
     match frame {
-        Frame::Open(open) => Ok(Some(open)),
+        Frame::Open(open) => Ok(open),
         other => Err(fail(
             Outcome::ProtocolError,
             format!("expected OPEN, got {other:?}"),
@@ -591,7 +862,7 @@ async fn dial_target(
 
 /// Client side: connect to the legate server and complete the handshake, both within the
 /// connect timeout; then check the server against the `--verify-*` pins.
-async fn dial_peer(
+pub(crate) async fn dial_peer(
     cfg: &TunnelConfig,
     client: &ClientTls,
     metrics: Option<&TunnelMetrics>,
@@ -694,7 +965,7 @@ async fn open_out(
 
 /// In TLS 1.3 a client learns that the server rejected its certificate only when it first
 /// reads, which is here; say so rather than report a bare protocol error.
-fn describe_open_error(e: &protocol::Error) -> String {
+pub(crate) fn describe_open_error(e: &protocol::Error) -> String {
     match e {
         protocol::Error::Io(io) => format!(
             "server ended the connection: {}",
@@ -720,8 +991,12 @@ fn log_end(cfg: &TunnelConfig, rec: &Record, elapsed: Duration, result: Result<(
     let t = &rec.totals;
     let class = match &result {
         Ok(()) => QuietClass::Conns,
+        // An unused connection ending (a status probe, a pooled connection retired or closed
+        // at shutdown) is routine: debug level, and silenced with the good connections.
         Err(f) if f.outcome == Outcome::Idle => {
-            tracing::debug!(tunnel = %cfg.name, side = %cfg.side, peer = %rec.peer, outcome = %f.outcome, "connection closed idle");
+            if !quiet(QuietClass::Conns) {
+                tracing::debug!(tunnel = %cfg.name, side = %cfg.side, peer = %rec.peer, detail = f.detail.as_str(), "idle connection ended");
+            }
             return;
         }
         Err(f) if f.outcome == Outcome::HandshakeFailed => QuietClass::HandshakeErrs,
@@ -745,19 +1020,3 @@ fn log_end(cfg: &TunnelConfig, rec: &Record, elapsed: Duration, result: Result<(
         ),
     }
 }
-
-/// The consumer-facing end: plain TCP on the client side, TLS on the server side.
-enum Inbound {
-    Plain(Stream),
-    Tls(Box<ServerStream>),
-}
-
-/// The far end: TLS to the server ambassador on the client side, plain TCP to the service on
-/// the server side.
-enum Outbound {
-    Plain(Stream),
-    Tls(Box<ClientStream>),
-}
-
-delegate_io!(Inbound { Plain, Tls });
-delegate_io!(Outbound { Plain, Tls });

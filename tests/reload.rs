@@ -132,8 +132,9 @@ fn reload_under_load_keeps_every_byte_and_switches_certificates() {
     );
 }
 
-#[test]
-fn a_revoked_client_is_refused_after_a_crl_reload_also_when_resuming() {
+/// A client whose certificate a reloaded CRL revokes, with or without ready pooled
+/// connections: both must be refused afterwards.
+fn revoked_client_is_refused(client_flags: &[&str]) {
     let pki = Pki::new();
     let client_leaf = pki.issue("client", &LeafSpec::new("client", Usage::Client));
     let crl = pki.path("ca.crl");
@@ -144,11 +145,13 @@ fn a_revoked_client_is_refused_after_a_crl_reload_also_when_resuming() {
         &backend.target(),
         &["--allow-cn=client", &format!("--crl={}", crl.display())],
     );
-    let client = Legate::client(&pki, "client", server.addr(), &[]);
+    let client = Legate::client(&pki, "client", server.addr(), client_flags);
     roundtrip(client.addr(), b"ok:");
     roundtrip(client.addr(), b"ok:");
-    // The client holds a session it could resume.
-    client.log.wait_for(&["connection closed", " resumed\""]);
+    if client_flags.contains(&"--pool-size=0") {
+        // The client holds a session it could resume.
+        client.log.wait_for(&["connection closed", " resumed\""]);
+    }
 
     std::fs::write(
         &crl,
@@ -165,6 +168,16 @@ fn a_revoked_client_is_refused_after_a_crl_reload_also_when_resuming() {
     let line = server.log.wait_for(&["outcome=handshake_failed"]);
     assert!(line.contains("Revoked"), "{line}");
     assert_eq!(backend.accepted(), 2);
+}
+
+#[test]
+fn a_revoked_client_is_refused_after_a_crl_reload_also_when_resuming() {
+    revoked_client_is_refused(&["--pool-size=0"]);
+}
+
+#[test]
+fn a_revoked_client_cannot_use_its_pooled_connections_after_a_crl_reload() {
+    revoked_client_is_refused(&[]);
 }
 
 fn files(pki: &Pki, leaf: &str) -> String {

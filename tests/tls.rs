@@ -33,7 +33,8 @@ fn reconnects_resume_the_tls_session() {
     let pki = Pki::new();
     let backend = Backend::echo(b"ok:");
     let server = Legate::server(&pki, &backend.target(), &["--allow-cn=client"]);
-    let client = Legate::client(&pki, "client", server.addr(), &[]);
+    // Without the pool every consumer connection gets its own TLS connection.
+    let client = Legate::client(&pki, "client", server.addr(), &["--pool-size=0"]);
     roundtrip(&client);
     client.log.wait_for(&["connection closed", " full\""]);
     roundtrip(&client);

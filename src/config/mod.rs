@@ -20,6 +20,8 @@ pub const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(30);
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(300);
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_POOL_SIZE: usize = 4;
 
 /// Which end of the tunnel a process is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -93,6 +95,10 @@ pub struct TunnelFile {
     pub handshake_timeout: Option<String>,
     pub keepalive: Option<String>,
     pub max_concurrent_conns: Option<usize>,
+    /// Client side: `legate/1` connections kept handshaken and ready (0 turns the pool off).
+    pub pool_size: Option<usize>,
+    /// Server side: how long a `legate/1` connection may wait for its next stream.
+    pub idle_timeout: Option<String>,
     /// Server side: send a PROXY protocol v2 header to the target.
     #[serde(default)]
     pub proxy_protocol: bool,
@@ -140,6 +146,10 @@ pub struct TunnelConfig {
     pub disable_authentication: bool,
     /// Server side: a PROXY v2 header goes to the target first.
     pub proxy_protocol: bool,
+    /// Client side: ready `legate/1` connections (0: none).
+    pub pool_size: usize,
+    /// Server side: how long a `legate/1` connection may idle between streams.
+    pub idle_timeout: Duration,
 }
 
 /// Everything one process runs.
@@ -451,9 +461,16 @@ impl TunnelFile {
             DEFAULT_HANDSHAKE_TIMEOUT,
         );
         let keepalive = duration(&mut p, "--keepalive", &self.keepalive, DEFAULT_KEEPALIVE);
+        let idle_timeout = duration(
+            &mut p,
+            "--idle-timeout",
+            &self.idle_timeout,
+            DEFAULT_IDLE_TIMEOUT,
+        );
         for (what, d) in [
             ("--connect-timeout", connect_timeout),
             ("--handshake-timeout", handshake_timeout),
+            ("--idle-timeout", idle_timeout),
         ] {
             if d.is_zero() {
                 p.push(format!("{what} must be more than 0"));
@@ -475,6 +492,9 @@ impl TunnelFile {
                 }
                 if !verify.is_empty() || self.override_server_name.is_some() {
                     p.push("--verify-* and --override-server-name are client-side flags".into());
+                }
+                if self.pool_size.is_some() {
+                    p.push("--pool-size is client-side".into());
                 }
                 if self.route.is_some() || self.raw {
                     p.push("--route NAME and --raw are client-side; a server lists routes as NAME=ADDRESS".into());
@@ -504,6 +524,9 @@ impl TunnelFile {
                 }
                 if !routes.is_empty() {
                     p.push("routes are server-side; a client names one with --route NAME".into());
+                }
+                if self.idle_timeout.is_some() {
+                    p.push("--idle-timeout is server-side (it tells clients how long pooled connections may idle)".into());
                 }
                 if self.proxy_protocol {
                     p.push("--proxy-protocol is server-side: the server sends the header to the target; a legate client passes the consumer's address to it by itself".into());
@@ -568,6 +591,8 @@ impl TunnelFile {
             legate_protocol: !self.raw,
             disable_authentication: self.disable_authentication,
             proxy_protocol: self.proxy_protocol,
+            pool_size: self.pool_size.unwrap_or(DEFAULT_POOL_SIZE),
+            idle_timeout,
         })
     }
 }

@@ -408,6 +408,8 @@ pub struct ServerTls {
     files: Files,
     min: MinVersion,
     current: ArcSwap<ServerSnapshot>,
+    /// Counts successful reloads; connections made before one must not start new streams.
+    generation: tokio::sync::watch::Sender<u64>,
 }
 
 impl ServerTls {
@@ -417,15 +419,23 @@ impl ServerTls {
             files: files.clone(),
             min,
             current: ArcSwap::from_pointee(ServerSnapshot::load(files, min)?),
+            generation: tokio::sync::watch::Sender::new(0),
         })
     }
 
     /// Loads the files again. On success new connections use the new material; on failure
-    /// nothing changes and the error says why. Open connections are never touched.
+    /// nothing changes and the error says why. Open streams are never touched; connections
+    /// idle between `legate/1` streams are told through [`ServerTls::reloads`].
     pub fn reload(&self) -> Result<(), Error> {
         let fresh = ServerSnapshot::load(&self.files, self.min)?;
         self.current.store(Arc::new(fresh));
+        self.generation.send_modify(|g| *g += 1);
         Ok(())
+    }
+
+    /// Changes with every successful reload.
+    pub fn reloads(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
     }
 
     /// When the current certificate expires (Unix seconds).
@@ -515,6 +525,8 @@ pub struct ClientTls {
     offer_legate: bool,
     server_name: ServerName<'static>,
     current: ArcSwap<ClientSnapshot>,
+    /// Counts successful reloads; pooled connections from before one are not used.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl ClientTls {
@@ -538,6 +550,7 @@ impl ClientTls {
             offer_legate,
             server_name,
             current: ArcSwap::from_pointee(snapshot),
+            generation: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -545,7 +558,14 @@ impl ClientTls {
     pub fn reload(&self) -> Result<(), Error> {
         let fresh = ClientSnapshot::load(&self.files, self.min, self.offer_legate)?;
         self.current.store(Arc::new(fresh));
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Changes with every successful reload.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// When the current certificate expires (Unix seconds), if there is one.
