@@ -135,6 +135,7 @@ impl Pool {
                     Ok((stream, idle_limit)) => {
                         backoff = Duration::from_millis(100);
                         self.put(stream, idle_limit, generation);
+                        tracing::debug!(tunnel = %cfg.name, ready = self.idle().len(), "pooled connection ready");
                         continue;
                     }
                     Err(OpenError::NotFramed) => {

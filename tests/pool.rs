@@ -1,0 +1,162 @@
+//! The legate/1 pool: consumer connections reuse handshaken connections, and a pooled
+//! connection that turns out dead is replaced without losing or repeating a byte.
+
+mod harness;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+
+use harness::{Backend, Legate, Pki, connect, read_all};
+
+fn roundtrip(addr: SocketAddr, msg: &[u8]) -> Vec<u8> {
+    let mut s = connect(addr);
+    s.write_all(msg).unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    read_all(&mut s)
+}
+
+#[test]
+fn consumer_connections_reuse_pooled_connections() {
+    let pki = Pki::new();
+    let backend = Backend::echo(b"ok:");
+    let server = Legate::server(&pki, &backend.target(), &["--allow-cn=client"]);
+    let client = Legate::client(&pki, "client", server.addr(), &["--pool-size=2"]);
+    for i in 0..30 {
+        let msg = format!("request {i}");
+        assert_eq!(
+            roundtrip(client.addr(), msg.as_bytes()),
+            format!("ok:{msg}").into_bytes()
+        );
+    }
+    harness::eventually("30 streams in the server log", harness::DEADLINE, || {
+        (server.log.count(&["connection closed", "outcome=ok"]) == 30).then_some(())
+    });
+    // Streams are logged with the TLS connection's peer address: few connections, many streams.
+    let text = server.log.text();
+    let mut peers: Vec<String> = text
+        .lines()
+        .filter(|l| l.contains("connection closed"))
+        .map(|l| harness::field(l, "peer").unwrap())
+        .collect();
+    peers.sort();
+    peers.dedup();
+    assert!(
+        peers.len() <= 4,
+        "30 streams used {} TLS connections",
+        peers.len()
+    );
+    assert_eq!(backend.accepted(), 30);
+}
+
+/// A TCP relay between the two ambassadors that can turn every connection it holds into one
+/// that looks alive but dies at the first byte the client sends, like a peer that restarted
+/// behind a NAT that still answers for the old connection.
+struct Trap {
+    addr: SocketAddr,
+    armed: Arc<AtomicBool>,
+}
+
+impl Trap {
+    fn start(to: SocketAddr) -> Trap {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let armed = Arc::new(AtomicBool::new(false));
+        let flag = armed.clone();
+        thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(down) = conn else { continue };
+                let Ok(up) = TcpStream::connect(to) else {
+                    continue;
+                };
+                // Connections made after arming behave; those from before are the trap.
+                let made_after_arming = flag.load(Ordering::SeqCst);
+                let (flag, d2, u2) = (
+                    flag.clone(),
+                    down.try_clone().unwrap(),
+                    up.try_clone().unwrap(),
+                );
+                thread::spawn(move || pipe(up, d2));
+                thread::spawn(move || {
+                    let mut down = down;
+                    let mut up = u2;
+                    let mut buf = [0u8; 16384];
+                    while let Ok(n) = down.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        if flag.load(Ordering::SeqCst) && !made_after_arming {
+                            // Drop the client's bytes and the connection: nothing reaches the
+                            // server.
+                            let _ = down.shutdown(Shutdown::Both);
+                            let _ = up.shutdown(Shutdown::Both);
+                            return;
+                        }
+                        if up.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = up.shutdown(Shutdown::Write);
+                });
+            }
+        });
+        Trap { addr, armed }
+    }
+}
+
+fn pipe(mut from: TcpStream, mut to: TcpStream) {
+    let mut buf = [0u8; 16384];
+    while let Ok(n) = from.read(&mut buf) {
+        if n == 0 || to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
+}
+
+#[test]
+fn a_dead_pooled_connection_is_replaced_without_losing_or_repeating_bytes() {
+    let pki = Pki::new();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let backend = Backend::start(move |mut s| {
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        s.write_all(b"got:").unwrap();
+        s.write_all(&got).unwrap();
+        tx.lock().unwrap().send(got).unwrap();
+    });
+    let server = Legate::server(&pki, &backend.target(), &["--allow-cn=client"]);
+    let trap = Trap::start(server.addr());
+    let client = Legate::start(
+        &[
+            "client".into(),
+            "--listen=127.0.0.1:0".into(),
+            format!("--target=127.0.0.1:{}", trap.addr.port()),
+            "--override-server-name=localhost".into(),
+            "--pool-size=3".into(),
+            format!("--cert={}", pki.leaf("client").cert.display()),
+            format!("--key={}", pki.leaf("client").key.display()),
+            format!("--cacert={}", pki.ca_cert().display()),
+        ],
+        1,
+    );
+    // Let the pool fill: three connections greeted by the server.
+    client.log.wait_for(&["pooled connection ready", "ready=3"]);
+    trap.armed.store(true, Ordering::SeqCst);
+
+    let payload: Vec<u8> = (0..50_000u32).map(|i| (i % 251) as u8).collect();
+    let reply = roundtrip(client.addr(), &payload);
+    let mut expected = b"got:".to_vec();
+    expected.extend_from_slice(&payload);
+    assert!(reply == expected, "the reply differs from the payload");
+    // The backend saw the payload once, complete.
+    let seen = rx.recv_timeout(harness::DEADLINE).unwrap();
+    assert!(seen == payload);
+    assert_eq!(backend.accepted(), 1);
+    client
+        .log
+        .wait_for(&["pooled connection was dead; retrying on a fresh one"]);
+}
