@@ -30,6 +30,11 @@ pub struct Cli {
     #[arg(long, value_enum, value_delimiter = ',', global = true)]
     pub quiet: Vec<crate::tunnel::QuietClass>,
 
+    /// Runtime worker threads. Default: half the CPUs, at least one (one thread runs a
+    /// single-threaded runtime).
+    #[arg(long, value_name = "N", global = true)]
+    pub threads: Option<usize>,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -252,6 +257,7 @@ impl CommonArgs {
             shutdown_timeout: self.shutdown_timeout.clone(),
             status: self.status.clone(),
             timed_reload: self.timed_reload.clone(),
+            threads: None,
         }
     }
 

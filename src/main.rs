@@ -14,9 +14,10 @@ fn main() -> ExitCode {
     let all_quiet = cli.quiet.contains(&tunnel::QuietClass::All);
     init_logging(cli.log_format, all_quiet);
     tunnel::set_quiet(cli.quiet);
+    let threads = cli.threads;
     match cli.command {
-        Command::Server(args) => serve_flags("server", args.into_file()),
-        Command::Client(args) => serve_flags("client", args.into_file()),
+        Command::Server(args) => serve_flags("server", args.into_file(), threads),
+        Command::Client(args) => serve_flags("client", args.into_file(), threads),
         Command::Run(args) => {
             let config = match config::load(&args.config) {
                 Ok(c) => c,
@@ -25,6 +26,10 @@ fn main() -> ExitCode {
             if args.check {
                 return check(config);
             }
+            let config = Config {
+                threads: threads.or(config.threads),
+                ..config
+            };
             serve(config, Some(args.config))
         }
         Command::GenCerts(args) => gen_certs(args),
@@ -64,7 +69,12 @@ fn invalid(message: &str) -> ExitCode {
     ExitCode::from(EXIT_INVALID)
 }
 
-fn serve_flags(name: &str, (file, process): (TunnelFile, ProcessFile)) -> ExitCode {
+fn serve_flags(
+    name: &str,
+    (file, process): (TunnelFile, ProcessFile),
+    threads: Option<usize>,
+) -> ExitCode {
+    let process = ProcessFile { threads, ..process };
     let tunnel = file.validate(name, None);
     match (tunnel, process.into_config(Vec::new())) {
         (Ok(t), Ok(mut config)) => {
@@ -81,10 +91,16 @@ fn serve_flags(name: &str, (file, process): (TunnelFile, ProcessFile)) -> ExitCo
 
 /// Runs the daemon; `path` is the config file to reread on reload, if any.
 fn serve(config: Config, path: Option<std::path::PathBuf>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let threads = worker_threads(config.threads);
+    // One thread: a current-thread runtime, which skips the work-stealing machinery entirely.
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(threads);
+        b
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => return invalid(&format!("cannot start the async runtime: {e}")),
     };
@@ -92,6 +108,16 @@ fn serve(config: Config, path: Option<std::path::PathBuf>) -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => invalid(&format!("{e:#}")),
     }
+}
+
+/// `--threads`, or by default half the CPUs (at least one): an ambassador shares its machine
+/// with the application or service it stands next to, and on small machines one thread that
+/// never hands work across cores relays faster than two that do (docs/performance.md).
+fn worker_threads(configured: Option<usize>) -> usize {
+    configured.filter(|n| *n > 0).unwrap_or_else(|| {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (cpus / 2).max(1)
+    })
 }
 
 fn check(config: Config) -> ExitCode {

@@ -248,6 +248,135 @@ impl Stream {
     }
 }
 
+/// A read-ahead layer under TLS. rustls asks its transport for at most 4 KiB at a time, so a
+/// 16 KiB record would cost four or five `read` calls; this layer reads up to 64 KiB per call
+/// and hands rustls the bytes from memory. The buffer exists only while bytes are waiting in
+/// it: an idle connection holds none. Writes pass straight through.
+pub struct ReadAhead {
+    inner: Stream,
+    buf: Option<Box<[u8]>>,
+    pos: usize,
+    len: usize,
+}
+
+/// Read-ahead buffer size.
+const READ_AHEAD: usize = 32 * 1024;
+
+mod spare_ahead {
+    use std::cell::RefCell;
+
+    thread_local! {
+        static SPARE: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+    }
+
+    pub fn take() -> Box<[u8]> {
+        SPARE
+            .with(|s| s.borrow_mut().pop())
+            .unwrap_or_else(|| vec![0u8; super::READ_AHEAD].into_boxed_slice())
+    }
+
+    pub fn give(buf: Box<[u8]>) {
+        SPARE.with(|s| {
+            let mut s = s.borrow_mut();
+            if s.len() < 32 {
+                s.push(buf);
+            }
+        });
+    }
+}
+
+impl ReadAhead {
+    pub fn new(inner: Stream) -> ReadAhead {
+        ReadAhead {
+            inner,
+            buf: None,
+            pos: 0,
+            len: 0,
+        }
+    }
+
+    pub fn get_ref(&self) -> &Stream {
+        &self.inner
+    }
+}
+
+impl tokio::io::AsyncRead for ReadAhead {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        out: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        let me = self.get_mut();
+        if me.pos == me.len {
+            let mut buf = me.buf.take().unwrap_or_else(spare_ahead::take);
+            let mut rb = tokio::io::ReadBuf::new(&mut buf);
+            match std::pin::Pin::new(&mut me.inner).poll_read(cx, &mut rb) {
+                Poll::Pending => {
+                    spare_ahead::give(buf);
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(e)) => {
+                    spare_ahead::give(buf);
+                    return Poll::Ready(Err(e));
+                }
+                Poll::Ready(Ok(())) => {
+                    me.pos = 0;
+                    me.len = rb.filled().len();
+                    me.buf = Some(buf);
+                }
+            }
+        }
+        if let Some(buf) = &me.buf {
+            let n = (me.len - me.pos).min(out.remaining());
+            out.put_slice(&buf[me.pos..me.pos + n]);
+            me.pos += n;
+            if me.pos == me.len {
+                spare_ahead::give(me.buf.take().expect("checked above"));
+                me.pos = 0;
+                me.len = 0;
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl tokio::io::AsyncWrite for ReadAhead {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
 /// Implements `AsyncRead` and `AsyncWrite` for an enum whose variants each hold one stream.
 macro_rules! delegate_io {
     ($ty:ident { $($variant:ident),+ }) => {
@@ -271,6 +400,22 @@ macro_rules! delegate_io {
             ) -> std::task::Poll<std::io::Result<usize>> {
                 match self.get_mut() {
                     $($ty::$variant(s) => std::pin::Pin::new(s).poll_write(cx, buf),)+
+                }
+            }
+
+            fn poll_write_vectored(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                bufs: &[std::io::IoSlice<'_>],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                match self.get_mut() {
+                    $($ty::$variant(s) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs),)+
+                }
+            }
+
+            fn is_write_vectored(&self) -> bool {
+                match self {
+                    $($ty::$variant(s) => s.is_write_vectored(),)+
                 }
             }
 

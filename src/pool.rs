@@ -28,7 +28,7 @@ const ASSUMED_IDLE: Duration = Duration::from_secs(30);
 
 /// A ready connection.
 pub struct Pooled {
-    pub stream: ClientStream,
+    pub stream: Box<ClientStream>,
     /// Since when it has been idle.
     since: Instant,
     /// How long the server lets it idle.
@@ -93,7 +93,7 @@ impl Pool {
 
     /// The most recently proven live connection made with TLS generation `generation`, if any,
     /// with the server's idle limit.
-    pub fn take(&self, generation: u64) -> Option<(ClientStream, Duration)> {
+    pub fn take(&self, generation: u64) -> Option<(Box<ClientStream>, Duration)> {
         let mut idle = self.idle();
         let found = loop {
             let Some(mut p) = idle.pop() else { break None };
@@ -107,7 +107,7 @@ impl Pool {
     }
 
     /// Returns a connection whose last stream ended cleanly (or a new one).
-    pub fn put(&self, stream: ClientStream, idle_limit: Duration, generation: u64) {
+    pub fn put(&self, stream: Box<ClientStream>, idle_limit: Duration, generation: u64) {
         let mut idle = self.idle();
         if idle.len() < self.max_idle {
             idle.push(Pooled {
@@ -176,10 +176,11 @@ pub(crate) async fn open(
     cfg: &TunnelConfig,
     tls: &ClientTls,
     metrics: Option<&TunnelMetrics>,
-) -> Result<(ClientStream, Duration), OpenError> {
-    let (mut stream, _) = dial_peer(cfg, tls, metrics)
+) -> Result<(Box<ClientStream>, Duration), OpenError> {
+    let (stream, _) = dial_peer(cfg, tls, metrics)
         .await
         .map_err(OpenError::Failed)?;
+    let mut stream = Box::new(stream);
     if !crate::tls::negotiated_legate(stream.get_ref().1) {
         return Err(OpenError::NotFramed);
     }

@@ -14,8 +14,63 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::protocol;
 
-/// Bytes per read: one full TLS record, so each read fills a record and each write seals one.
+/// Bytes per read from the plain side: up to four full TLS records, sealed and written with one
+/// vectored write; below the 64 KiB a DATA frame can carry.
 pub const BUF_SIZE: usize = 16 * 1024;
+
+/// Relay buffers are taken only while bytes are moving and handed back when a read would wait,
+/// so an idle connection holds none. Spares are kept per thread, a few dozen at most.
+mod spare {
+    use std::cell::RefCell;
+
+    /// Header room in front of the payload, for DATA frames.
+    pub const HEAD: usize = 3;
+    const KEEP: usize = 64;
+
+    thread_local! {
+        static SPARE: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+    }
+
+    pub fn take() -> Box<[u8]> {
+        SPARE
+            .with(|s| s.borrow_mut().pop())
+            .unwrap_or_else(|| vec![0u8; HEAD + super::BUF_SIZE].into_boxed_slice())
+    }
+
+    pub fn give(buf: Box<[u8]>) {
+        SPARE.with(|s| {
+            let mut s = s.borrow_mut();
+            if s.len() < KEEP {
+                s.push(buf);
+            }
+        });
+    }
+}
+
+/// Reads into `buf[spare::HEAD..]`, taking a buffer from the spares for the read and giving it
+/// back if the read has to wait. Returns the byte count; the buffer is in `slot` after a read
+/// that returned bytes.
+async fn read_lazy<R: AsyncRead + Unpin>(
+    r: &mut R,
+    slot: &mut Option<Box<[u8]>>,
+) -> io::Result<usize> {
+    std::future::poll_fn(|cx| {
+        let mut buf = slot.take().unwrap_or_else(spare::take);
+        let mut rb = tokio::io::ReadBuf::new(&mut buf[spare::HEAD..]);
+        match std::pin::Pin::new(&mut *r).poll_read(cx, &mut rb) {
+            std::task::Poll::Pending => {
+                spare::give(buf);
+                std::task::Poll::Pending
+            }
+            std::task::Poll::Ready(result) => {
+                let n = rb.filled().len();
+                *slot = Some(buf);
+                std::task::Poll::Ready(result.map(|()| n))
+            }
+        }
+    })
+    .await
+}
 
 /// How the relay went.
 #[derive(Debug, Default, Clone, Copy)]
@@ -67,10 +122,10 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; BUF_SIZE];
+    let mut slot = None;
     let result = async {
         loop {
-            let n = match r.read(&mut buf).await {
+            let n = match read_lazy(r, &mut slot).await {
                 Ok(0) => return Ok(()),
                 Ok(n) => n,
                 // A TLS peer that closes TCP without close_notify: raw-mode peers do this, and
@@ -78,13 +133,19 @@ where
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
                 Err(e) => return Err(e),
             };
-            w.write_all(&buf[..n]).await?;
+            let buf = slot
+                .as_ref()
+                .expect("a read that returned bytes keeps its buffer");
+            w.write_all(&buf[spare::HEAD..spare::HEAD + n]).await?;
             // TLS buffers a sealed record until flushed.
             w.flush().await?;
             count.fetch_add(n as u64, Ordering::Relaxed);
         }
     }
     .await;
+    if let Some(buf) = slot {
+        spare::give(buf);
+    }
     // Propagate the end of this direction whatever ended it; a failure here means the other
     // side is gone already.
     let _ = w.shutdown().await;
@@ -211,9 +272,9 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; BUF_SIZE];
     let mut plain_ok = true;
     loop {
+        // Waiting for a header needs no buffer: an idle stream holds none.
         let mut header = [0u8; 3];
         if r.read_exact(&mut header).await.is_err() {
             let _ = w.shutdown().await;
@@ -222,6 +283,8 @@ where
         let len = u16::from_be_bytes([header[1], header[2]]) as usize;
         match header[0] {
             protocol::DATA => {
+                let mut owned = spare::take();
+                let buf = &mut owned[spare::HEAD..];
                 // Payloads may exceed our buffer: copy them through in pieces.
                 let mut left = len;
                 while left > 0 {
@@ -240,6 +303,7 @@ where
                     }
                     count.fetch_add(take as u64, Ordering::Relaxed);
                 }
+                spare::give(owned);
                 if !plain_ok {
                     return Ending::Broken;
                 }

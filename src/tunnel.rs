@@ -367,8 +367,11 @@ async fn serve_peer(
     tcp.tune(Some(cfg.keepalive));
     // Subscribed before the handshake, so a reload during it counts as one after it.
     let mut reloads = server.reloads();
-    let mut tls = match handshake_in(server, tcp, cfg.handshake_timeout).await {
-        Ok(tls) => tls,
+    // The set-up stages are boxed: their futures are large and short-lived, and left inline
+    // they would size every connection's task for its whole life (docs/performance.md).
+    let mut tls = match Box::pin(handshake_in(server, tcp, cfg.handshake_timeout)).await {
+        // Boxed: the connection state stays put while the future around it stays small.
+        Ok(tls) => Box::new(tls),
         Err(f) => return finish(t, &rec, started, Err(f)),
     };
     t.metrics.handshake.observe(started.elapsed());
@@ -410,7 +413,7 @@ async fn serve_peer(
                 biased;
                 _ = reloads.changed() => Err("TLS material reloaded; idle connection closed"),
                 _ = stop.cancelled() => Err("tunnel stopping; idle connection closed"),
-                open = read_open(cfg, &mut tls) => Ok(open),
+                open = Box::pin(read_open(cfg, &mut tls)) => Ok(open),
             }
         };
         let open = match next {
@@ -448,7 +451,7 @@ async fn serve_stream(
     rec.consumer = open.as_ref().and_then(|o| o.consumer);
     let target = pick_target(cfg, route);
     rec.target = target.map(ToString::to_string);
-    let mut dialed = dial_target(cfg, target, route).await;
+    let mut dialed = Box::pin(dial_target(cfg, target, route)).await;
     if let (true, Ok(plain)) = (cfg.proxy_protocol, &mut dialed)
         && let Err(e) = plain.write_all(&proxy_header(rec, tls).encode()).await
     {
@@ -525,10 +528,10 @@ async fn consumer_own(
     rec: &mut Record,
 ) -> Result<(), Failure> {
     let cfg = &t.cfg;
-    let (tls, identity) = dial_peer(cfg, client, Some(&t.metrics)).await?;
+    let (tls, identity) = Box::pin(dial_peer(cfg, client, Some(&t.metrics))).await?;
     rec.session = Some(tls::describe_session(tls.get_ref().1));
     rec.identity = Some(identity);
-    let tls = open_out(cfg, tls, rec).await?;
+    let tls = Box::pin(open_out(cfg, tls, rec)).await?;
     rec.totals = relay::relay(tcp, tls, cfg.close_timeout).await;
     Ok(())
 }
@@ -557,30 +560,30 @@ async fn consumer_framed(
         let was_pooled = pooled.is_some();
         let (mut tls, idle_limit) = match pooled.take() {
             Some(c) => c,
-            None => match crate::pool::open(cfg, client, Some(&t.metrics)).await {
+            None => match Box::pin(crate::pool::open(cfg, client, Some(&t.metrics))).await {
                 Ok(c) => c,
                 Err(crate::pool::OpenError::Failed(f)) => return Err(f),
                 Err(crate::pool::OpenError::NotFramed) => {
                     // A server without framing (or not legate at all): no pool, and this
                     // consumer gets a connection of its own.
                     pool.turn_off();
-                    return consumer_own(t, client, consumer, rec).await;
+                    return Box::pin(consumer_own(t, client, consumer, rec)).await;
                 }
             },
         };
         rec.session = Some(tls::describe_session(tls.get_ref().1));
         rec.identity = tls::peer_identity(tls.get_ref().1).ok();
         rec.route = Some(cfg.route.clone());
-        match open_early(
+        let opened = Box::pin(open_early(
             cfg,
             &mut tls,
             consumer,
             rec.peer,
             &mut early,
             &mut consumer_done,
-        )
-        .await
-        {
+        ))
+        .await;
+        match opened {
             Ok(()) => break (tls, idle_limit),
             Err(Early::Refused(f)) => return Err(f),
             Err(Early::Dead(detail)) if was_pooled => {
@@ -811,7 +814,7 @@ fn proxy_header(rec: &Record, tls: &ServerStream) -> proxy_protocol::Header {
     let (stream, conn) = tls.get_ref();
     proxy_protocol::Header {
         source: rec.consumer.or(rec.peer.socket_addr()),
-        destination: stream.local_addr(),
+        destination: stream.get_ref().local_addr(),
         tls_version: conn.protocol_version().map(|v| match v {
             rustls::ProtocolVersion::TLSv1_3 => "TLSv1.3".to_string(),
             rustls::ProtocolVersion::TLSv1_2 => "TLSv1.2".to_string(),

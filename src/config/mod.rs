@@ -161,6 +161,8 @@ pub struct Config {
     pub status: Option<StatusAddr>,
     /// Reload certificates (and a config file) this often, besides on SIGHUP/SIGUSR1.
     pub timed_reload: Option<Duration>,
+    /// Runtime worker threads; `None` chooses (half the CPUs, at least one).
+    pub threads: Option<usize>,
 }
 
 /// The status listener's address and whether it speaks HTTPS (the default) or plain HTTP.
@@ -190,6 +192,7 @@ pub struct ProcessFile {
     pub shutdown_timeout: Option<String>,
     pub status: Option<String>,
     pub timed_reload: Option<String>,
+    pub threads: Option<usize>,
 }
 
 impl ProcessFile {
@@ -234,6 +237,7 @@ impl ProcessFile {
             shutdown_timeout,
             status,
             timed_reload,
+            threads: self.threads,
         })
     }
 }
@@ -604,6 +608,7 @@ struct FileTop {
     shutdown_timeout: Option<String>,
     status: Option<String>,
     timed_reload: Option<String>,
+    threads: Option<usize>,
     #[serde(default)]
     tunnels: BTreeMap<String, toml::Value>,
 }
@@ -617,6 +622,7 @@ pub fn from_toml(text: &str, base: Option<&Path>) -> Result<Config, Problems> {
         shutdown_timeout: top.shutdown_timeout,
         status: top.status,
         timed_reload: top.timed_reload,
+        threads: top.threads,
     };
     if top.tunnels.is_empty() {
         problems.push("no tunnels: add at least one [tunnels.NAME] table".into());

@@ -19,7 +19,7 @@ use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKey
 use rustls::server::{Acceptor, WebPkiClientVerifier};
 use rustls::{ClientConfig, ServerConfig};
 
-use crate::net::Stream;
+use crate::net::{ReadAhead, Stream};
 use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
 
 pub use identity::{PeerIdentity, Rules};
@@ -27,8 +27,8 @@ pub use identity::{PeerIdentity, Rules};
 /// The ALPN name of the legate-to-legate protocol (`docs/protocol.md`).
 pub const LEGATE_ALPN: &[u8] = b"legate/1";
 
-pub type ServerStream = tokio_rustls::server::TlsStream<Stream>;
-pub type ClientStream = tokio_rustls::client::TlsStream<Stream>;
+pub type ServerStream = tokio_rustls::server::TlsStream<ReadAhead>;
+pub type ClientStream = tokio_rustls::client::TlsStream<ReadAhead>;
 
 /// The lowest TLS version a tunnel accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
@@ -86,9 +86,15 @@ pub enum Error {
     Several(Vec<Error>),
 }
 
-/// The one crypto provider legate uses: aws-lc-rs, post-quantum hybrid key exchange first.
+/// The one crypto provider legate uses: aws-lc-rs, post-quantum hybrid key exchange first, and
+/// AES-128-GCM before AES-256-GCM: both are AEADs with ample margin, and the 128-bit key does
+/// fewer rounds per block, which is throughput on the bulk path (docs/performance.md).
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    provider
+        .cipher_suites
+        .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    Arc::new(provider)
 }
 
 static TLS13_ONLY: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
@@ -450,7 +456,7 @@ impl ServerTls {
 
     /// Runs the server handshake on `tcp`. The caller bounds it with a timeout.
     pub async fn accept(&self, tcp: Stream) -> std::io::Result<ServerStream> {
-        let start = LazyConfigAcceptor::new(Acceptor::default(), tcp).await?;
+        let start = LazyConfigAcceptor::new(Acceptor::default(), ReadAhead::new(tcp)).await?;
         let wants_legate = start
             .client_hello()
             .alpn()
@@ -581,7 +587,9 @@ impl ClientTls {
     /// Runs the client handshake on `tcp`. The caller bounds it with a timeout.
     pub async fn connect(&self, tcp: Stream) -> std::io::Result<ClientStream> {
         let connector = self.current.load().connector.clone();
-        connector.connect(self.server_name.clone(), tcp).await
+        connector
+            .connect(self.server_name.clone(), ReadAhead::new(tcp))
+            .await
     }
 }
 
