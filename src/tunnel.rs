@@ -542,8 +542,9 @@ const MAX_EARLY: usize = 64 * 1024;
 /// Client side with a pool: take a ready connection (or make one), send OPEN and the consumer's
 /// first bytes at once without waiting for READY, then relay DATA frames. A pooled connection
 /// that turns out dead before READY is replaced by a fresh one, and the early bytes are sent
-/// again there: nothing is lost, and nothing reached a target twice, since a dead connection
-/// delivered nothing. A connection whose stream ends cleanly goes back to the pool.
+/// again there: nothing is lost, and a connection that was dead when taken delivered nothing
+/// (the one remaining window is in docs/protocol.md). A connection whose stream ends cleanly
+/// goes back to the pool.
 async fn consumer_framed(
     t: &Shared,
     client: &ClientTls,
