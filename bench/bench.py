@@ -248,6 +248,7 @@ stream {{
     cli = conf("nginx-client", f"""    listen 127.0.0.1:{cl};
     proxy_pass 127.0.0.1:{hop['dial']};
     proxy_ssl on;
+    proxy_ssl_protocols TLSv1.3;
     proxy_ssl_certificate {c}/client.crt;
     proxy_ssl_certificate_key {c}/client.key;
     proxy_ssl_trusted_certificate {c}/ca.crt;
