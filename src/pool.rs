@@ -48,7 +48,9 @@ impl Pooled {
 pub struct Pool {
     /// How many to keep ready.
     size: usize,
-    /// The most kept, counting connections returned after use.
+    /// The most kept, counting connections returned after use: a burst of churning consumers
+    /// finds the connections the previous burst returned, instead of handshaking afresh.
+    /// Those beyond `size` retire with the server's idle limit.
     max_idle: usize,
     idle: Mutex<Vec<Pooled>>,
     /// Wakes the refill task when a connection was taken.
@@ -69,7 +71,7 @@ impl Pool {
     pub fn new(size: usize) -> Pool {
         Pool {
             size,
-            max_idle: size.saturating_mul(8).max(8),
+            max_idle: size.saturating_mul(8).max(64),
             idle: Mutex::new(Vec::new()),
             taken: Notify::new(),
             on: AtomicBool::new(true),
