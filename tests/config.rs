@@ -8,16 +8,6 @@ use std::process::Command;
 
 use harness::{Backend, Legate, Pki, connect, free_port, legate_bin, read_all, write_config};
 
-fn tunnel_files(pki: &Pki, leaf: &str) -> String {
-    let l = pki.leaf(leaf);
-    format!(
-        "cert = {:?}\nkey = {:?}\ncacert = {:?}\n",
-        l.cert.display().to_string(),
-        l.key.display().to_string(),
-        pki.ca_cert().display().to_string()
-    )
-}
-
 #[test]
 fn three_tunnels_run_in_one_process() {
     let pki = Pki::new();
@@ -48,8 +38,8 @@ route = "jobs"
 {client_files}"#,
         main = main.target(),
         jobs = jobs.target(),
-        server_files = tunnel_files(&pki, "server"),
-        client_files = tunnel_files(&pki, "client"),
+        server_files = pki.toml_files("server"),
+        client_files = pki.toml_files("client"),
     );
     let config = write_config(pki.dir.path(), &text);
     let check = Command::new(legate_bin())
@@ -102,8 +92,8 @@ close_timeout = "forever"
 [tunnels.three]
 side = "sideways"
 "#,
-        server_files = tunnel_files(&pki, "server"),
-        client_files = tunnel_files(&pki, "client"),
+        server_files = pki.toml_files("server"),
+        client_files = pki.toml_files("client"),
     );
     let config = write_config(pki.dir.path(), &text);
     for args in [&["run", "--config"][..], &["run", "--check", "--config"]] {

@@ -180,20 +180,10 @@ fn a_revoked_client_cannot_use_its_pooled_connections_after_a_crl_reload() {
     revoked_client_is_refused(&[]);
 }
 
-fn files(pki: &Pki, leaf: &str) -> String {
-    let l = pki.leaf(leaf);
-    format!(
-        "cert = {:?}\nkey = {:?}\ncacert = {:?}\n",
-        l.cert.display().to_string(),
-        l.key.display().to_string(),
-        pki.ca_cert().display().to_string()
-    )
-}
-
 fn client_table(pki: &Pki, name: &str, port: u16) -> String {
     format!(
         "[tunnels.{name}]\nside = \"client\"\nlisten = \"127.0.0.1:0\"\ntarget = \"localhost:{port}\"\n{}\n",
-        files(pki, "client")
+        pki.toml_files("client")
     )
 }
 
@@ -206,7 +196,7 @@ fn config_reload_adds_removes_changes_and_ignores_an_invalid_file() {
     let edge = |target: &str| {
         format!(
             "[tunnels.edge]\nside = \"server\"\nlisten = \"127.0.0.1:{port}\"\ntarget = \"{target}\"\nallow_cn = [\"client\"]\n{}\n",
-            files(&pki, "server")
+            pki.toml_files("server")
         )
     };
     let status_line = "status = \"http://127.0.0.1:0\"\n";

@@ -124,20 +124,29 @@ fn pem_error(what: &'static str, path: &Path, e: rustls::pki_types::pem::Error) 
     }
 }
 
-/// Reads every certificate in a PEM file, in order.
-pub fn load_certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
-    let pem = read(what, path)?;
-    let certs = CertificateDer::pem_slice_iter(&pem)
+/// Every PEM block of type `T` in `pem`, in order; none at all is an error naming `expected`.
+fn pem_all<T: PemObject>(
+    what: &'static str,
+    path: &Path,
+    pem: &[u8],
+    expected: &'static str,
+) -> Result<Vec<T>, Error> {
+    let items = T::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| pem_error(what, path, e))?;
-    if certs.is_empty() {
+    if items.is_empty() {
         return Err(Error::Empty {
             what,
             path: path.to_path_buf(),
-            expected: "PEM CERTIFICATE block",
+            expected,
         });
     }
-    Ok(certs)
+    Ok(items)
+}
+
+/// Reads every certificate in a PEM file, in order.
+pub fn load_certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
+    pem_all(what, path, &read(what, path)?, "PEM CERTIFICATE block")
 }
 
 /// Reads a private key: PKCS#8, SEC1 (`EC PRIVATE KEY`) or PKCS#1 (`RSA PRIVATE KEY`).
@@ -207,16 +216,12 @@ fn load_keystore(
     let what = "keystore";
     let data = read(what, path)?;
     if data.trim_ascii_start().starts_with(b"-----BEGIN") {
-        let certs = CertificateDer::pem_slice_iter(&data)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| pem_error(what, path, e))?;
-        if certs.is_empty() {
-            return Err(Error::Empty {
-                what,
-                path: path.to_path_buf(),
-                expected: "PEM CERTIFICATE block (a combined PEM keystore holds chain and key)",
-            });
-        }
+        let certs = pem_all(
+            what,
+            path,
+            &data,
+            "PEM CERTIFICATE block (a combined PEM keystore holds chain and key)",
+        )?;
         let key = PrivateKeyDer::from_pem_slice(&data).map_err(|e| match e {
             rustls::pki_types::pem::Error::NoItemsFound => Error::Empty {
                 what,
@@ -267,17 +272,7 @@ pub fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static
     if !data.trim_ascii_start().starts_with(b"-----BEGIN") {
         return Ok(vec![CertificateRevocationListDer::from(data)]);
     }
-    let crls = CertificateRevocationListDer::pem_slice_iter(&data)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| pem_error(what, path, e))?;
-    if crls.is_empty() {
-        return Err(Error::Empty {
-            what,
-            path: path.to_path_buf(),
-            expected: "PEM X509 CRL block",
-        });
-    }
-    Ok(crls)
+    pem_all(what, path, &data, "PEM X509 CRL block")
 }
 
 impl Material {

@@ -98,6 +98,17 @@ impl Pki {
         }
     }
 
+    /// `cert = …`, `key = …` and `cacert = …` lines of a config file, for leaf `name`.
+    pub fn toml_files(&self, name: &str) -> String {
+        let l = self.leaf(name);
+        format!(
+            "cert = {:?}\nkey = {:?}\ncacert = {:?}\n",
+            l.cert.display().to_string(),
+            l.key.display().to_string(),
+            self.ca_cert().display().to_string()
+        )
+    }
+
     /// `--cert=… --key=… --cacert=…` for leaf `name`.
     pub fn flags(&self, name: &str) -> Vec<String> {
         let leaf = self.leaf(name);
