@@ -47,6 +47,39 @@ mod spare {
     }
 }
 
+/// A relay buffer borrowed from the spare list, given back when dropped (however the holder
+/// ends). Its first `HEAD` bytes are room for a frame header.
+pub(crate) struct SpareBuf(Option<Box<[u8]>>);
+
+impl SpareBuf {
+    pub(crate) const HEAD: usize = spare::HEAD;
+
+    pub(crate) fn take() -> SpareBuf {
+        SpareBuf(Some(spare::take()))
+    }
+}
+
+impl std::ops::Deref for SpareBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.0.as_deref().expect("present until dropped")
+    }
+}
+
+impl std::ops::DerefMut for SpareBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        self.0.as_deref_mut().expect("present until dropped")
+    }
+}
+
+impl Drop for SpareBuf {
+    fn drop(&mut self) {
+        if let Some(buf) = self.0.take() {
+            spare::give(buf);
+        }
+    }
+}
+
 /// Reads into `buf[spare::HEAD..]`, taking a buffer from the spares for the read and giving it
 /// back if the read has to wait. Returns the byte count; the buffer is in `slot` after a read
 /// that returned bytes.
@@ -283,8 +316,8 @@ where
         let len = u16::from_be_bytes([header[1], header[2]]) as usize;
         match header[0] {
             protocol::DATA => {
-                let mut owned = spare::take();
-                let buf = &mut owned[spare::HEAD..];
+                let mut owned = SpareBuf::take();
+                let buf = &mut owned[SpareBuf::HEAD..];
                 // Payloads may exceed our buffer: copy them through in pieces.
                 let mut left = len;
                 while left > 0 {
@@ -303,7 +336,6 @@ where
                     }
                     count.fetch_add(take as u64, Ordering::Relaxed);
                 }
-                spare::give(owned);
                 if !plain_ok {
                     return Ending::Broken;
                 }

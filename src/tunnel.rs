@@ -555,8 +555,8 @@ async fn consumer_framed(
     let cfg = &t.cfg;
     let mut early = Vec::new();
     let mut consumer_done = false;
-    let mut pooled = pool.take(client.generation());
     let generation = client.generation();
+    let mut pooled = pool.take(generation);
     let (mut tls, idle_limit) = loop {
         let was_pooled = pooled.is_some();
         let (mut tls, idle_limit) = match pooled.take() {
@@ -595,9 +595,13 @@ async fn consumer_framed(
             }
         }
     };
+    // READY arrived: the early bytes will not be sent again, so do not hold them for the
+    // connection's life.
+    let early_len = early.len() as u64;
+    drop(early);
     let r = relay::relay_framed(&mut *consumer, &mut tls, cfg.close_timeout, consumer_done).await;
     rec.totals = relay::Totals {
-        up: early.len() as u64 + r.to_frames,
+        up: early_len + r.to_frames,
         down: r.from_frames,
         cut: r.cut,
     };
@@ -653,7 +657,7 @@ async fn open_early(
         deadline,
         protocol::expect_frame(&mut rd, "READY")
     ));
-    let mut buf = vec![0u8; 3 + relay::BUF_SIZE];
+    let mut buf = relay::SpareBuf::take();
     loop {
         let room = !*consumer_done && early.len() < MAX_EARLY;
         tokio::select! {
@@ -675,15 +679,16 @@ async fn open_early(
                     ))),
                 };
             }
-            n = consumer.read(&mut buf[3..]), if room => {
+            n = consumer.read(&mut buf[relay::SpareBuf::HEAD..]), if room => {
                 let n = n.unwrap_or(0);
                 let frame = if n == 0 {
                     *consumer_done = true;
                     &protocol::stream_header(protocol::END, 0)[..]
                 } else {
-                    early.extend_from_slice(&buf[3..3 + n]);
-                    buf[..3].copy_from_slice(&protocol::stream_header(protocol::DATA, n));
-                    &buf[..3 + n]
+                    const HEAD: usize = relay::SpareBuf::HEAD;
+                    early.extend_from_slice(&buf[HEAD..HEAD + n]);
+                    buf[..HEAD].copy_from_slice(&protocol::stream_header(protocol::DATA, n));
+                    &buf[..HEAD + n]
                 };
                 if let Err(e) = async { wr.write_all(frame).await?; wr.flush().await }.await {
                     return Err(dead(&e));

@@ -124,6 +124,8 @@ impl Pki {
 #[derive(Clone, Default)]
 pub struct Log {
     inner: Arc<(Mutex<Vec<String>>, Condvar)>,
+    /// Set once the process's stderr reached EOF: every line has been read.
+    ended: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Log {
@@ -136,6 +138,7 @@ impl Log {
                 lines.lock().unwrap().push(line);
                 cv.notify_all();
             }
+            log.ended.store(true, Ordering::SeqCst);
         });
     }
 
@@ -281,10 +284,13 @@ impl Legate {
         }
     }
 
-    /// Waits for the process to exit.
+    /// Waits for the process to exit, and for its last log lines to be read.
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let status = eventually("legate to exit", timeout, || self.child.try_wait().unwrap());
         self.exited = Some(status);
+        eventually("the end of legate's log", timeout, || {
+            self.log.ended.load(Ordering::SeqCst).then_some(())
+        });
         status
     }
 }
