@@ -9,13 +9,6 @@ use std::process::{Command, Stdio};
 
 use harness::{Backend, Legate, Pki, connect, read_all};
 
-fn roundtrip(client: &Legate, msg: &[u8]) -> Vec<u8> {
-    let mut s = connect(client.addr());
-    s.write_all(msg).unwrap();
-    s.shutdown(Shutdown::Write).unwrap();
-    read_all(&mut s)
-}
-
 #[test]
 fn silent_connections_do_not_block_others_and_time_out() {
     let pki = Pki::new();
@@ -28,7 +21,7 @@ fn silent_connections_do_not_block_others_and_time_out() {
     // Connections that never send a ClientHello.
     let silent: Vec<TcpStream> = (0..20).map(|_| connect(server.addr())).collect();
     let client = Legate::client(&pki, "client", server.addr(), &[]);
-    assert_eq!(roundtrip(&client, b"x"), b"ok:x");
+    assert_eq!(harness::exchange(client.addr(), b"x"), b"ok:x");
     harness::eventually("20 handshake timeouts", harness::DEADLINE, || {
         (server.log.count(&["TLS handshake timed out after 500ms"]) == 20).then_some(())
     });

@@ -9,14 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 
-use harness::{Backend, Legate, Pki, connect, read_all};
-
-fn roundtrip(addr: SocketAddr, msg: &[u8]) -> Vec<u8> {
-    let mut s = connect(addr);
-    s.write_all(msg).unwrap();
-    s.shutdown(Shutdown::Write).unwrap();
-    read_all(&mut s)
-}
+use harness::{Backend, Legate, Pki};
 
 #[test]
 fn consumer_connections_reuse_pooled_connections() {
@@ -27,7 +20,7 @@ fn consumer_connections_reuse_pooled_connections() {
     for i in 0..30 {
         let msg = format!("request {i}");
         assert_eq!(
-            roundtrip(client.addr(), msg.as_bytes()),
+            harness::exchange(client.addr(), msg.as_bytes()),
             format!("ok:{msg}").into_bytes()
         );
     }
@@ -148,7 +141,7 @@ fn a_dead_pooled_connection_is_replaced_without_losing_or_repeating_bytes() {
     trap.armed.store(true, Ordering::SeqCst);
 
     let payload: Vec<u8> = (0..50_000u32).map(|i| (i % 251) as u8).collect();
-    let reply = roundtrip(client.addr(), &payload);
+    let reply = harness::exchange(client.addr(), &payload);
     let mut expected = b"got:".to_vec();
     expected.extend_from_slice(&payload);
     assert!(reply == expected, "the reply differs from the payload");

@@ -2,10 +2,7 @@
 
 mod harness;
 
-use std::io::Write;
-use std::net::Shutdown;
-
-use harness::{Backend, Legate, Pki, connect};
+use harness::{Backend, Legate, Pki};
 
 /// A server with two routes and no default target.
 fn routed_server(pki: &Pki, alpha: &Backend, beta: &Backend) -> Legate {
@@ -20,13 +17,6 @@ fn routed_server(pki: &Pki, alpha: &Backend, beta: &Backend) -> Legate {
     Legate::start(&args, 1)
 }
 
-fn exchange(client: &Legate, msg: &[u8]) -> Vec<u8> {
-    let mut s = connect(client.addr());
-    s.write_all(msg).unwrap();
-    s.shutdown(Shutdown::Write).unwrap();
-    harness::read_until_closed(&mut s)
-}
-
 #[test]
 fn two_routes_on_one_port_reach_two_backends() {
     let pki = Pki::new();
@@ -35,9 +25,9 @@ fn two_routes_on_one_port_reach_two_backends() {
     let server = routed_server(&pki, &alpha, &beta);
     let to_alpha = Legate::client(&pki, "client", server.addr(), &["--route=alpha"]);
     let to_beta = Legate::client(&pki, "client", server.addr(), &["--route=beta"]);
-    assert_eq!(exchange(&to_alpha, b"one"), b"alpha:one");
-    assert_eq!(exchange(&to_beta, b"two"), b"beta:two");
-    assert_eq!(exchange(&to_alpha, b"three"), b"alpha:three");
+    assert_eq!(harness::exchange(to_alpha.addr(), b"one"), b"alpha:one");
+    assert_eq!(harness::exchange(to_beta.addr(), b"two"), b"beta:two");
+    assert_eq!(harness::exchange(to_alpha.addr(), b"three"), b"alpha:three");
     assert_eq!((alpha.accepted(), beta.accepted()), (2, 1));
     let line = server.log.wait_for(&["outcome=ok", "route=\"beta\""]);
     assert!(line.contains(&beta.target()), "{line}");
@@ -50,7 +40,7 @@ fn an_unknown_route_is_refused_and_the_client_says_why() {
     let beta = Backend::echo(b"beta:");
     let server = routed_server(&pki, &alpha, &beta);
     let client = Legate::client(&pki, "client", server.addr(), &["--route=gamma"]);
-    assert_eq!(exchange(&client, b"hello"), b"");
+    assert_eq!(harness::exchange(client.addr(), b"hello"), b"");
     let line = client
         .log
         .wait_for(&["connection failed", "outcome=refused"]);
@@ -71,7 +61,7 @@ fn a_dead_target_is_reported_to_the_client() {
     let dead = format!("127.0.0.1:{}", harness::free_port());
     let server = Legate::server(&pki, &dead, &["--allow-cn=client"]);
     let client = Legate::client(&pki, "client", server.addr(), &[]);
-    assert_eq!(exchange(&client, b"hello"), b"");
+    assert_eq!(harness::exchange(client.addr(), b"hello"), b"");
     let line = client.log.wait_for(&["outcome=refused"]);
     assert!(
         line.contains("dial_failed") && line.contains(&dead),
@@ -86,7 +76,7 @@ fn a_raw_client_gets_the_default_target() {
     let backend = Backend::echo(b"default:");
     let server = Legate::server(&pki, &backend.target(), &["--allow-cn=client"]);
     let client = Legate::client(&pki, "client", server.addr(), &["--raw"]);
-    assert_eq!(exchange(&client, b"x"), b"default:x");
+    assert_eq!(harness::exchange(client.addr(), b"x"), b"default:x");
     // Raw mode: no route on either side's log line.
     let line = server.log.wait_for(&["outcome=ok"]);
     assert!(line.contains("route=\"-\""), "{line}");

@@ -500,6 +500,15 @@ pub fn read_all(s: &mut TcpStream) -> Vec<u8> {
     out
 }
 
+/// Connects to `addr`, sends `msg`, half-closes, and returns everything read until the
+/// connection closes: one request and its whole reply.
+pub fn exchange(addr: SocketAddr, msg: &[u8]) -> Vec<u8> {
+    let mut s = connect(addr);
+    s.write_all(msg).unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    read_until_closed(&mut s)
+}
+
 /// Reads until the tunnel closes the connection. A connection closed with our request unread
 /// may end in a reset instead of a FIN; both count as closed.
 pub fn read_until_closed(s: &mut TcpStream) -> Vec<u8> {
