@@ -270,33 +270,40 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    // Header and payload in one buffer, so each frame is one write and one TLS record.
-    let mut buf = vec![0u8; 3 + BUF_SIZE];
-    loop {
-        let n = match r.read(&mut buf[3..]).await {
+    // Header and payload in one buffer, so each frame is one write and one TLS record. The
+    // buffer is taken only while bytes move: a stream waiting on its consumer holds none.
+    let mut slot = None;
+    let ending = loop {
+        let n = match read_lazy(r, &mut slot).await {
             Ok(n) => n,
             Err(_) => {
                 let _ = w
                     .write_all(&protocol::stream_header(protocol::ABORT, 0))
                     .await;
                 let _ = w.flush().await;
-                return Ending::Broken;
+                break Ending::Broken;
             }
         };
-        let frame = if n == 0 {
-            &protocol::stream_header(protocol::END, 0)[..]
-        } else {
-            buf[..3].copy_from_slice(&protocol::stream_header(protocol::DATA, n));
-            &buf[..3 + n]
+        let end = protocol::stream_header(protocol::END, 0);
+        let frame = match slot.as_deref_mut() {
+            Some(buf) if n > 0 => {
+                buf[..spare::HEAD].copy_from_slice(&protocol::stream_header(protocol::DATA, n));
+                &buf[..spare::HEAD + n]
+            }
+            _ => &end[..],
         };
         if w.write_all(frame).await.is_err() || w.flush().await.is_err() {
-            return Ending::Broken;
+            break Ending::Broken;
         }
         if n == 0 {
-            return Ending::End;
+            break Ending::End;
         }
         count.fetch_add(n as u64, Ordering::Relaxed);
+    };
+    if let Some(buf) = slot {
+        spare::give(buf);
     }
+    ending
 }
 
 /// DATA frames in as plain bytes; END shuts the plain side's write half.
