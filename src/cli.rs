@@ -134,6 +134,10 @@ pub struct CommonArgs {
     /// Logged loudly: anyone who reaches the port gets through.
     #[arg(long)]
     pub disable_authentication: bool,
+    /// Start even when the private key (or keystore) is readable by group or others, as on a
+    /// volume that cannot be made private. Without it such a key is refused, like ssh does.
+    #[arg(long)]
+    pub allow_readable_key: bool,
 }
 
 #[derive(Debug, Args)]
@@ -273,6 +277,7 @@ impl CommonArgs {
             cacert: self.cacert,
             crl: self.crl,
             disable_authentication: self.disable_authentication,
+            allow_readable_key: self.allow_readable_key,
             min_tls_version: self.min_tls_version,
             connect_timeout: self.connect_timeout,
             close_timeout: self.close_timeout,

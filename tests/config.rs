@@ -202,6 +202,12 @@ fn startup_problems_are_one_line_and_exit_2() {
 fn every_bad_tls_file_is_reported_at_once() {
     let pki = Pki::new();
     std::fs::write(pki.path("empty.pem"), "").unwrap();
+    // Private, so the key check reaches its contents.
+    std::fs::set_permissions(
+        pki.path("empty.pem"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     let out = Command::new(legate_bin())
         .args([
             "server",

@@ -138,7 +138,7 @@ fn a_combined_pem_keystore() {
     let combined = pki.path("combined.pem");
     let mut text = std::fs::read_to_string(&leaf.cert).unwrap();
     text.push_str(&std::fs::read_to_string(&leaf.key).unwrap());
-    std::fs::write(&combined, text).unwrap();
+    legate::certs::write_file(&combined, &text, true, true).unwrap();
     works_with(&pki, &[format!("--keystore={}", combined.display())], None);
 }
 

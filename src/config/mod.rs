@@ -105,6 +105,9 @@ pub struct TunnelFile {
     /// Server side: ask clients for no certificate. Client side: present none.
     #[serde(default)]
     pub disable_authentication: bool,
+    /// Accept a private key or keystore readable by group or others.
+    #[serde(default)]
+    pub allow_readable_key: bool,
     #[serde(default)]
     pub unsafe_listen: bool,
     #[serde(default)]
@@ -419,6 +422,7 @@ impl TunnelFile {
             identity,
             cacert,
             crl,
+            allow_readable_key: self.allow_readable_key,
         };
         let min_tls = match &self.min_tls_version {
             None => MinVersion::default(),

@@ -78,6 +78,16 @@ pub enum Error {
     Identity { identity: String, detail: String },
     #[error("keystore {}: {detail}", path.display())]
     Keystore { path: PathBuf, detail: String },
+    #[error(
+        "{what} {} is open to group or others (mode {mode:04o}): run chmod 600 {}, or pass --allow-readable-key if it must stay shared",
+        path.display(),
+        path.display()
+    )]
+    KeyMode {
+        what: &'static str,
+        path: PathBuf,
+        mode: u32,
+    },
     #[error("CA bundle {}: {detail}", path.display())]
     Roots { path: PathBuf, detail: String },
     #[error("TLS setup failed: {0}")]
@@ -206,10 +216,32 @@ pub struct Files {
     pub cacert: Option<PathBuf>,
     /// Certificate revocation lists (PEM or DER) checked against peers' leaf certificates.
     pub crl: Option<PathBuf>,
+    /// Accept a key or keystore file that group or others may read (`--allow-readable-key`).
+    pub allow_readable_key: bool,
+}
+
+/// Refuses a private key (or keystore) file that group or others may read or write, as ssh
+/// does: a key others can read is a key others have. `--allow-readable-key` waives it.
+fn check_key_mode(what: &'static str, path: &Path, allow: bool) -> Result<(), Error> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|source| Error::Read {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mode = meta.permissions().mode() & 0o777;
+    if allow || mode & 0o077 == 0 {
+        return Ok(());
+    }
+    Err(Error::KeyMode {
+        what,
+        path: path.to_path_buf(),
+        mode,
+    })
 }
 
 /// Reads a keystore: PEM when it looks like PEM, PKCS#12 otherwise.
-fn load_keystore(
+pub fn load_keystore(
     path: &Path,
     password: &Secret,
 ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), Error> {
@@ -282,12 +314,18 @@ impl Material {
         let (chain, key) = match &files.identity {
             IdentitySource::Pem { cert, key } => (
                 load_certs("certificate", cert).map(Some),
-                load_key(key).map(Some),
+                check_key_mode("private key", key, files.allow_readable_key)
+                    .and_then(|()| load_key(key))
+                    .map(Some),
             ),
-            IdentitySource::Keystore { path, password } => match load_keystore(path, password) {
-                Ok((chain, key)) => (Ok(Some(chain)), Ok(Some(key))),
-                Err(e) => (Err(e), Ok(None)),
-            },
+            IdentitySource::Keystore { path, password } => {
+                match check_key_mode("keystore", path, files.allow_readable_key)
+                    .and_then(|()| load_keystore(path, password))
+                {
+                    Ok((chain, key)) => (Ok(Some(chain)), Ok(Some(key))),
+                    Err(e) => (Err(e), Ok(None)),
+                }
+            }
             IdentitySource::None => (Ok(None), Ok(None)),
         };
         let roots = files.cacert.as_deref().map(load_roots).transpose();
