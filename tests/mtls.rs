@@ -208,3 +208,74 @@ fn a_server_failing_the_verify_pins_is_refused_by_the_client() {
     client.log.wait_for(&["outcome=ok"]);
     assert_eq!(backend.accepted(), 1);
 }
+
+#[test]
+fn a_client_certificate_not_yet_valid_is_refused() {
+    let pki = Pki::new();
+    let mut spec = LeafSpec::new("client", Usage::Client);
+    spec.validity = Validity::not_yet_valid();
+    pki.issue("early", &spec);
+    let backend = Backend::echo(b"");
+    let server = Legate::server(&pki, &backend.target(), &["--allow-cn=client"]);
+    let client = Legate::client(&pki, "early", server.addr(), &[]);
+    consumer_is_turned_away(&client);
+    let line = server.log.wait_for(&["outcome=handshake_failed"]);
+    assert!(line.contains("not valid yet"), "{line}");
+    backend_untouched(&backend);
+}
+
+#[test]
+fn a_server_certificate_used_as_a_client_certificate_is_refused() {
+    let pki = Pki::new();
+    // CN "client", but issued for server authentication only: the EKU forbids client use.
+    let mut spec = LeafSpec::new("client", Usage::Server);
+    spec.names = vec!["localhost".into()];
+    pki.issue("wrong-usage", &spec);
+    let backend = Backend::echo(b"");
+    let server = Legate::server(&pki, &backend.target(), &["--allow-cn=client"]);
+    let client = Legate::client(&pki, "wrong-usage", server.addr(), &[]);
+    consumer_is_turned_away(&client);
+    let line = server.log.wait_for(&["outcome=handshake_failed"]);
+    assert!(
+        line.to_lowercase().contains("usage") || line.contains("Eku"),
+        "{line}"
+    );
+    backend_untouched(&backend);
+}
+
+#[test]
+fn a_self_signed_client_certificate_is_refused() {
+    let pki = Pki::new();
+    // An end-entity certificate that is its own issuer, with the expected name and usage.
+    let leaf = pki.leaf("selfie");
+    let made = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args(["-nodes", "-days", "1", "-subj", "/CN=client"])
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .args(["-addext", "extendedKeyUsage=clientAuth"])
+        .arg("-keyout")
+        .arg(&leaf.key)
+        .arg("-out")
+        .arg(&leaf.cert)
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let backend = Backend::echo(b"");
+    let server = Legate::server(&pki, &backend.target(), &["--allow-cn=client"]);
+    let client = Legate::client(&pki, "selfie", server.addr(), &[]);
+    consumer_is_turned_away(&client);
+    let line = server.log.wait_for(&["outcome=handshake_failed"]);
+    assert!(
+        line.contains("UnknownIssuer") || line.contains("unknown issuer"),
+        "{line}"
+    );
+    backend_untouched(&backend);
+}

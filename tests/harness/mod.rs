@@ -598,3 +598,56 @@ pub fn status_addr(legate: &Legate) -> SocketAddr {
     let url = field(&line, "status").unwrap();
     url.split("://").nth(1).unwrap().parse().unwrap()
 }
+
+/// A TLS client speaking for leaf `leaf` of `pki` to `addr` (as "localhost"), offering `alpn`:
+/// for tests that play a misbehaving peer by hand.
+pub fn tls_connect(
+    pki: &Pki,
+    leaf: &str,
+    addr: SocketAddr,
+    alpn: &[&[u8]],
+) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(pki.ca_cert()).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let l = pki.leaf(leaf);
+    let chain = rustls::pki_types::CertificateDer::pem_file_iter(&l.cert)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&l.key).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(legate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let conn =
+        rustls::ClientConnection::new(std::sync::Arc::new(config), "localhost".try_into().unwrap())
+            .unwrap();
+    let tcp = connect(addr);
+    tcp.set_read_timeout(Some(DEADLINE)).unwrap();
+    rustls::StreamOwned::new(conn, tcp)
+}
+
+/// Makes closing `s` send a reset instead of a FIN (SO_LINGER with a zero timeout).
+pub fn reset_on_close(s: &TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt on a socket we own, with a correctly sized linger struct.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(s),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+}
