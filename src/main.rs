@@ -91,6 +91,7 @@ fn serve_flags(
 
 /// Runs the daemon; `path` is the config file to reread on reload, if any.
 fn serve(config: Config, path: Option<std::path::PathBuf>) -> ExitCode {
+    raise_fd_limit();
     let threads = worker_threads(config.threads);
     // One thread: a current-thread runtime, which skips the work-stealing machinery entirely.
     let mut builder = if threads == 1 {
@@ -107,6 +108,31 @@ fn serve(config: Config, path: Option<std::path::PathBuf>) -> ExitCode {
     match runtime.block_on(daemon::run(config, path)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => invalid(&format!("{e:#}")),
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit. Each relayed connection holds two
+/// descriptors, and the usual soft limit of 1024 would turn consumers away at about 500
+/// connections on a machine that allows far more (Go's runtime and HAProxy do the same).
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid, initialised rlimit for this process.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 || lim.rlim_cur >= lim.rlim_max {
+            return;
+        }
+        let before = lim.rlim_cur;
+        lim.rlim_cur = lim.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+            tracing::debug!(
+                from = before,
+                to = lim.rlim_max,
+                "raised the open-file limit"
+            );
+        }
     }
 }
 

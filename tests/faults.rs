@@ -184,3 +184,44 @@ fn running_out_of_descriptors_is_survived_and_recovered() {
         },
     );
 }
+
+#[test]
+fn the_soft_open_file_limit_is_raised_to_the_hard_one() {
+    use std::os::unix::process::CommandExt;
+    let pki = Pki::new();
+    let mut cmd = std::process::Command::new(harness::legate_bin());
+    cmd.args([
+        "server",
+        "--listen=127.0.0.1:0",
+        "--target=127.0.0.1:1",
+        "--allow-all",
+    ])
+    .args(pki.flags("server"))
+    .stderr(std::process::Stdio::null());
+    // SAFETY: only setrlimit, which is async-signal-safe, between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 256,
+                rlim_max: 4096,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let limits = eventually("the limit to be raised", DEADLINE, || {
+        let text = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).ok()?;
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("Max open files"))?
+            .to_string();
+        line.contains("4096                 4096").then_some(line)
+    });
+    assert!(limits.contains("4096"), "{limits}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

@@ -1,0 +1,165 @@
+#!/usr/bin/env python3
+"""Load: a legate pair in front of a real redis-server on loopback, then
+  1. redis-benchmark through the tunnel for LOAD_REQUESTS requests (default 10 million, SET and
+     GET, 50 clients, pipelined -P 16) and a check that none failed;
+  2. LOAD_CONNS concurrent connections (default 10,000) held open for LOAD_HOLD seconds
+     (default 60), each PINGed at the start and again at the end;
+recording both ambassadors' resident memory, open descriptors and threads before, during and
+after. Not part of CI; writes bench/LOAD.md.
+
+  bench/load.py          (after cargo build --release; installs nothing: run bench/run once)
+"""
+import os, resource, socket, subprocess, sys, tempfile, time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LEGATE = str(ROOT / "target" / "release" / "legate")
+REQUESTS = int(os.environ.get("LOAD_REQUESTS", "10000000"))
+CONNS = int(os.environ.get("LOAD_CONNS", "10000"))
+HOLD = int(os.environ.get("LOAD_HOLD", "60"))
+PING = b"*1\r\n$4\r\nPING\r\n"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, deadline=20):
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing on {port}")
+
+
+def sample(pid):
+    rss = next(int(l.split()[1]) for l in open(f"/proc/{pid}/status") if l.startswith("VmRSS:"))
+    fds = len(os.listdir(f"/proc/{pid}/fd"))
+    threads = len(os.listdir(f"/proc/{pid}/task"))
+    return {"rss_kb": rss, "fds": fds, "threads": threads}
+
+
+def ping(s):
+    s.sendall(PING)
+    got = b""
+    while not got.endswith(b"\r\n"):
+        chunk = s.recv(64)
+        if not chunk:
+            raise RuntimeError("connection closed")
+        got += chunk
+    if got != b"+PONG\r\n":
+        raise RuntimeError(f"unexpected reply {got!r}")
+
+
+def main():
+    # Each ambassador holds two descriptors per connection; legate raises its soft limit to the
+    # hard one, which it inherits from here.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = 2 * CONNS + 1000
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, max(hard, need)))
+    except (ValueError, OSError):
+        sys.exit(f"bench/load.py: cannot raise the descriptor limit ({hard}) to {need} "
+                 "(root can); or lower LOAD_CONNS")
+    work = Path(tempfile.mkdtemp(prefix="legate-load-"))
+    c = work / "certs"
+    subprocess.run([LEGATE, "gen-certs", "--out", c, "--server-name", "127.0.0.1", "--client", "client"],
+                   check=True, stdout=subprocess.DEVNULL)
+    rp, sp, cp = free_port(), free_port(), free_port()
+    env = {**os.environ, "RUST_LOG": "warn"}
+    procs = [subprocess.Popen(["redis-server", "--port", str(rp), "--save", "", "--maxclients",
+                               str(CONNS + 100), "--dir", work], stdout=subprocess.DEVNULL)]
+    server = subprocess.Popen([LEGATE, "server", f"--listen=127.0.0.1:{sp}", f"--target=127.0.0.1:{rp}",
+                               f"--cert={c}/server.crt", f"--key={c}/server.key", f"--cacert={c}/ca.crt",
+                               "--allow-cn=client"], env=env)
+    client = subprocess.Popen([LEGATE, "client", f"--listen=127.0.0.1:{cp}", f"--target=127.0.0.1:{sp}",
+                               f"--cert={c}/client.crt", f"--key={c}/client.key", f"--cacert={c}/ca.crt"],
+                              env=env)
+    procs += [server, client]
+    report = ["# legate load run", "",
+              f"Run on {os.uname().nodename} ({os.cpu_count()} cores), "
+              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, with `bench/load.py`.", ""]
+    try:
+        wait_port(rp)
+        wait_port(cp)
+        samples = {"start": (sample(client.pid), sample(server.pid))}
+
+        # 1. Many requests, zero errors.
+        t0 = time.monotonic()
+        out = subprocess.run(["redis-benchmark", "-h", "127.0.0.1", "-p", str(cp), "-c", "50", "-P", "16",
+                              "-n", str(REQUESTS // 2), "-t", "set,get", "--csv"],
+                             capture_output=True, text=True, timeout=3600)
+        took = time.monotonic() - t0
+        rows = [l for l in out.stdout.splitlines() if l.startswith('"SET"') or l.startswith('"GET"')]
+        errors = out.returncode != 0 or len(rows) != 2 or "rror" in out.stderr
+        # Count what redis executed: every request arrived.
+        info = subprocess.run(["redis-cli", "-p", str(rp), "info", "commandstats"],
+                              capture_output=True, text=True).stdout
+        calls = {k: int(v.split("calls=")[1].split(",")[0]) for k, v in
+                 (l.split(":", 1) for l in info.splitlines() if l.startswith("cmdstat_"))}
+        executed = calls.get("cmdstat_set", 0) + calls.get("cmdstat_get", 0)
+        samples["after requests"] = (sample(client.pid), sample(server.pid))
+        report += ["## Requests", "",
+                   f"redis-benchmark -c 50 -P 16 -t set,get, {REQUESTS:,} requests through the pair in "
+                   f"{took:.0f} s ({REQUESTS / took:,.0f}/s); redis executed {executed:,} SET+GET; "
+                   f"benchmark exit {out.returncode}, errors: {'yes' if errors else 'none'}.", ""]
+        if executed != REQUESTS or errors:
+            report.append(f"**FAILED**: expected {REQUESTS:,} executed and no errors. stderr: {out.stderr[-300:]}")
+
+        # 2. Many connections, held.
+        conns = []
+        t0 = time.monotonic()
+        while len(conns) < CONNS:
+            batch = [socket.create_connection(("127.0.0.1", cp), timeout=60)
+                     for _ in range(min(200, CONNS - len(conns)))]
+            for s in batch:
+                ping(s)
+            conns += batch
+        opened = time.monotonic() - t0
+        samples[f"{CONNS} open"] = (sample(client.pid), sample(server.pid))
+        deadline = time.monotonic() + HOLD
+        while time.monotonic() < deadline:
+            time.sleep(5)
+        failed = 0
+        for s in conns:
+            try:
+                ping(s)
+            except (OSError, RuntimeError):
+                failed += 1
+        samples[f"after {HOLD} s"] = (sample(client.pid), sample(server.pid))
+        for s in conns:
+            s.close()
+        end = time.monotonic() + 30
+        while time.monotonic() < end and sample(client.pid)["fds"] > samples["start"][0]["fds"] + 70:
+            time.sleep(0.5)
+        samples["all closed"] = (sample(client.pid), sample(server.pid))
+        report += ["## Connections", "",
+                   f"{CONNS:,} connections opened and PINGed in {opened:.1f} s, held {HOLD} s, PINGed again: "
+                   f"{CONNS - failed:,} answered, {failed} failed.", ""]
+        report += ["## The ambassadors", "",
+                   "| when | client RSS (KB) | client fds | client threads | server RSS (KB) | server fds | server threads |",
+                   "|---|---|---|---|---|---|---|"]
+        for when, (cs, ss) in samples.items():
+            report.append(f"| {when} | {cs['rss_kb']:,} | {cs['fds']:,} | {cs['threads']} | "
+                          f"{ss['rss_kb']:,} | {ss['fds']:,} | {ss['threads']} |")
+        report.append("")
+        report.append("After all connections closed the descriptors return to the start plus the "
+                      "client's pool (ready connections, and returned ones until the server's idle limit).")
+        ok = executed == REQUESTS and not errors and failed == 0
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait()
+    text = "\n".join(report) + "\n"
+    print(text)
+    (ROOT / "bench" / "LOAD.md").write_text(text)
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
