@@ -106,7 +106,7 @@ async fn read_lazy<R: AsyncRead + Unpin>(
 }
 
 /// How the relay went.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct Totals {
     /// Inbound to outbound (consumer toward service).
     pub up: u64,
@@ -114,6 +114,21 @@ pub struct Totals {
     pub down: u64,
     /// The other direction was still open when the close timeout passed.
     pub cut: bool,
+    /// An I/O error that ended a direction and is not how peers close (a keepalive or
+    /// retransmission timeout, a TLS record that does not decrypt): the link failed.
+    pub failed: Option<String>,
+}
+
+/// Whether an error that ended a direction means the link failed, rather than that the peer
+/// closed: resets, broken pipes and a TLS peer closing without close_notify are how peers close.
+fn link_failure(e: &io::Error, failed: &std::sync::OnceLock<String>) {
+    use io::ErrorKind::*;
+    if !matches!(
+        e.kind(),
+        UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe | NotConnected
+    ) {
+        let _ = failed.set(e.to_string());
+    }
 }
 
 /// Relays until both directions end or the close timeout passes after the first one.
@@ -126,8 +141,9 @@ where
     let (mut out_r, mut out_w) = tokio::io::split(outbound);
     let up = AtomicU64::new(0);
     let down = AtomicU64::new(0);
-    let mut upward = std::pin::pin!(copy(&mut in_r, &mut out_w, &up));
-    let mut downward = std::pin::pin!(copy(&mut out_r, &mut in_w, &down));
+    let failed = std::sync::OnceLock::new();
+    let mut upward = std::pin::pin!(copy(&mut in_r, &mut out_w, &up, &failed));
+    let mut downward = std::pin::pin!(copy(&mut out_r, &mut in_w, &down, &failed));
 
     let up_first = tokio::select! {
         _ = &mut upward => true,
@@ -145,12 +161,18 @@ where
         up: up.load(Ordering::Relaxed),
         down: down.load(Ordering::Relaxed),
         cut,
+        failed: failed.get().cloned(),
     }
 }
 
 /// Copies until EOF or an error, then shuts the writer down. Counts as it goes, so the count is
 /// right even when the copy is abandoned at the close timeout.
-async fn copy<R, W>(r: &mut R, w: &mut W, count: &AtomicU64) -> io::Result<()>
+async fn copy<R, W>(
+    r: &mut R,
+    w: &mut W,
+    count: &AtomicU64,
+    failed: &std::sync::OnceLock<String>,
+) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -179,6 +201,9 @@ where
     if let Some(buf) = slot {
         spare::give(buf);
     }
+    if let Err(e) = &result {
+        link_failure(e, failed);
+    }
     // Propagate the end of this direction whatever ended it; a failure here means the other
     // side is gone already.
     let _ = w.shutdown().await;
@@ -195,7 +220,7 @@ enum Ending {
 }
 
 /// The result of a framed relay.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct FramedTotals {
     /// Bytes carried from the plain side into DATA frames.
     pub to_frames: u64,
@@ -205,6 +230,8 @@ pub struct FramedTotals {
     pub reusable: bool,
     /// The close timeout passed with one direction still open.
     pub cut: bool,
+    /// An I/O error that means the link failed (see [`Totals::failed`]).
+    pub failed: Option<String>,
 }
 
 /// Relays one `legate/1` framed stream between `plain` and the (borrowed) TLS connection `tls`:
@@ -226,15 +253,16 @@ where
     let (mut tls_r, mut tls_w) = tokio::io::split(tls);
     let out_count = AtomicU64::new(0);
     let in_count = AtomicU64::new(0);
+    let failed = std::sync::OnceLock::new();
     let outward = async {
         if sent_end {
             Ending::End
         } else {
-            to_frames(&mut plain_r, &mut tls_w, &out_count).await
+            to_frames(&mut plain_r, &mut tls_w, &out_count, &failed).await
         }
     };
     let mut outward = std::pin::pin!(outward);
-    let mut inward = std::pin::pin!(from_frames(&mut tls_r, &mut plain_w, &in_count));
+    let mut inward = std::pin::pin!(from_frames(&mut tls_r, &mut plain_w, &in_count, &failed));
 
     let (first, out_first) = tokio::select! {
         e = &mut outward => (e, true),
@@ -261,11 +289,17 @@ where
         from_frames: in_count.load(Ordering::Relaxed),
         reusable: first == Ending::End && second == Ending::End,
         cut,
+        failed: failed.get().cloned(),
     }
 }
 
 /// Plain bytes out as DATA frames, then END; a plain-side error sends ABORT.
-async fn to_frames<R, W>(r: &mut R, w: &mut W, count: &AtomicU64) -> Ending
+async fn to_frames<R, W>(
+    r: &mut R,
+    w: &mut W,
+    count: &AtomicU64,
+    failed: &std::sync::OnceLock<String>,
+) -> Ending
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -276,7 +310,8 @@ where
     let ending = loop {
         let n = match read_lazy(r, &mut slot).await {
             Ok(n) => n,
-            Err(_) => {
+            Err(e) => {
+                link_failure(&e, failed);
                 let _ = w
                     .write_all(&protocol::stream_header(protocol::ABORT, 0))
                     .await;
@@ -292,7 +327,13 @@ where
             }
             _ => &end[..],
         };
-        if w.write_all(frame).await.is_err() || w.flush().await.is_err() {
+        if let Err(e) = async {
+            w.write_all(frame).await?;
+            w.flush().await
+        }
+        .await
+        {
+            link_failure(&e, failed);
             break Ending::Broken;
         }
         if n == 0 {
@@ -307,7 +348,12 @@ where
 }
 
 /// DATA frames in as plain bytes; END shuts the plain side's write half.
-async fn from_frames<R, W>(r: &mut R, w: &mut W, count: &AtomicU64) -> Ending
+async fn from_frames<R, W>(
+    r: &mut R,
+    w: &mut W,
+    count: &AtomicU64,
+    failed: &std::sync::OnceLock<String>,
+) -> Ending
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -316,7 +362,8 @@ where
     loop {
         // Waiting for a header needs no buffer: an idle stream holds none.
         let mut header = [0u8; 3];
-        if r.read_exact(&mut header).await.is_err() {
+        if let Err(e) = r.read_exact(&mut header).await {
+            link_failure(&e, failed);
             let _ = w.shutdown().await;
             return Ending::Broken;
         }
@@ -329,7 +376,8 @@ where
                 let mut left = len;
                 while left > 0 {
                     let take = left.min(buf.len());
-                    if r.read_exact(&mut buf[..take]).await.is_err() {
+                    if let Err(e) = r.read_exact(&mut buf[..take]).await {
+                        link_failure(&e, failed);
                         let _ = w.shutdown().await;
                         return Ending::Broken;
                     }
@@ -386,6 +434,59 @@ mod tests {
 
         let totals = relay.await.unwrap();
         assert_eq!((totals.up, totals.down, totals.cut), (8, 6, false));
+    }
+
+    /// A stream whose reads fail with `kind`, as a socket does when keepalive gives up.
+    struct Failing(io::ErrorKind);
+
+    impl AsyncRead for Failing {
+        fn poll_read(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            _: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Err(io::Error::from(self.0)))
+        }
+    }
+
+    impl AsyncWrite for Failing {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            _: &[u8],
+        ) -> std::task::Poll<io::Result<usize>> {
+            std::task::Poll::Ready(Err(io::Error::from(self.0)))
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_timed_out_link_is_a_failure_and_a_reset_is_a_close() {
+        for (kind, failed) in [
+            (io::ErrorKind::TimedOut, true),
+            (io::ErrorKind::ConnectionReset, false),
+            (io::ErrorKind::UnexpectedEof, false),
+        ] {
+            let (_consumer, near) = duplex(64);
+            let totals = relay(near, Failing(kind), Duration::from_millis(50)).await;
+            assert_eq!(totals.failed.is_some(), failed, "{kind:?} (raw)");
+            let (_consumer, near) = duplex(64);
+            let mut link = Failing(kind);
+            let totals = relay_framed(near, &mut link, Duration::from_millis(50), false).await;
+            assert_eq!(totals.failed.is_some(), failed, "{kind:?} (framed)");
+            assert!(!totals.reusable);
+        }
     }
 
     #[tokio::test]

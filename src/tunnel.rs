@@ -40,11 +40,14 @@ pub enum Outcome {
     UnknownRoute,
     DialFailed,
     Refused,
+    /// The relay ended on an I/O error that is not how peers close: a keepalive or
+    /// retransmission timeout (the link died), or TLS records that do not decrypt.
+    Aborted,
 }
 
 impl Outcome {
     /// Every outcome, in metric order.
-    pub const ALL: [Outcome; 8] = [
+    pub const ALL: [Outcome; 9] = [
         Outcome::Ok,
         Outcome::Idle,
         Outcome::HandshakeFailed,
@@ -53,6 +56,7 @@ impl Outcome {
         Outcome::UnknownRoute,
         Outcome::DialFailed,
         Outcome::Refused,
+        Outcome::Aborted,
     ];
 
     pub fn index(self) -> usize {
@@ -72,6 +76,7 @@ impl Outcome {
             Outcome::UnknownRoute => "unknown_route",
             Outcome::DialFailed => "dial_failed",
             Outcome::Refused => "refused",
+            Outcome::Aborted => "aborted",
         }
     }
 }
@@ -485,11 +490,22 @@ async fn serve_stream(
             up: r.from_frames,
             down: r.to_frames,
             cut: r.cut,
+            failed: r.failed,
         };
+        relay_failure(rec)?;
         Ok(r.reusable)
     } else {
         rec.totals = relay::relay(tls, plain, cfg.close_timeout).await;
+        relay_failure(rec)?;
         Ok(false)
+    }
+}
+
+/// A relay that ended on a failed link (not a close) is reported as `aborted`.
+fn relay_failure(rec: &Record) -> Result<(), Failure> {
+    match &rec.totals.failed {
+        Some(e) => Err(fail(Outcome::Aborted, format!("connection broke: {e}"))),
+        None => Ok(()),
     }
 }
 
@@ -533,7 +549,7 @@ async fn consumer_own(
     rec.identity = Some(identity);
     let tls = Box::pin(open_out(cfg, tls, rec)).await?;
     rec.totals = relay::relay(tcp, tls, cfg.close_timeout).await;
-    Ok(())
+    relay_failure(rec)
 }
 
 /// The most consumer bytes sent ahead of READY, kept to resend if the connection turns out dead.
@@ -604,10 +620,12 @@ async fn consumer_framed(
         up: early_len + r.to_frames,
         down: r.from_frames,
         cut: r.cut,
+        failed: r.failed,
     };
     if r.reusable {
         pool.put(tls, idle_limit, generation);
     }
+    relay_failure(rec)?;
     Ok(())
 }
 
@@ -1023,7 +1041,7 @@ fn log_end(cfg: &TunnelConfig, rec: &Record, elapsed: Duration, result: Result<(
         ),
         Err(f) => tracing::warn!(
             tunnel = %cfg.name, side = %cfg.side, peer = %rec.peer, consumer, identity, route,
-            target, tls = session, bytes_up = 0u64, bytes_down = 0u64, duration_ms = format_args!("{ms:.1}"),
+            target, tls = session, bytes_up = t.up, bytes_down = t.down, duration_ms = format_args!("{ms:.1}"),
             outcome = %f.outcome, error = f.detail.as_str(),
             "connection failed"
         ),

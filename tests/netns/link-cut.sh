@@ -99,4 +99,9 @@ fi
 wait "$consumer"
 end=$(python3 -c 'import time; print(f"{time.monotonic():.2f}")')
 echo "detected within $(python3 -c "print(f'{$end - $cut:.1f}')") s of the cut (keepalive 3 s + 3 probes at 1 s = 6 s)"
-grep -h "connection closed\|connection failed" "$work/client.log" | tail -n 1
+line=$(grep -h "connection closed\|connection failed" "$work/client.log" | tail -n 1)
+echo "$line"
+case "$line" in
+*outcome=aborted*) echo "PASS: the client side logged the broken link as aborted" ;;
+*) echo "FAIL: expected outcome=aborted in the client's log line"; exit 1 ;;
+esac
