@@ -209,14 +209,16 @@ fn six_hundred_short_connections_leave_nothing_behind() {
         (client.log.count(&["outcome=ok", "bytes_up="]) == 601).then_some(())
     });
     settled(&client);
-    // Descriptors and threads come back to where they were (the pool refills to its size, and
-    // connections returned after use retire with the server's idle limit, so allow the pool's
-    // extra connections: at most 64, each one descriptor on each side).
+    // Descriptors come back to where they were (the pool refills to its size, and connections
+    // returned after use retire with the server's idle limit, so allow the pool's extra
+    // connections: at most 64, each one descriptor on each side). Threads: no thread per
+    // connection; the runtime's blocking pool (name resolution) may keep a few for 10 s.
     for ((fds0, thr0), legate) in base.iter().zip([&client, &server]) {
         eventually("descriptors to return to the baseline", DEADLINE, || {
             (open_fds(legate.pid()) <= fds0 + 64).then_some(())
         });
-        assert_eq!(threads(legate.pid()), *thr0);
+        let now = threads(legate.pid());
+        assert!(now <= thr0 + 4, "threads: {thr0} before, {now} after");
     }
 }
 
