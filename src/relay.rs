@@ -80,27 +80,20 @@ impl Drop for SpareBuf {
     }
 }
 
-/// Reads into `buf[spare::HEAD..]`, taking a buffer from the spares for the read and giving it
-/// back if the read has to wait. Returns the byte count; the buffer is in `slot` after a read
-/// that returned bytes.
+/// Reads into `buf[spare::HEAD..]`, taking a buffer from the spares for the read; a read that
+/// has to wait drops it, which gives it back. Returns the byte count; the buffer is in `slot`
+/// after a read that returned bytes, and goes back to the spares when `slot` is dropped.
 async fn read_lazy<R: AsyncRead + Unpin>(
     r: &mut R,
-    slot: &mut Option<Box<[u8]>>,
+    slot: &mut Option<SpareBuf>,
 ) -> io::Result<usize> {
     std::future::poll_fn(|cx| {
-        let mut buf = slot.take().unwrap_or_else(spare::take);
+        let mut buf = slot.take().unwrap_or_else(SpareBuf::take);
         let mut rb = tokio::io::ReadBuf::new(&mut buf[spare::HEAD..]);
-        match std::pin::Pin::new(&mut *r).poll_read(cx, &mut rb) {
-            std::task::Poll::Pending => {
-                spare::give(buf);
-                std::task::Poll::Pending
-            }
-            std::task::Poll::Ready(result) => {
-                let n = rb.filled().len();
-                *slot = Some(buf);
-                std::task::Poll::Ready(result.map(|()| n))
-            }
-        }
+        let result = std::task::ready!(std::pin::Pin::new(&mut *r).poll_read(cx, &mut rb));
+        let n = rb.filled().len();
+        *slot = Some(buf);
+        std::task::Poll::Ready(result.map(|()| n))
     })
     .await
 }
@@ -198,9 +191,7 @@ where
         }
     }
     .await;
-    if let Some(buf) = slot {
-        spare::give(buf);
-    }
+    drop(slot);
     if let Err(e) = &result {
         link_failure(e, failed);
     }
@@ -341,9 +332,6 @@ where
         }
         count.fetch_add(n as u64, Ordering::Relaxed);
     };
-    if let Some(buf) = slot {
-        spare::give(buf);
-    }
     ending
 }
 

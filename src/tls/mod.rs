@@ -224,13 +224,16 @@ pub struct Files {
 /// does: a key others can read is a key others have. `--allow-readable-key` waives it.
 fn check_key_mode(what: &'static str, path: &Path, allow: bool) -> Result<(), Error> {
     use std::os::unix::fs::PermissionsExt;
+    if allow {
+        return Ok(());
+    }
     let meta = std::fs::metadata(path).map_err(|source| Error::Read {
         what,
         path: path.to_path_buf(),
         source,
     })?;
     let mode = meta.permissions().mode() & 0o777;
-    if allow || mode & 0o077 == 0 {
+    if mode & 0o077 == 0 {
         return Ok(());
     }
     Err(Error::KeyMode {
