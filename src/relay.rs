@@ -298,7 +298,7 @@ where
     // Header and payload in one buffer, so each frame is one write and one TLS record. The
     // buffer is taken only while bytes move: a stream waiting on its consumer holds none.
     let mut slot = None;
-    let ending = loop {
+    loop {
         let n = match read_lazy(r, &mut slot).await {
             Ok(n) => n,
             Err(e) => {
@@ -307,7 +307,7 @@ where
                     .write_all(&protocol::stream_header(protocol::ABORT, 0))
                     .await;
                 let _ = w.flush().await;
-                break Ending::Broken;
+                return Ending::Broken;
             }
         };
         let end = protocol::stream_header(protocol::END, 0);
@@ -325,14 +325,13 @@ where
         .await
         {
             link_failure(&e, failed);
-            break Ending::Broken;
+            return Ending::Broken;
         }
         if n == 0 {
-            break Ending::End;
+            return Ending::End;
         }
         count.fetch_add(n as u64, Ordering::Relaxed);
-    };
-    ending
+    }
 }
 
 /// DATA frames in as plain bytes; END shuts the plain side's write half.
