@@ -145,12 +145,6 @@ fn set_nofile(pid: i32, limit: u64) {
     assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
 }
 
-fn open_fds(pid: i32) -> u64 {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count() as u64
-}
-
 #[test]
 fn running_out_of_descriptors_is_survived_and_recovered() {
     let pki = Pki::new();
@@ -159,7 +153,7 @@ fn running_out_of_descriptors_is_survived_and_recovered() {
     let client = Legate::client(&pki, "client", server.addr(), &["--pool-size=0"]);
     assert_eq!(exchange(client.addr(), b"before"), b"echo:before");
     // Leave the client side room for about ten more descriptors: each consumer needs two.
-    let limit = open_fds(client.pid()) + 10;
+    let limit = client.open_fds() as u64 + 10;
     set_nofile(client.pid(), limit);
     let mut held = Vec::new();
     for i in 0..20 {

@@ -140,16 +140,12 @@ fn four_kib_one_byte_at_a_time_arrive_in_order() {
     assert_eq!(echoed.join().unwrap(), sent);
 }
 
-fn open_fds(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count()
-}
-
-fn threads(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .count()
+/// A server and a client side in front of `backend`, each with a plain-HTTP status listener.
+fn pair_with_status(pki: &Pki, backend: &Backend) -> (Legate, Legate) {
+    let status = "--status=http://127.0.0.1:0";
+    let server = Legate::server(pki, &backend.target(), &["--allow-cn=client", status]);
+    let client = Legate::client(pki, "client", server.addr(), &[status]);
+    (server, client)
 }
 
 /// The `legate_open_connections` gauge from a plain-HTTP status listener.
@@ -165,17 +161,7 @@ fn open_gauge(legate: &Legate) -> i64 {
 fn six_hundred_short_connections_leave_nothing_behind() {
     let pki = Pki::new();
     let backend = Backend::echo(b"echo:");
-    let server = Legate::server(
-        &pki,
-        &backend.target(),
-        &["--allow-cn=client", "--status=http://127.0.0.1:0"],
-    );
-    let client = Legate::client(
-        &pki,
-        "client",
-        server.addr(),
-        &["--status=http://127.0.0.1:0"],
-    );
+    let (server, client) = pair_with_status(&pki, &backend);
     // Warm up: the pool fills, the status listener answers.
     assert_eq!(exchange(client.addr(), b"x"), b"echo:x");
     let settled = |l: &Legate| {
@@ -185,8 +171,8 @@ fn six_hundred_short_connections_leave_nothing_behind() {
     };
     settled(&client);
     let base = [
-        (open_fds(client.pid()), threads(client.pid())),
-        (open_fds(server.pid()), threads(server.pid())),
+        (client.open_fds(), client.threads()),
+        (server.open_fds(), server.threads()),
     ];
     let workers: Vec<_> = (0..6)
         .map(|w| {
@@ -215,9 +201,9 @@ fn six_hundred_short_connections_leave_nothing_behind() {
     // connection; the runtime's blocking pool (name resolution) may keep a few for 10 s.
     for ((fds0, thr0), legate) in base.iter().zip([&client, &server]) {
         eventually("descriptors to return to the baseline", DEADLINE, || {
-            (open_fds(legate.pid()) <= fds0 + 64).then_some(())
+            (legate.open_fds() <= fds0 + 64).then_some(())
         });
-        let now = threads(legate.pid());
+        let now = legate.threads();
         assert!(now <= thr0 + 4, "threads: {thr0} before, {now} after");
     }
 }
@@ -226,17 +212,7 @@ fn six_hundred_short_connections_leave_nothing_behind() {
 fn consumers_that_reset_leave_the_gauge_at_zero() {
     let pki = Pki::new();
     let backend = Backend::echo(b"echo:");
-    let server = Legate::server(
-        &pki,
-        &backend.target(),
-        &["--allow-cn=client", "--status=http://127.0.0.1:0"],
-    );
-    let client = Legate::client(
-        &pki,
-        "client",
-        server.addr(),
-        &["--status=http://127.0.0.1:0"],
-    );
+    let (server, client) = pair_with_status(&pki, &backend);
     // The server side counts its TLS connections, pooled ones included: 4 once the pool is full.
     eventually("the pool to fill", DEADLINE, || {
         (open_gauge(&server) == 4).then_some(())
