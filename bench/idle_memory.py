@@ -8,30 +8,16 @@ process's RSS growth by N. Extra arguments go to `legate client` (e.g. --pool-si
 import os, socket, subprocess, sys, tempfile, time
 from pathlib import Path
 
+from bench import free_port, wait_port
+
 ROOT = Path(__file__).resolve().parent.parent
 LEGATE = str(ROOT / "target" / "release" / "legate")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_kb(pid):
     for line in open(f"/proc/{pid}/status"):
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
-
-
-def wait_port(port):
-    for _ in range(200):
-        try:
-            socket.create_connection(("127.0.0.1", port)).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing on {port}")
 
 
 def main():

@@ -12,6 +12,8 @@ after. Not part of CI; writes bench/LOAD.md.
 import os, resource, socket, subprocess, sys, tempfile, time
 from pathlib import Path
 
+from bench import free_port, wait_port
+
 ROOT = Path(__file__).resolve().parent.parent
 LEGATE = str(ROOT / "target" / "release" / "legate")
 REQUESTS = int(os.environ.get("LOAD_REQUESTS", "10000000"))
@@ -20,23 +22,6 @@ HOLD = int(os.environ.get("LOAD_HOLD", "60"))
 # Extra flags for both ambassadors, e.g. LOAD_LEGATE_ARGS="--keepalive=0".
 EXTRA = os.environ.get("LOAD_LEGATE_ARGS", "").split()
 PING = b"*1\r\n$4\r\nPING\r\n"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port, deadline=20):
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing on {port}")
 
 
 def sample(pid):
@@ -103,8 +88,8 @@ def main():
               f"Run on {os.uname().nodename} ({os.cpu_count()} cores), "
               f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, with `bench/load.py`.", ""]
     try:
-        wait_port(rp)
-        wait_port(cp)
+        wait_port(rp, 20)
+        wait_port(cp, 20)
         samples = {"start": (sample(client.pid), sample(server.pid))}
 
         # 1. Many requests, zero errors.
