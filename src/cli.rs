@@ -114,7 +114,8 @@ pub struct CommonArgs {
     /// Time allowed for an incoming TLS handshake (server side). Default 10s.
     #[arg(long, value_name = "DURATION")]
     pub handshake_timeout: Option<String>,
-    /// TCP keepalive idle time on the TLS side; 0 turns it off. Default 30s.
+    /// TCP keepalive idle time on the TLS side, then 10 probes at a tenth of it (a dead link is
+    /// noticed after about twice this); 0 turns it off. Default 30s.
     #[arg(long, value_name = "DURATION")]
     pub keepalive: Option<String>,
     /// Most connections open at once; further ones wait. 0 (default) is unlimited.

@@ -5,14 +5,15 @@
 # keepalive (--keepalive=3s: probes after 3 s idle, every 1 s, 3 of them) must notice, and the
 # consumer must see its connection closed within the configured time (3 + 3 x 1 s, plus slack).
 #
-# Needs root (namespaces); not part of CI. Run after cargo build --release, or with LEGATE_BIN.
-#   tests/netns/link-cut.sh
+# Needs root with CAP_NET_ADMIN (namespaces). scripts/test runs it after cargo test when the
+# machine allows namespaces; exit 77 means it could not run here (not a failure). By hand:
+#   LEGATE_BIN=target/debug/legate tests/netns/link-cut.sh
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 legate=${LEGATE_BIN:-$root/target/release/legate}
 if [ "$(id -u)" -ne 0 ]; then
-    echo "link-cut.sh: needs root to create network namespaces" >&2
-    exit 2
+    echo "link-cut.sh: skipped: needs root to create network namespaces" >&2
+    exit 77
 fi
 work=$(mktemp -d)
 a="lgcut-a-$$"
@@ -28,7 +29,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-ip netns add "$a"
+if ! ip netns add "$a" 2>"$work/netns.err"; then
+    echo "link-cut.sh: skipped: cannot create a network namespace here: $(cat "$work/netns.err")" >&2
+    exit 77
+fi
 ip netns add "$b"
 ip link add "lc-a$$" type veth peer name "lc-b$$"
 ip link set "lc-a$$" netns "$a"
@@ -87,7 +91,8 @@ for _ in $(seq 200); do [ -f "$work/ready" ] && break; sleep 0.05; done
 cut=$(python3 -c 'import time; print(f"{time.monotonic():.2f}")')
 echo "link cut at $cut (veth down on the client's side, no FIN sent)"
 ip -n "$b" link set "lc-b$$" down
-limit=20
+# Keepalive notices the cut after 3 s idle + 3 probes 1 s apart = 6 s; allow 4 s of slack.
+limit=10
 for _ in $(seq $((limit * 10))); do
     kill -0 "$consumer" 2>/dev/null || break
     sleep 0.1
