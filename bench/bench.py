@@ -4,8 +4,8 @@ HAProxy, nginx stream and socat with OpenSSL, side by side in one run on loopbac
 
 Each contender runs as a client-side plus server-side pair doing mutual TLS with the same
 ECDSA P-256 certificates (from `legate gen-certs`). Figures: iperf3 throughput (1 and 8
-streams, median of 3), redis-benchmark requests/s (50 clients; pipelined -P 16), single-client
-PING latency p50/p99, new connections/s (-k 0), resident memory per idle connection with
+streams), redis-benchmark requests/s (50 clients; pipelined -P 16), single-client
+PING latency p50/p99 (those three the median of 3 runs), new connections/s (-k 0), resident memory per idle connection with
 2,000 connections open, and time to first reply of a fresh connection across a link delayed
 25 ms each way (a delaying relay in this script, since the kernel here has no netem).
 
@@ -33,6 +33,7 @@ LEGATE = Path(os.environ.get("LEGATE_BIN", ROOT / "target" / "release" / "legate
 DELAY = 0.025  # seconds each way on the slow link
 IDLE_CONNS = int(os.environ.get("BENCH_IDLE_CONNS", "2000"))
 QUICK = os.environ.get("BENCH_QUICK") == "1"
+RUNS = 1 if QUICK else 3  # throughput, requests (50 clients) and latency: the median of RUNS
 PEERS = ["stunnel", "haproxy", "nginx", "socat-tls"]
 
 
@@ -57,6 +58,27 @@ def wait_port(port, deadline=10.0):
     raise RuntimeError(f"nothing listening on {port} after {deadline}s")
 
 
+# Each side runs on its own half of the CPUs, as on the two hosts an ambassador pair joins: the
+# consumer side (load generators, the client ambassador) and the service side (the server
+# ambassador, redis, the iperf3 server). Unpinned, the scheduler moves the four busy processes
+# between the two cores and one figure moved 10-20% from run to run; pinned, about 5%.
+# Every contender is pinned alike; BENCH_PIN=0 turns it off.
+PIN = os.environ.get("BENCH_PIN", "1") == "1"
+
+
+def side_cpus(side):
+    cpus = sorted(os.sched_getaffinity(0))
+    half = max(len(cpus) // 2, 1)
+    return (cpus[:half] if side == "client" else cpus[half:]) or cpus
+
+
+def on(side, args):
+    """The command, pinned to the CPUs of `side` ("client" or "server") when PIN is on."""
+    if not PIN:
+        return list(args)
+    return ["taskset", "-c", ",".join(map(str, side_cpus(side))), *args]
+
+
 class Procs:
     """Processes started for one contender; stopped by PID, children included."""
 
@@ -66,7 +88,8 @@ class Procs:
 
     def start(self, name, args, **kw):
         logf = open(self.work / f"{name}.log", "w")
-        p = subprocess.Popen(args, stdout=logf, stderr=subprocess.STDOUT,
+        side = "client" if name.endswith("-client") else "server"
+        p = subprocess.Popen(on(side, args), stdout=logf, stderr=subprocess.STDOUT,
                              start_new_session=True, **kw)
         self.procs.append(p)
         return p
@@ -222,9 +245,12 @@ def nginx(procs, c, target, hop):
     def conf(name, server_block):
         d = procs.work / name
         d.mkdir(exist_ok=True)
+        # One worker per CPU it may run on ("auto" counts all CPUs, ignoring the pinning;
+        # HAProxy's and legate's defaults follow the CPUs they are allowed).
+        workers = len(side_cpus("server" if name.endswith("-server") else "client")) if PIN else "auto"
         (d / "nginx.conf").write_text(f"""load_module /usr/lib/nginx/modules/ngx_stream_module.so;
 daemon off;
-worker_processes auto;
+worker_processes {workers};
 pid {d}/nginx.pid;
 error_log {d}/error.log warn;
 worker_rlimit_nofile 16384;
@@ -355,10 +381,10 @@ class DelayRelay:
 
 def iperf(port, streams):
     runs = []
-    while len(runs) < (1 if QUICK else 3):
+    while len(runs) < RUNS:
         for attempt in range(5):
-            out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", "2" if QUICK else "3",
-                                  "-P", str(streams), "-J"], capture_output=True, text=True, timeout=60)
+            out = subprocess.run(on("client", ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", "2" if QUICK else "3",
+                                  "-P", str(streams), "-J"]), capture_output=True, text=True, timeout=60)
             doc = json.loads(out.stdout)
             if "error" not in doc:
                 runs.append(doc["end"]["sum_received"]["bits_per_second"] / 1e9)
@@ -372,7 +398,7 @@ def iperf(port, streams):
 
 
 def redis_bench(port, *args):
-    out = subprocess.run(["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "--csv", *args],
+    out = subprocess.run(on("client", ["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "--csv", *args]),
                          capture_output=True, text=True, timeout=300)
     rows = list(csv.DictReader(io.StringIO(out.stdout)))
     if not rows:
@@ -451,9 +477,13 @@ def measure(name, work, c, redis_port, iperf_port):
         log(f"  {name}: redis")
         rp = results["redis_port"]
         n = "50000" if QUICK else "200000"
-        results["rps_50"] = rps(rp, "-c", "50", "-n", n, "-t", "set,get")
+        results["rps_50_runs"] = [rps(rp, "-c", "50", "-n", n, "-t", "set,get") for _ in range(RUNS)]
+        results["rps_50"] = statistics.median(results["rps_50_runs"])
         results["rps_p16"] = rps(rp, "-c", "50", "-n", str(int(n) * 5), "-P", "16", "-t", "set,get")
-        results["p50"], results["p99"] = latency(rp)
+        lat = [latency(rp) for _ in range(RUNS)]
+        results["p50"] = statistics.median(p50 for p50, _ in lat)
+        results["p99"] = statistics.median(p99 for _, p99 in lat)
+        results["p99_runs"] = [p99 for _, p99 in lat]
         results["conn_rps"] = rps(rp, "-c", "50", "-n", "2000" if QUICK else "5000", "-k", "0", "-t", "ping")
         if name != "direct":
             log(f"  {name}: memory with {IDLE_CONNS} idle connections")
@@ -568,9 +598,15 @@ def render(results, elapsed):
                    ", ".join(f"{n} {results[n]['first_reply_ms'] / rtt:.1f}" for n in names
                              if "first_reply_ms" in results[n]) + ".")
     out.append("")
-    out.append("Noise: throughput is the median of 3 runs; the runs were " +
-               "; ".join(f"{n} {'/'.join(f'{x:.2f}' for x in results[n]['gbps_1_runs'])}"
-                         for n in names if "gbps_1_runs" in results[n]) + " Gbit/s (1 stream).")
+    pinned = (f"each side was pinned to its half of the CPUs (client side {side_cpus('client')}, "
+              f"server side {side_cpus('server')}), as on two hosts. " if PIN else "nothing was pinned. ")
+
+    def runs(key, f):
+        return "; ".join(f"{n} {'/'.join(f(x) for x in results[n][key])}" for n in names if key in results[n])
+    out.append(f"Noise: {pinned}Throughput, requests with 50 clients and latency are the median of "
+               f"{RUNS} runs; the runs were: 1 stream (Gbit/s) " + runs("gbps_1_runs", lambda x: f"{x:.2f}") +
+               ". Requests, 50 clients (req/s) " + runs("rps_50_runs", lambda x: f"{x:,.0f}") +
+               ". p99 (ms) " + runs("p99_runs", lambda x: f"{x:.3f}") + ".")
     out.append("")
     return "\n".join(out)
 
