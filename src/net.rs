@@ -262,8 +262,8 @@ fn probe_schedule(idle: Duration) -> (Duration, u32) {
 }
 
 /// A read-ahead layer under TLS. rustls asks its transport for at most 4 KiB at a time, so a
-/// 16 KiB record would cost four or five `read` calls; this layer reads up to 64 KiB per call
-/// and hands rustls the bytes from memory. The buffer exists only while bytes are waiting in
+/// 16 KiB record would cost four or five `read` calls; this layer reads up to 32 KiB (two
+/// records) per call and hands rustls the bytes from memory. The buffer exists only while bytes are waiting in
 /// it: an idle connection holds none. Writes pass straight through.
 pub struct ReadAhead {
     inner: Stream,

@@ -14,8 +14,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::protocol;
 
-/// Bytes per read from the plain side: up to four full TLS records, sealed and written with one
-/// vectored write; below the 64 KiB a DATA frame can carry.
+/// Bytes per read from the plain side: one full TLS record, sealed and written with one write;
+/// below the 64 KiB a DATA frame can carry. 8, 32 and 64 KiB were slower (docs/performance.md).
 pub const BUF_SIZE: usize = 16 * 1024;
 
 /// Relay buffers are taken only while bytes are moving and handed back when a read would wait,
