@@ -77,7 +77,7 @@ def main():
         hard = max(hard, need)
     except (ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    npairs = -(-need // hard)
+    npairs = -(-2 * CONNS // max(hard - 300, 2))  # each pair: two per connection, plus 300
     work = Path(tempfile.mkdtemp(prefix="legate-load-"))
     c = work / "certs"
     subprocess.run([LEGATE, "gen-certs", "--out", c, "--server-name", "127.0.0.1", "--client", "client"],
