@@ -411,6 +411,20 @@ def rps(port, *args):
     return statistics.mean(float(r["rps"]) for r in rows)
 
 
+PING = b"*1\r\n$4\r\nPING\r\n"
+
+
+def read_reply(s):
+    """One RESP line from socket `s` (through its CRLF); raises if the connection closes first."""
+    got = b""
+    while not got.endswith(b"\r\n"):
+        chunk = s.recv(64)
+        if not chunk:
+            raise RuntimeError(f"connection closed before a full reply (got {got!r})")
+        got += chunk
+    return got
+
+
 def conn_rps(port):
     """New connections per second (-k 0): a short probe sizes the run to about 3 s, so a peer
     that manages 70 connections/s does not take a minute. At most 10,000: more fresh connections
@@ -437,15 +451,10 @@ def idle_memory(procs, port):
         batch = []
         for _ in range(min(100, IDLE_CONNS - len(conns))):
             s = socket.create_connection(("127.0.0.1", port), timeout=60)
-            s.sendall(b"*1\r\n$4\r\nPING\r\n")
+            s.sendall(PING)
             batch.append(s)
         for s in batch:
-            got = b""
-            while not got.endswith(b"\r\n"):
-                chunk = s.recv(64)
-                if not chunk:
-                    raise RuntimeError("a connection closed during the memory test")
-                got += chunk
+            read_reply(s)
         conns += batch
     time.sleep(0.5)
     used = procs.rss()
@@ -460,10 +469,8 @@ def first_reply_ms(port, n=20):
         t0 = time.monotonic()
         s = socket.create_connection(("127.0.0.1", port), timeout=10)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        s.sendall(b"*1\r\n$4\r\nPING\r\n")
-        got = b""
-        while not got.endswith(b"\r\n"):
-            got += s.recv(64)
+        s.sendall(PING)
+        read_reply(s)
         times.append((time.monotonic() - t0) * 1000)
         s.close()
     return statistics.median(times)

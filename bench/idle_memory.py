@@ -8,7 +8,7 @@ process's RSS growth by N. Extra arguments go to `legate client` (e.g. --pool-si
 import os, socket, subprocess, sys, tempfile, time
 from pathlib import Path
 
-from bench import free_port, wait_port
+from bench import PING, free_port, read_reply, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 LEGATE = str(ROOT / "target" / "release" / "legate")
@@ -48,12 +48,10 @@ def main():
             batch = []
             for _ in range(min(100, n - len(conns))):
                 s = socket.create_connection(("127.0.0.1", cp), timeout=60)
-                s.sendall(b"*1\r\n$4\r\nPING\r\n")
+                s.sendall(PING)
                 batch.append(s)
             for s in batch:
-                got = b""
-                while not got.endswith(b"\r\n"):
-                    got += s.recv(64)
+                read_reply(s)
             conns += batch
         time.sleep(1)
         after = rss_kb(client.pid), rss_kb(server.pid)

@@ -14,7 +14,7 @@ bench/LOAD.md.
 import os, resource, socket, subprocess, sys, tempfile, time
 from pathlib import Path
 
-from bench import free_port, wait_port
+from bench import PING, free_port, read_reply, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 LEGATE = str(ROOT / "target" / "release" / "legate")
@@ -23,7 +23,6 @@ CONNS = int(os.environ.get("LOAD_CONNS", "10000"))
 HOLD = int(os.environ.get("LOAD_HOLD", "60"))
 # Extra flags for both ambassadors, e.g. LOAD_LEGATE_ARGS="--keepalive=0".
 EXTRA = os.environ.get("LOAD_LEGATE_ARGS", "").split()
-PING = b"*1\r\n$4\r\nPING\r\n"
 
 
 def sample(pid):
@@ -45,12 +44,7 @@ def kernel_drops():
 
 def ping(s):
     s.sendall(PING)
-    got = b""
-    while not got.endswith(b"\r\n"):
-        chunk = s.recv(64)
-        if not chunk:
-            raise RuntimeError("connection closed")
-        got += chunk
+    got = read_reply(s)
     if got != b"+PONG\r\n":
         raise RuntimeError(f"unexpected reply {got!r}")
 

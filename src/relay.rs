@@ -298,6 +298,7 @@ where
     // Header and payload in one buffer, so each frame is one write and one TLS record. The
     // buffer is taken only while bytes move: a stream waiting on its consumer holds none.
     let mut slot = None;
+    let end = protocol::stream_header(protocol::END, 0);
     loop {
         let n = match read_lazy(r, &mut slot).await {
             Ok(n) => n,
@@ -310,7 +311,6 @@ where
                 return Ending::Broken;
             }
         };
-        let end = protocol::stream_header(protocol::END, 0);
         let frame = match slot.as_deref_mut() {
             Some(buf) if n > 0 => {
                 buf[..spare::HEAD].copy_from_slice(&protocol::stream_header(protocol::DATA, n));

@@ -29,6 +29,19 @@ fn backend_untouched(backend: &Backend) {
     );
 }
 
+/// A client ambassador presenting the certificate issued as `leaf` to a server that allows
+/// CN "client": the consumer is turned away, the server logs a failed handshake, and nothing
+/// reaches the backend. Returns the server's log line.
+fn refused_at_handshake(pki: &Pki, leaf: &str) -> String {
+    let backend = Backend::echo(b"");
+    let server = Legate::server(pki, &backend.target(), &["--allow-cn=client"]);
+    let client = Legate::client(pki, leaf, server.addr(), &[]);
+    consumer_is_turned_away(&client);
+    let line = server.log.wait_for(&["outcome=handshake_failed"]);
+    backend_untouched(&backend);
+    line
+}
+
 #[test]
 fn a_client_without_certificate_is_refused() {
     let pki = Pki::new();
@@ -125,13 +138,8 @@ fn an_expired_client_certificate_is_refused() {
     let mut spec = LeafSpec::new("client", Usage::Client);
     spec.validity = Validity::expired();
     pki.issue("old", &spec);
-    let backend = Backend::echo(b"");
-    let server = Legate::server(&pki, &backend.target(), &["--allow-cn=client"]);
-    let client = Legate::client(&pki, "old", server.addr(), &[]);
-    consumer_is_turned_away(&client);
-    let line = server.log.wait_for(&["outcome=handshake_failed"]);
+    let line = refused_at_handshake(&pki, "old");
     assert!(line.contains("certificate expired"), "{line}");
-    backend_untouched(&backend);
 }
 
 #[test]
@@ -215,13 +223,8 @@ fn a_client_certificate_not_yet_valid_is_refused() {
     let mut spec = LeafSpec::new("client", Usage::Client);
     spec.validity = Validity::not_yet_valid();
     pki.issue("early", &spec);
-    let backend = Backend::echo(b"");
-    let server = Legate::server(&pki, &backend.target(), &["--allow-cn=client"]);
-    let client = Legate::client(&pki, "early", server.addr(), &[]);
-    consumer_is_turned_away(&client);
-    let line = server.log.wait_for(&["outcome=handshake_failed"]);
+    let line = refused_at_handshake(&pki, "early");
     assert!(line.contains("not valid yet"), "{line}");
-    backend_untouched(&backend);
 }
 
 #[test]
@@ -231,16 +234,11 @@ fn a_server_certificate_used_as_a_client_certificate_is_refused() {
     let mut spec = LeafSpec::new("client", Usage::Server);
     spec.names = vec!["localhost".into()];
     pki.issue("wrong-usage", &spec);
-    let backend = Backend::echo(b"");
-    let server = Legate::server(&pki, &backend.target(), &["--allow-cn=client"]);
-    let client = Legate::client(&pki, "wrong-usage", server.addr(), &[]);
-    consumer_is_turned_away(&client);
-    let line = server.log.wait_for(&["outcome=handshake_failed"]);
+    let line = refused_at_handshake(&pki, "wrong-usage");
     assert!(
         line.contains("does not allow extended key usage for client authentication"),
         "{line}"
     );
-    backend_untouched(&backend);
 }
 
 #[test]
@@ -268,14 +266,9 @@ fn a_self_signed_client_certificate_is_refused() {
         .status()
         .unwrap();
     assert!(made.success());
-    let backend = Backend::echo(b"");
-    let server = Legate::server(&pki, &backend.target(), &["--allow-cn=client"]);
-    let client = Legate::client(&pki, "selfie", server.addr(), &[]);
-    consumer_is_turned_away(&client);
-    let line = server.log.wait_for(&["outcome=handshake_failed"]);
+    let line = refused_at_handshake(&pki, "selfie");
     assert!(
         line.contains("UnknownIssuer") || line.contains("unknown issuer"),
         "{line}"
     );
-    backend_untouched(&backend);
 }

@@ -15,6 +15,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 . "$root/scripts/need.sh"
+. "$root/scripts/netns.sh"
 
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 say() { printf '    %s\n' "$*"; }
@@ -82,17 +83,7 @@ say "legate: $legate"
 step "creating two hosts"
 if [ -z "${LEGATE_DEMO_LOOPBACK:-}" ] && [ "$(id -u)" -eq 0 ] && command -v ip >/dev/null 2>&1 && ip netns add "$big" 2>/dev/null; then
     netns=1
-    ip netns add "$cli"
-    ip link add "lg-b$$" type veth peer name "lg-c$$"
-    ip link set "lg-b$$" netns "$big"
-    ip link set "lg-c$$" netns "$cli"
-    ip -n "$big" addr add 198.18.0.1/30 dev "lg-b$$"
-    ip -n "$cli" addr add 198.18.0.2/30 dev "lg-c$$"
-    for ns in "$big" "$cli"; do
-        ip -n "$ns" link set lo up
-    done
-    ip -n "$big" link set "lg-b$$" up
-    ip -n "$cli" link set "lg-c$$" up
+    join_namespaces "$big" "$cli" "lg-b$$" "lg-c$$"
     on_big=(ip netns exec "$big")
     on_cli=(ip netns exec "$cli")
     server_ip=198.18.0.1

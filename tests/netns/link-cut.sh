@@ -10,6 +10,7 @@
 #   LEGATE_BIN=target/debug/legate tests/netns/link-cut.sh
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
+. "$root/scripts/netns.sh"
 legate=${LEGATE_BIN:-$root/target/release/legate}
 if [ "$(id -u)" -ne 0 ]; then
     echo "link-cut.sh: skipped: needs root to create network namespaces" >&2
@@ -33,15 +34,7 @@ if ! ip netns add "$a" 2>"$work/netns.err"; then
     echo "link-cut.sh: skipped: cannot create a network namespace here: $(cat "$work/netns.err")" >&2
     exit 77
 fi
-ip netns add "$b"
-ip link add "lc-a$$" type veth peer name "lc-b$$"
-ip link set "lc-a$$" netns "$a"
-ip link set "lc-b$$" netns "$b"
-ip -n "$a" addr add 198.18.0.1/30 dev "lc-a$$"
-ip -n "$b" addr add 198.18.0.2/30 dev "lc-b$$"
-for ns in "$a" "$b"; do ip -n "$ns" link set lo up; done
-ip -n "$a" link set "lc-a$$" up
-ip -n "$b" link set "lc-b$$" up
+join_namespaces "$a" "$b" "lc-a$$" "lc-b$$"
 
 "$legate" gen-certs --out "$work/certs" --server-name 198.18.0.1 --client app >/dev/null
 c="$work/certs"
