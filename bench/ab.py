@@ -1,0 +1,77 @@
+#!/usr/bin/env python3
+"""A/B: several legate binaries (and HAProxy, optionally nginx) side by side, interleaved.
+
+Each contender's pair stays up for the whole run; every round measures each of them in turn
+(one-stream throughput, Redis SET/GET with 50 clients, single-client PING p99), so drift in
+the machine hits all of them alike. Prints the median and every round. Pinned like bench/run
+(BENCH_PIN=0 turns it off). Used for the comparisons in docs/performance.md.
+
+  bench/ab.py BINARY [BINARY ...]     e.g. bench/ab.py /tmp/legate-before target/release/legate
+
+AB_ROUNDS (default 4), AB_HAPROXY=0 to leave HAProxy out, AB_NGINX=1 to add nginx.
+"""
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import bench
+
+
+def main():
+    binaries = sys.argv[1:]
+    if not binaries:
+        sys.exit(__doc__)
+    bench.RUNS = 1  # one measurement per round; the rounds give the spread
+    work = Path(tempfile.mkdtemp(prefix="legate-ab-"))
+    c = bench.certs(work)
+    services = bench.Procs(work)
+    redis_port, iperf_port = bench.free_port(), bench.free_port()
+    services.start("redis", ["redis-server", "--port", str(redis_port), "--save", "", "--dir", work])
+    services.start("iperf3", ["iperf3", "-s", "-p", str(iperf_port)])
+    bench.wait_port(redis_port)
+    bench.wait_port(iperf_port)
+
+    contenders = [(f"legate{i} ({b})", b, bench.legate) for i, b in enumerate(binaries)]
+    if os.environ.get("AB_HAPROXY", "1") == "1":
+        contenders.append(("haproxy", None, bench.haproxy))
+    if os.environ.get("AB_NGINX") == "1":
+        contenders.append(("nginx", None, bench.nginx))
+
+    pairs, procs = {}, []
+    try:
+        for i, (name, binary, start) in enumerate(contenders):
+            if binary:
+                bench.LEGATE = Path(binary)
+            d = work / f"c{i}"
+            d.mkdir()
+            p = bench.Procs(d)
+            procs.append(p)
+            ports = {}
+            for svc, target in (("redis", redis_port), ("iperf", iperf_port)):
+                hop = {"server": bench.free_port(), "client": bench.free_port()}
+                hop["dial"] = hop["server"]
+                ports[svc] = start(p, c, target, hop)
+                bench.wait_port(ports[svc])
+            pairs[name] = ports
+        results = {n: {"gbps": [], "rps": [], "p99": []} for n in pairs}
+        for _ in range(int(os.environ.get("AB_ROUNDS", "4"))):
+            for name, ports in pairs.items():
+                results[name]["gbps"].append(bench.iperf(ports["iperf"], 1)[0])
+                results[name]["p99"].append(bench.latency(ports["redis"])[1])
+                results[name]["rps"].append(bench.rps(ports["redis"], "-c", "50", "-n", "50000", "-t", "set,get"))
+        for name, r in results.items():
+            print(f"{name}: 1 stream {statistics.median(r['gbps']):.2f} Gbit/s "
+                  f"[{' '.join(f'{x:.2f}' for x in r['gbps'])}], "
+                  f"redis 50 clients {statistics.median(r['rps']):,.0f}/s "
+                  f"[{' '.join(f'{x:,.0f}' for x in r['rps'])}], "
+                  f"p99 {statistics.median(r['p99']):.3f} ms [{' '.join(f'{x:.3f}' for x in r['p99'])}]")
+    finally:
+        for p in procs:
+            p.stop()
+        services.stop()
+
+
+if __name__ == "__main__":
+    main()
