@@ -210,6 +210,10 @@ pub struct ClientArgs {
     /// handshake; 0 turns the pool off. Default 4.
     #[arg(long, value_name = "N")]
     pub pool_size: Option<usize>,
+    /// Carry all consumer connections as streams over one legate/1 connection (true, the
+    /// default), or give each its own pooled connection (false).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub mux: Option<bool>,
 }
 
 #[derive(Debug, Args)]
@@ -322,6 +326,7 @@ impl ClientArgs {
         f.raw = self.raw;
         f.unsafe_listen = self.unsafe_listen;
         f.pool_size = self.pool_size;
+        f.mux = self.mux;
         (f, process)
     }
 }

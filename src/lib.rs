@@ -25,6 +25,7 @@ pub mod config;
 pub mod daemon;
 pub mod dial;
 pub mod metrics;
+pub mod mux;
 pub mod net;
 pub mod pool;
 pub mod protocol;

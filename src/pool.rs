@@ -8,8 +8,8 @@
 //! for the next consumer. A connection that died in the pool is noticed when taken (a read
 //! that is not pending) and dropped.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -19,8 +19,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::TunnelConfig;
 use crate::metrics::TunnelMetrics;
-use crate::protocol::{self, FEATURE_FRAMED, Frame};
-use crate::tls::{ClientStream, ClientTls};
+use crate::mux::{Conn, Role};
+use crate::protocol::{self, FEATURE_FRAMED, FEATURE_MUX, Frame};
+use crate::tls::{ClientStream, ClientTls, PeerIdentity};
 use crate::tunnel::{Failure, Outcome, describe_open_error, dial_peer, fail};
 
 /// How long a server keeps an idle connection when its HELLO does not say.
@@ -65,6 +66,8 @@ pub(crate) enum OpenError {
     Failed(Failure),
     /// The server speaks `legate/1` without stream framing, or not `legate/1` at all.
     NotFramed,
+    /// The server offers framing but not multiplexing (an older legate).
+    NotMux,
 }
 
 impl Pool {
@@ -134,13 +137,13 @@ impl Pool {
                     r = open(cfg, tls, None) => r,
                 };
                 match opened {
-                    Ok((stream, idle_limit)) => {
+                    Ok((stream, idle_limit, _)) => {
                         backoff = Duration::from_millis(100);
                         self.put(stream, idle_limit, generation);
                         tracing::debug!(tunnel = %cfg.name, ready = self.idle().len(), "pooled connection ready");
                         continue;
                     }
-                    Err(OpenError::NotFramed) => {
+                    Err(OpenError::NotFramed | OpenError::NotMux) => {
                         tracing::info!(tunnel = %cfg.name, "server does not offer framed legate/1; pool off");
                         self.turn_off();
                         return;
@@ -178,7 +181,7 @@ pub(crate) async fn open(
     cfg: &TunnelConfig,
     tls: &ClientTls,
     metrics: Option<&TunnelMetrics>,
-) -> Result<(Box<ClientStream>, Duration), OpenError> {
+) -> Result<(Box<ClientStream>, Duration, u8), OpenError> {
     let (stream, _) = dial_peer(cfg, tls, metrics)
         .await
         .map_err(OpenError::Failed)?;
@@ -204,13 +207,144 @@ pub(crate) async fn open(
             } else {
                 Duration::from_secs(u64::from(idle_secs))
             };
-            Ok((stream, limit))
+            Ok((stream, limit, features))
         }
         Frame::Hello { .. } => Err(OpenError::NotFramed),
         other => Err(OpenError::Failed(fail(
             Outcome::ProtocolError,
             format!("expected HELLO, got {other:?}"),
         ))),
+    }
+}
+
+/// The client side's multiplexed connection: one connection, proven live by HELLO, carries
+/// every consumer stream of the tunnel. It is replaced when it dies, when the server drains it
+/// (GOAWAY), after a TLS reload, and before the server's idle limit.
+pub struct MuxPool {
+    current: Mutex<Option<MuxConn>>,
+    /// One connection is opened at a time; consumers arriving meanwhile wait for it.
+    opening: tokio::sync::Mutex<()>,
+    on: AtomicBool,
+}
+
+/// A live multiplexed connection and what the consumer logs say about it.
+#[derive(Clone)]
+pub struct MuxConn {
+    pub conn: Arc<Conn>,
+    pub session: String,
+    pub identity: Option<PeerIdentity>,
+    generation: u64,
+    idle_limit: Duration,
+}
+
+impl Default for MuxPool {
+    fn default() -> Self {
+        MuxPool {
+            current: Mutex::new(None),
+            opening: tokio::sync::Mutex::new(()),
+            on: AtomicBool::new(true),
+        }
+    }
+}
+
+impl MuxPool {
+    /// False once the server turned out not to offer multiplexing.
+    pub fn is_on(&self) -> bool {
+        self.on.load(Ordering::Relaxed)
+    }
+
+    fn current(&self) -> std::sync::MutexGuard<'_, Option<MuxConn>> {
+        self.current.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The current connection if new streams may go on it; one that may not is drained.
+    fn usable(&self, generation: u64) -> Option<MuxConn> {
+        let mut cur = self.current();
+        let c = cur.as_ref()?;
+        if c.conn.usable()
+            && c.generation == generation
+            && c.conn.idle_for() < c.idle_limit.mul_f64(0.75)
+        {
+            return Some(c.clone());
+        }
+        c.conn.drain();
+        *cur = None;
+        None
+    }
+
+    /// A connection to open a stream on: the current one, or a new one.
+    pub(crate) async fn get(
+        &self,
+        cfg: &TunnelConfig,
+        tls: &ClientTls,
+        metrics: Option<&TunnelMetrics>,
+    ) -> Result<MuxConn, OpenError> {
+        let generation = tls.generation();
+        if let Some(c) = self.usable(generation) {
+            return Ok(c);
+        }
+        let _one = self.opening.lock().await;
+        if let Some(c) = self.usable(generation) {
+            return Ok(c);
+        }
+        let (stream, idle_limit, features) = open(cfg, tls, metrics).await?;
+        if features & FEATURE_MUX == 0 {
+            self.on.store(false, Ordering::Relaxed);
+            return Err(OpenError::NotMux);
+        }
+        let session = crate::tls::describe_session(stream.get_ref().1);
+        let identity = crate::tls::peer_identity(stream.get_ref().1).ok();
+        let conn = Conn::start(Role::Client, stream, &[], |_, _| {});
+        let c = MuxConn {
+            conn,
+            session,
+            identity,
+            generation,
+            idle_limit,
+        };
+        *self.current() = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Keeps a connection ready until `stop`, so the first consumer after a failure or a
+    /// retirement pays no handshake. Failures back off up to 5 s. Returns `false` when the
+    /// server does not multiplex (the caller falls back to the framed pool).
+    pub async fn keep(
+        &self,
+        cfg: &TunnelConfig,
+        tls: &ClientTls,
+        stop: &CancellationToken,
+    ) -> bool {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let got = tokio::select! {
+                _ = stop.cancelled() => return true,
+                r = self.get(cfg, tls, None) => r,
+            };
+            match got {
+                Ok(c) => {
+                    backoff = Duration::from_millis(100);
+                    tokio::select! {
+                        _ = stop.cancelled() => return true,
+                        _ = c.conn.changed() => {}
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+                Err(OpenError::NotFramed | OpenError::NotMux) => {
+                    tracing::info!(tunnel = %cfg.name, "server does not offer multiplexed legate/1; using a pool of connections");
+                    self.on.store(false, Ordering::Relaxed);
+                    return false;
+                }
+                Err(OpenError::Failed(f)) => {
+                    tracing::debug!(tunnel = %cfg.name, error = %f.detail, "mux: opening a connection failed");
+                    tokio::select! {
+                        _ = stop.cancelled() => return true,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
     }
 }
 

@@ -29,6 +29,9 @@ pub const ABORT: u8 = 0x07;
 /// Feature bit: after READY both directions are DATA frames closed by END (or ABORT), and a
 /// connection whose stream ended cleanly in both directions carries the next OPEN.
 pub const FEATURE_FRAMED: u8 = 0x01;
+/// Feature bit: the connection carries many streams at once, each frame naming its stream
+/// (`mux.rs`); the client asks for it by opening a stream with a multiplexed OPEN.
+pub const FEATURE_MUX: u8 = 0x02;
 
 /// The largest DATA payload (the length field is 16 bits).
 pub const MAX_DATA: usize = u16::MAX as usize;
@@ -51,7 +54,7 @@ pub enum RefuseCode {
 }
 
 impl RefuseCode {
-    fn from_u8(v: u8) -> Option<RefuseCode> {
+    pub(crate) fn from_u8(v: u8) -> Option<RefuseCode> {
         Some(match v {
             1 => RefuseCode::UnknownRoute,
             2 => RefuseCode::DialFailed,
@@ -166,12 +169,7 @@ pub fn encode(frame: &Frame) -> Vec<u8> {
             HELLO
         }
         Frame::Open(open) => {
-            payload.extend_from_slice(&[VERSION, open.features]);
-            payload.push(open.route.len() as u8);
-            payload.extend_from_slice(open.route.as_bytes());
-            let addr = open.consumer.map(|a| a.to_string()).unwrap_or_default();
-            payload.push(addr.len() as u8);
-            payload.extend_from_slice(addr.as_bytes());
+            payload = open_payload(open);
             OPEN
         }
         Frame::Ready { features } => {
@@ -193,6 +191,28 @@ pub fn encode(frame: &Frame) -> Vec<u8> {
     out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
     out.extend_from_slice(&payload);
     out
+}
+
+/// An OPEN frame's payload (also the body of a multiplexed OPEN).
+pub fn open_payload(open: &Open) -> Vec<u8> {
+    let mut payload = vec![VERSION, open.features];
+    payload.push(open.route.len() as u8);
+    payload.extend_from_slice(open.route.as_bytes());
+    let addr = open.consumer.map(|a| a.to_string()).unwrap_or_default();
+    payload.push(addr.len() as u8);
+    payload.extend_from_slice(addr.as_bytes());
+    payload
+}
+
+/// Parses an OPEN payload.
+pub fn decode_open(payload: &[u8]) -> Result<Open, Error> {
+    if payload.len() > MAX_PAYLOAD {
+        return Err(Error::TooLarge(payload.len()));
+    }
+    match decode(OPEN, payload)? {
+        Frame::Open(open) => Ok(open),
+        _ => unreachable!("decode(OPEN, ..) yields an OPEN or an error"),
+    }
 }
 
 /// Parses one frame's payload.
@@ -289,6 +309,15 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     r.read_exact(&mut header)
         .await
         .map_err(|e| closed(e, expecting))?;
+    read_rest(r, header, expecting).await
+}
+
+/// The payload of a frame whose header was read, and the frame.
+async fn read_rest<R: AsyncRead + Unpin>(
+    r: &mut R,
+    header: [u8; 3],
+    expecting: &'static str,
+) -> Result<Frame, Error> {
     let len = u16::from_be_bytes([header[1], header[2]]) as usize;
     if len > MAX_PAYLOAD {
         return Err(Error::TooLarge(len));
@@ -314,6 +343,32 @@ pub async fn expect_frame<R: AsyncRead + Unpin>(
             expected,
             got: frame.name(),
         })
+    }
+}
+
+/// What a server reads where a stream may start.
+pub enum Opening {
+    Open(Open),
+    /// The header of a multiplexed OPEN: from here on the connection is multiplexed, and the
+    /// rest of that frame is still unread.
+    Mux([u8; 3]),
+}
+
+/// Reads an OPEN, or the header of a multiplexed one, and not a byte more.
+pub async fn read_opening<R: AsyncRead + Unpin>(r: &mut R) -> Result<Opening, Error> {
+    let mut header = [0u8; 3];
+    r.read_exact(&mut header)
+        .await
+        .map_err(|e| closed(e, "OPEN"))?;
+    if header[0] == crate::mux::M_OPEN {
+        return Ok(Opening::Mux(header));
+    }
+    match read_rest(r, header, "OPEN").await? {
+        Frame::Open(open) => Ok(Opening::Open(open)),
+        other => Err(Error::Unexpected {
+            expected: "OPEN",
+            got: other.name(),
+        }),
     }
 }
 

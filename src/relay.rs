@@ -23,8 +23,9 @@ pub const BUF_SIZE: usize = 16 * 1024;
 mod spare {
     use std::cell::RefCell;
 
-    /// Header room in front of the payload, for DATA frames.
-    pub const HEAD: usize = 3;
+    /// Header room in front of the payload: a multiplexed DATA frame's 7 bytes (a framed
+    /// stream's 3-byte header goes in its last 3).
+    pub const HEAD: usize = crate::mux::HEAD;
     const KEEP: usize = 64;
 
     thread_local! {
@@ -87,9 +88,19 @@ async fn read_lazy<R: AsyncRead + Unpin>(
     r: &mut R,
     slot: &mut Option<SpareBuf>,
 ) -> io::Result<usize> {
+    read_lazy_max(r, slot, BUF_SIZE).await
+}
+
+/// [`read_lazy`], reading at most `max` bytes.
+pub(crate) async fn read_lazy_max<R: AsyncRead + Unpin>(
+    r: &mut R,
+    slot: &mut Option<SpareBuf>,
+    max: usize,
+) -> io::Result<usize> {
+    let max = max.min(BUF_SIZE);
     std::future::poll_fn(|cx| {
         let mut buf = slot.take().unwrap_or_else(SpareBuf::take);
-        let mut rb = tokio::io::ReadBuf::new(&mut buf[spare::HEAD..]);
+        let mut rb = tokio::io::ReadBuf::new(&mut buf[spare::HEAD..spare::HEAD + max]);
         let result = std::task::ready!(std::pin::Pin::new(&mut *r).poll_read(cx, &mut rb));
         let n = rb.filled().len();
         *slot = Some(buf);
@@ -114,7 +125,7 @@ pub struct Totals {
 
 /// Whether an error that ended a direction means the link failed, rather than that the peer
 /// closed: resets, broken pipes and a TLS peer closing without close_notify are how peers close.
-fn link_failure(e: &io::Error, failed: &std::sync::OnceLock<String>) {
+pub(crate) fn note_failure(e: &io::Error, failed: &std::sync::OnceLock<String>) {
     use io::ErrorKind::*;
     if !matches!(
         e.kind(),
@@ -193,7 +204,7 @@ where
     .await;
     drop(slot);
     if let Err(e) = &result {
-        link_failure(e, failed);
+        note_failure(e, failed);
     }
     // Propagate the end of this direction whatever ended it; a failure here means the other
     // side is gone already.
@@ -252,13 +263,38 @@ where
             to_frames(&mut plain_r, &mut tls_w, &out_count, &failed).await
         }
     };
-    let mut outward = std::pin::pin!(outward);
-    let mut inward = std::pin::pin!(from_frames(&mut tls_r, &mut plain_w, &in_count, &failed));
+    let inward = from_frames(&mut tls_r, &mut plain_w, &in_count, &failed);
+    let (first, second, cut) =
+        both_directions(outward, inward, close_timeout, |e| *e == Ending::Broken).await;
+    let second = second.unwrap_or(Ending::Broken);
+    FramedTotals {
+        to_frames: out_count.load(Ordering::Relaxed),
+        from_frames: in_count.load(Ordering::Relaxed),
+        reusable: first == Ending::End && second == Ending::End,
+        cut,
+        failed: failed.get().cloned(),
+    }
+}
 
+/// Runs both directions of a stream. Once one has ended, the other gets `close_timeout` to end
+/// too, unless `broken` says the first one broke the stream (then the other is not waited for).
+/// Returns how the first to end ended, how the other did (`None`: not waited for, or cut), and
+/// whether the close timeout cut it.
+pub(crate) async fn both_directions<T>(
+    outward: impl Future<Output = T>,
+    inward: impl Future<Output = T>,
+    close_timeout: Duration,
+    broken: impl Fn(&T) -> bool,
+) -> (T, Option<T>, bool) {
+    let mut outward = std::pin::pin!(outward);
+    let mut inward = std::pin::pin!(inward);
     let (first, out_first) = tokio::select! {
         e = &mut outward => (e, true),
         e = &mut inward => (e, false),
     };
+    if broken(&first) {
+        return (first, None, false);
+    }
     let rest = async {
         if out_first {
             inward.await
@@ -266,21 +302,9 @@ where
             outward.await
         }
     };
-    // A broken direction breaks the stream: do not wait for the other one.
-    let (second, cut) = if first == Ending::Broken {
-        (Ending::Broken, false)
-    } else {
-        match tokio::time::timeout(close_timeout, rest).await {
-            Ok(e) => (e, false),
-            Err(_) => (Ending::Broken, true),
-        }
-    };
-    FramedTotals {
-        to_frames: out_count.load(Ordering::Relaxed),
-        from_frames: in_count.load(Ordering::Relaxed),
-        reusable: first == Ending::End && second == Ending::End,
-        cut,
-        failed: failed.get().cloned(),
+    match tokio::time::timeout(close_timeout, rest).await {
+        Ok(e) => (first, Some(e), false),
+        Err(_) => (first, None, true),
     }
 }
 
@@ -303,7 +327,7 @@ where
         let n = match read_lazy(r, &mut slot).await {
             Ok(n) => n,
             Err(e) => {
-                link_failure(&e, failed);
+                note_failure(&e, failed);
                 let _ = w
                     .write_all(&protocol::stream_header(protocol::ABORT, 0))
                     .await;
@@ -313,8 +337,9 @@ where
         };
         let frame = match slot.as_deref_mut() {
             Some(buf) if n > 0 => {
-                buf[..spare::HEAD].copy_from_slice(&protocol::stream_header(protocol::DATA, n));
-                &buf[..spare::HEAD + n]
+                buf[spare::HEAD - 3..spare::HEAD]
+                    .copy_from_slice(&protocol::stream_header(protocol::DATA, n));
+                &buf[spare::HEAD - 3..spare::HEAD + n]
             }
             _ => &end[..],
         };
@@ -324,7 +349,7 @@ where
         }
         .await
         {
-            link_failure(&e, failed);
+            note_failure(&e, failed);
             return Ending::Broken;
         }
         if n == 0 {
@@ -350,7 +375,7 @@ where
         // Waiting for a header needs no buffer: an idle stream holds none.
         let mut header = [0u8; 3];
         if let Err(e) = r.read_exact(&mut header).await {
-            link_failure(&e, failed);
+            note_failure(&e, failed);
             let _ = w.shutdown().await;
             return Ending::Broken;
         }
@@ -364,7 +389,7 @@ where
                 while left > 0 {
                     let take = left.min(buf.len());
                     if let Err(e) = r.read_exact(&mut buf[..take]).await {
-                        link_failure(&e, failed);
+                        note_failure(&e, failed);
                         let _ = w.shutdown().await;
                         return Ending::Broken;
                     }

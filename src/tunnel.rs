@@ -21,8 +21,9 @@ use crate::accept::Acceptor;
 use crate::config::{Side, TunnelConfig};
 use crate::dial;
 use crate::metrics::TunnelMetrics;
+use crate::mux;
 use crate::net::{Address, Listener, PeerAddr, Stream};
-use crate::pool::Pool;
+use crate::pool::{MuxPool, Pool};
 use crate::protocol::{self, Frame, Open, RefuseCode};
 use crate::proxy_protocol;
 use crate::relay;
@@ -240,6 +241,12 @@ impl Prepared {
                     && self.cfg.legate_protocol
                     && self.cfg.pool_size > 0)
                     .then(|| Arc::new(Pool::new(self.cfg.pool_size))),
+                // --pool-size=0 asks for no shared connections: no pool and no multiplexing.
+                mux: (self.cfg.side == Side::Client
+                    && self.cfg.legate_protocol
+                    && self.cfg.mux
+                    && self.cfg.pool_size > 0)
+                    .then(|| Arc::new(MuxPool::default())),
                 cfg: self.cfg,
                 tls: self.tls,
                 metrics,
@@ -255,6 +262,8 @@ struct Shared {
     metrics: Arc<TunnelMetrics>,
     /// Client side over `legate/1`: connections kept ready.
     pool: Option<Arc<Pool>>,
+    /// Client side over multiplexed `legate/1`: the connection every stream goes over.
+    mux: Option<Arc<MuxPool>>,
 }
 
 /// A bound tunnel.
@@ -275,10 +284,20 @@ impl Tunnel {
     /// Accepts until `stop` is cancelled, spawning each connection on `tracker` so the daemon
     /// can wait for them to drain. The listener closes when this returns.
     pub async fn serve(self, stop: CancellationToken, tracker: TaskTracker) {
-        if let (Some(pool), TlsEnd::Client(client)) = (&self.shared.pool, &self.shared.tls) {
-            let (pool, client, cfg) = (pool.clone(), client.clone(), self.shared.cfg.clone());
-            let stop = stop.clone();
-            tokio::spawn(async move { pool.refill(&cfg, &client, stop).await });
+        if let TlsEnd::Client(client) = &self.shared.tls {
+            let (pool, mux) = (self.shared.pool.clone(), self.shared.mux.clone());
+            let (client, cfg, stop) = (client.clone(), self.shared.cfg.clone(), stop.clone());
+            tokio::spawn(async move {
+                // A server that does not multiplex gets the pool of framed connections.
+                if let Some(mux) = mux
+                    && mux.keep(&cfg, &client, &stop).await
+                {
+                    return;
+                }
+                if let Some(pool) = pool {
+                    pool.refill(&cfg, &client, stop).await;
+                }
+            });
         }
         loop {
             let (tcp, peer, permit) = tokio::select! {
@@ -338,7 +357,7 @@ pub(crate) fn fail(outcome: Outcome, detail: impl fmt::Display) -> Failure {
 
 /// One accepted connection, start to end. The client side serves one consumer; the server side
 /// serves one peer connection, which over framed `legate/1` carries one stream after another.
-async fn serve_conn(t: &Shared, tcp: Stream, peer: PeerAddr, stop: &CancellationToken) {
+async fn serve_conn(t: &Arc<Shared>, tcp: Stream, peer: PeerAddr, stop: &CancellationToken) {
     let _open = t.metrics.open();
     match &t.tls {
         TlsEnd::Server(server) => serve_peer(t, server, tcp, peer, stop).await,
@@ -360,7 +379,7 @@ fn finish(t: &Shared, rec: &Record, started: Instant, result: Result<(), Failure
 /// the tunnel stops accepting (`stop`), a connection waiting for its next OPEN is closed: it
 /// carries no stream, so draining need not wait for it.
 async fn serve_peer(
-    t: &Shared,
+    t: &Arc<Shared>,
     server: &ServerTls,
     tcp: Stream,
     peer: PeerAddr,
@@ -392,7 +411,7 @@ async fn serve_peer(
     }
     let hello = Frame::Hello {
         version: protocol::VERSION,
-        features: protocol::FEATURE_FRAMED,
+        features: protocol::FEATURE_FRAMED | protocol::FEATURE_MUX,
         idle_secs: u32::try_from(cfg.idle_timeout.as_secs()).unwrap_or(u32::MAX),
     };
     if protocol::write_frame(&mut tls, &hello).await.is_err() {
@@ -422,7 +441,12 @@ async fn serve_peer(
             }
         };
         let open = match next {
-            Ok(Ok(open)) => open,
+            Ok(Ok(protocol::Opening::Open(open))) => open,
+            Ok(Ok(protocol::Opening::Mux(head))) => {
+                let info = ConnInfo::new(&stream_rec, &tls);
+                let why = serve_mux(t, tls, &head, info, reloads, stop).await;
+                return finish(t, &stream_rec, started, Err(fail(Outcome::Idle, why)));
+            }
             Ok(Err(f)) => return finish(t, &stream_rec, started, Err(f)),
             Err(why) => {
                 let _ = tls.shutdown().await;
@@ -457,11 +481,11 @@ async fn serve_stream(
     let target = pick_target(cfg, route);
     rec.target = target.map(ToString::to_string);
     let mut dialed = Box::pin(dial_target(cfg, target, route)).await;
-    if let (true, Ok(plain)) = (cfg.proxy_protocol, &mut dialed)
-        && let Err(e) = plain.write_all(&proxy_header(rec, tls).encode()).await
-    {
-        let detail = format!("sending the PROXY header to the target failed: {e}");
-        dialed = Err((RefuseCode::DialFailed, fail(Outcome::DialFailed, detail)));
+    if let (true, Ok(plain)) = (cfg.proxy_protocol, &mut dialed) {
+        let info = ConnInfo::new(rec, tls);
+        if let Err(e) = send_proxy_header(plain, rec, &info).await {
+            dialed = Err(e);
+        }
     }
     let framed = open
         .as_ref()
@@ -501,6 +525,98 @@ async fn serve_stream(
     }
 }
 
+/// Server side: a connection the client made multiplexed (its first OPEN was a multiplexed
+/// one, whose header is `head`). Streams run as tasks of their own; this waits until the
+/// connection ends, and stops it taking streams (GOAWAY) when the tunnel stops, the TLS
+/// material is reloaded, or it has had no stream for the idle timeout. Returns why it ended.
+async fn serve_mux(
+    t: &Arc<Shared>,
+    tls: Box<ServerStream>,
+    head: &[u8],
+    info: ConnInfo,
+    mut reloads: tokio::sync::watch::Receiver<u64>,
+    stop: &CancellationToken,
+) -> String {
+    let cfg = &t.cfg;
+    let streams = TaskTracker::new();
+    let on_open = {
+        let (t, streams) = (t.clone(), streams.clone());
+        let (reloads, stop) = (reloads.clone(), stop.clone());
+        move |incoming: mux::Incoming, open: Open| {
+            // Checked as each OPEN arrives, not only when this task next runs: no stream
+            // starts on a connection made under reloaded TLS material or after the stop.
+            if reloads.has_changed().unwrap_or(true) || stop.is_cancelled() {
+                incoming.conn().drain();
+                return incoming.refuse(RefuseCode::Unavailable, mux::DRAINING);
+            }
+            let (t, info) = (t.clone(), info.clone());
+            let h = incoming.accept();
+            streams.spawn(async move { serve_mux_stream(&t, info, h, open).await });
+        }
+    };
+    let conn = mux::Conn::start(mux::Role::Server, tls, head, on_open);
+    let mut why = None;
+    while why.is_none() {
+        let idle_left = cfg.idle_timeout.saturating_sub(conn.idle_for());
+        why = tokio::select! {
+            biased;
+            _ = reloads.changed() => Some("TLS material reloaded; connection drained"),
+            _ = stop.cancelled() => Some("tunnel stopping; connection drained"),
+            _ = conn.closed() => None,
+            _ = tokio::time::sleep(idle_left) => (conn.active() == 0
+                && conn.idle_for() >= cfg.idle_timeout)
+                .then_some("no stream within the idle timeout; connection closed"),
+        };
+        if conn.dead().is_some() {
+            break;
+        }
+    }
+    conn.drain();
+    conn.closed().await;
+    streams.close();
+    streams.wait().await;
+    why.map_or_else(
+        || conn.dead().unwrap_or("connection closed").to_string(),
+        str::to_string,
+    )
+}
+
+/// Server side: one stream of a multiplexed connection: route, dial, READY or REFUSED, relay.
+async fn serve_mux_stream(t: &Shared, info: ConnInfo, mut h: mux::StreamHandle, open: Open) {
+    let cfg = &t.cfg;
+    let started = Instant::now();
+    let mut rec = Record::new(info.peer);
+    rec.session = info.session.clone();
+    rec.identity = info.identity.clone();
+    rec.route = Some(open.route.clone());
+    rec.consumer = open.consumer;
+    let target = pick_target(cfg, &open.route);
+    rec.target = target.map(ToString::to_string);
+    let mut dialed = Box::pin(dial_target(cfg, target, &open.route)).await;
+    if let (true, Ok(plain)) = (cfg.proxy_protocol, &mut dialed)
+        && let Err(e) = send_proxy_header(plain, &rec, &info).await
+    {
+        dialed = Err(e);
+    }
+    let plain = match dialed {
+        Ok(plain) => plain,
+        Err((code, f)) => {
+            h.refuse(code, &f.detail);
+            return finish(t, &rec, started, Err(f));
+        }
+    };
+    h.ready();
+    let r = h.relay(plain, cfg.close_timeout, false).await;
+    rec.totals = relay::Totals {
+        up: r.from_frames,
+        down: r.to_frames,
+        cut: r.cut,
+        failed: r.failed,
+    };
+    let result = relay_failure(&rec);
+    finish(t, &rec, started, result);
+}
+
 /// A relay that ended on a failed link (not a close) is reported as `aborted`.
 fn relay_failure(rec: &Record) -> Result<(), Failure> {
     match &rec.totals.failed {
@@ -529,8 +645,11 @@ async fn serve_consumer(t: &Shared, client: &ClientTls, mut tcp: Stream, peer: P
     let mut rec = Record::new(peer);
     tcp.tune(None);
     rec.target = cfg.target.as_ref().map(ToString::to_string);
-    let result = match &t.pool {
-        Some(pool) if pool.is_on() => consumer_framed(t, client, pool, &mut tcp, &mut rec).await,
+    let result = match (&t.mux, &t.pool) {
+        (Some(mux), _) if mux.is_on() => consumer_mux(t, client, mux, &mut tcp, &mut rec).await,
+        (_, Some(pool)) if pool.is_on() => {
+            consumer_framed(t, client, pool, &mut tcp, &mut rec).await
+        }
         _ => consumer_own(t, client, &mut tcp, &mut rec).await,
     };
     finish(t, &rec, started, result);
@@ -578,9 +697,9 @@ async fn consumer_framed(
         let (mut tls, idle_limit) = match pooled.take() {
             Some(c) => c,
             None => match Box::pin(crate::pool::open(cfg, client, Some(&t.metrics))).await {
-                Ok(c) => c,
+                Ok((tls, idle_limit, _)) => (tls, idle_limit),
                 Err(crate::pool::OpenError::Failed(f)) => return Err(f),
-                Err(crate::pool::OpenError::NotFramed) => {
+                Err(crate::pool::OpenError::NotFramed | crate::pool::OpenError::NotMux) => {
                     // A server without framing (or not legate at all): no pool, and this
                     // consumer gets a connection of its own.
                     pool.turn_off();
@@ -627,6 +746,116 @@ async fn consumer_framed(
     }
     relay_failure(rec)?;
     Ok(())
+}
+
+/// Client side, multiplexed: open a stream on the tunnel's connection with the consumer's first
+/// bytes behind OPEN, then relay. A stream the server did nothing with (the connection died
+/// before READY, or was draining) is opened again on a fresh connection with the same early
+/// bytes, as with the pool.
+async fn consumer_mux(
+    t: &Shared,
+    client: &ClientTls,
+    mux: &MuxPool,
+    consumer: &mut Stream,
+    rec: &mut Record,
+) -> Result<(), Failure> {
+    let cfg = &t.cfg;
+    let open = Open {
+        features: protocol::FEATURE_FRAMED | protocol::FEATURE_MUX,
+        route: cfg.route.clone(),
+        consumer: rec.peer.socket_addr(),
+    };
+    let mut early = Vec::new();
+    let mut consumer_done = false;
+    let mut tries = 0;
+    let mut stream = loop {
+        let c = match Box::pin(mux.get(cfg, client, Some(&t.metrics))).await {
+            Ok(c) => c,
+            Err(crate::pool::OpenError::Failed(f)) => return Err(f),
+            Err(_) => {
+                // The server does not multiplex: this consumer goes the framed way.
+                return match &t.pool {
+                    Some(pool) => Box::pin(consumer_framed(t, client, pool, consumer, rec)).await,
+                    None => Box::pin(consumer_own(t, client, consumer, rec)).await,
+                };
+            }
+        };
+        rec.session = Some(c.session.clone());
+        rec.identity = c.identity.clone();
+        rec.route = Some(cfg.route.clone());
+        let mut stream = c.conn.open(&open, &early, consumer_done);
+        let answer = Box::pin(mux_answer(
+            cfg,
+            &mut stream,
+            consumer,
+            &mut early,
+            &mut consumer_done,
+        ))
+        .await;
+        match answer {
+            Ok(()) => break stream,
+            Err(Early::Refused(f)) => return Err(f),
+            Err(Early::Dead(detail)) if tries < 3 => {
+                tries += 1;
+                tracing::debug!(tunnel = %cfg.name, error = %detail, "stream was not taken; opening it on a fresh connection");
+            }
+            Err(Early::Dead(detail)) => return Err(fail(Outcome::ProtocolError, detail)),
+        }
+    };
+    let early_len = early.len() as u64;
+    drop(early);
+    let r = stream
+        .relay(&mut *consumer, cfg.close_timeout, consumer_done)
+        .await;
+    rec.totals = relay::Totals {
+        up: early_len + r.to_frames,
+        down: r.from_frames,
+        cut: r.cut,
+        failed: r.failed,
+    };
+    relay_failure(rec)
+}
+
+/// Waits for the answer to a multiplexed OPEN, meanwhile sending the consumer's bytes (kept to
+/// send again if the stream must be opened elsewhere).
+async fn mux_answer(
+    cfg: &TunnelConfig,
+    stream: &mut mux::StreamHandle,
+    consumer: &mut Stream,
+    early: &mut Vec<u8>,
+    consumer_done: &mut bool,
+) -> Result<(), Early> {
+    use tokio::io::AsyncReadExt;
+    let deadline = tokio::time::Instant::now() + cfg.connect_timeout;
+    let mut buf = relay::SpareBuf::take();
+    loop {
+        let room = !*consumer_done && early.len() < MAX_EARLY;
+        tokio::select! {
+            answer = tokio::time::timeout_at(deadline, stream.answer()) => {
+                return match answer {
+                    Ok(mux::Answer::Ready) => Ok(()),
+                    Ok(mux::Answer::Refused(code, message)) => Err(Early::Refused(fail(
+                        Outcome::Refused,
+                        format!("server refused route {:?}: {code}: {message}", cfg.route),
+                    ))),
+                    Ok(mux::Answer::Gone(why)) => Err(Early::Dead(why)),
+                    Err(_) => Err(Early::Refused(fail(
+                        Outcome::ProtocolError,
+                        format!("no answer to OPEN within {:?}", cfg.connect_timeout),
+                    ))),
+                };
+            }
+            n = consumer.read(&mut buf[..MAX_EARLY.min(relay::BUF_SIZE)]), if room => {
+                let n = n.unwrap_or(0);
+                if n == 0 {
+                    *consumer_done = true;
+                } else {
+                    early.extend_from_slice(&buf[..n]);
+                }
+                stream.send_early(&buf[..n]);
+            }
+        }
+    }
 }
 
 enum Early {
@@ -705,8 +934,8 @@ async fn open_early(
                 } else {
                     const HEAD: usize = relay::SpareBuf::HEAD;
                     early.extend_from_slice(&buf[HEAD..HEAD + n]);
-                    buf[..HEAD].copy_from_slice(&protocol::stream_header(protocol::DATA, n));
-                    &buf[..HEAD + n]
+                    buf[HEAD - 3..HEAD].copy_from_slice(&protocol::stream_header(protocol::DATA, n));
+                    &buf[HEAD - 3..HEAD + n]
                 };
                 if let Err(e) = async { wr.write_all(frame).await?; wr.flush().await }.await {
                     return Err(dead(&e));
@@ -758,48 +987,44 @@ fn authorize(cfg: &TunnelConfig, tls: &ServerStream) -> Result<Option<PeerIdenti
 
 /// Server side over `legate/1`: the next OPEN. A client may keep a connection in its pool for
 /// up to `--idle-timeout` before using it; closing it unused is not an error (outcome `idle`).
-async fn read_open(cfg: &TunnelConfig, tls: &mut ServerStream) -> Result<Open, Failure> {
-    let frame =
-        match tokio::time::timeout(cfg.idle_timeout, protocol::expect_frame(tls, "OPEN")).await {
-            Ok(Ok(frame)) => frame,
-            Ok(Err(protocol::Error::Closed(_))) => {
-                return Err(fail(
-                    Outcome::Idle,
-                    "client closed without opening a stream",
-                ));
+async fn read_open(
+    cfg: &TunnelConfig,
+    tls: &mut ServerStream,
+) -> Result<protocol::Opening, Failure> {
+    let opening = match tokio::time::timeout(cfg.idle_timeout, protocol::read_opening(tls)).await {
+        Ok(Ok(opening)) => opening,
+        Ok(Err(protocol::Error::Closed(_))) => {
+            return Err(fail(
+                Outcome::Idle,
+                "client closed without opening a stream",
+            ));
+        }
+        Ok(Err(protocol::Error::Io(e))) => {
+            return Err(fail(Outcome::Idle, format!("client connection ended: {e}")));
+        }
+        Ok(Err(e)) => {
+            if matches!(
+                e,
+                protocol::Error::Version(_)
+                    | protocol::Error::Malformed(..)
+                    | protocol::Error::TooLarge(_)
+            ) {
+                let refusal = Frame::Refused {
+                    code: RefuseCode::BadRequest,
+                    message: e.to_string(),
+                };
+                let _ = protocol::write_frame(tls, &refusal).await;
             }
-            Ok(Err(protocol::Error::Io(e))) => {
-                return Err(fail(Outcome::Idle, format!("client connection ended: {e}")));
-            }
-            Ok(Err(e)) => {
-                if matches!(
-                    e,
-                    protocol::Error::Version(_)
-                        | protocol::Error::Malformed(..)
-                        | protocol::Error::TooLarge(_)
-                ) {
-                    let refusal = Frame::Refused {
-                        code: RefuseCode::BadRequest,
-                        message: e.to_string(),
-                    };
-                    let _ = protocol::write_frame(tls, &refusal).await;
-                }
-                return Err(fail(Outcome::ProtocolError, format!("bad OPEN: {e}")));
-            }
-            Err(_) => {
-                return Err(fail(
-                    Outcome::Idle,
-                    format!("no OPEN within the idle timeout ({:?})", cfg.idle_timeout),
-                ));
-            }
-        };
-    match frame {
-        Frame::Open(open) => Ok(open),
-        other => Err(fail(
-            Outcome::ProtocolError,
-            format!("expected OPEN, got {other:?}"),
-        )),
-    }
+            return Err(fail(Outcome::ProtocolError, format!("bad OPEN: {e}")));
+        }
+        Err(_) => {
+            return Err(fail(
+                Outcome::Idle,
+                format!("no OPEN within the idle timeout ({:?})", cfg.idle_timeout),
+            ));
+        }
+    };
+    Ok(opening)
 }
 
 /// Checks that this tunnel could serve a connection now, for `/_status`: the server side
@@ -832,24 +1057,55 @@ pub async fn probe_backend(cfg: &TunnelConfig, tls: &TlsEnd) -> Result<(), Strin
     }
 }
 
-/// Server side: the PROXY v2 header for the target. The source is the consumer as the client
-/// ambassador saw it (`legate/1`), or else the TLS peer.
-fn proxy_header(rec: &Record, tls: &ServerStream) -> proxy_protocol::Header {
-    let (stream, conn) = tls.get_ref();
-    proxy_protocol::Header {
+/// Server side: what every stream of one TLS connection shares, for logs and PROXY headers.
+#[derive(Clone)]
+struct ConnInfo {
+    peer: PeerAddr,
+    session: Option<String>,
+    identity: Option<PeerIdentity>,
+    /// Where the client connected to: the PROXY header's destination.
+    destination: Option<std::net::SocketAddr>,
+    tls_version: Option<String>,
+}
+
+impl ConnInfo {
+    fn new(rec: &Record, tls: &ServerStream) -> ConnInfo {
+        let (stream, conn) = tls.get_ref();
+        ConnInfo {
+            peer: rec.peer,
+            session: rec.session.clone(),
+            identity: rec.identity.clone(),
+            destination: stream.get_ref().local_addr(),
+            tls_version: conn.protocol_version().map(|v| match v {
+                rustls::ProtocolVersion::TLSv1_3 => "TLSv1.3".to_string(),
+                rustls::ProtocolVersion::TLSv1_2 => "TLSv1.2".to_string(),
+                other => format!("{other:?}"),
+            }),
+        }
+    }
+}
+
+/// Server side: the PROXY v2 header, sent to the target first. The source is the consumer as
+/// the client ambassador saw it (`legate/1`), or else the TLS peer.
+async fn send_proxy_header(
+    plain: &mut Stream,
+    rec: &Record,
+    info: &ConnInfo,
+) -> Result<(), (RefuseCode, Failure)> {
+    let header = proxy_protocol::Header {
         source: rec.consumer.or(rec.peer.socket_addr()),
-        destination: stream.get_ref().local_addr(),
-        tls_version: conn.protocol_version().map(|v| match v {
-            rustls::ProtocolVersion::TLSv1_3 => "TLSv1.3".to_string(),
-            rustls::ProtocolVersion::TLSv1_2 => "TLSv1.2".to_string(),
-            other => format!("{other:?}"),
-        }),
+        destination: info.destination,
+        tls_version: info.tls_version.clone(),
         common_name: rec
             .identity
             .as_ref()
             .and_then(|id| id.common_names.first().cloned()),
         identity: rec.identity.as_ref().map(ToString::to_string),
-    }
+    };
+    plain.write_all(&header.encode()).await.map_err(|e| {
+        let detail = format!("sending the PROXY header to the target failed: {e}");
+        (RefuseCode::DialFailed, fail(Outcome::DialFailed, detail))
+    })
 }
 
 /// Server side: the target for a route name ("" is the default target).

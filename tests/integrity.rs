@@ -142,9 +142,15 @@ fn four_kib_one_byte_at_a_time_arrive_in_order() {
 
 /// A server and a client side in front of `backend`, each with a plain-HTTP status listener.
 fn pair_with_status(pki: &Pki, backend: &Backend) -> (Legate, Legate) {
+    pair_with_status_and(pki, backend, &[])
+}
+
+fn pair_with_status_and(pki: &Pki, backend: &Backend, client_flags: &[&str]) -> (Legate, Legate) {
     let status = "--status=http://127.0.0.1:0";
     let server = Legate::server(pki, &backend.target(), &["--allow-cn=client", status]);
-    let client = Legate::client(pki, "client", server.addr(), &[status]);
+    let mut flags = vec![status];
+    flags.extend_from_slice(client_flags);
+    let client = Legate::client(pki, "client", server.addr(), &flags);
     (server, client)
 }
 
@@ -210,12 +216,18 @@ fn six_hundred_short_connections_leave_nothing_behind() {
 
 #[test]
 fn consumers_that_reset_leave_the_gauge_at_zero() {
+    // The server side counts its TLS connections: the one multiplexed connection, or the 4
+    // pooled ones.
+    consumers_reset(&[], 1);
+    consumers_reset(&["--mux=false"], 4);
+}
+
+fn consumers_reset(client_flags: &[&str], server_conns: i64) {
     let pki = Pki::new();
     let backend = Backend::echo(b"echo:");
-    let (server, client) = pair_with_status(&pki, &backend);
-    // The server side counts its TLS connections, pooled ones included: 4 once the pool is full.
-    eventually("the pool to fill", DEADLINE, || {
-        (open_gauge(&server) == 4).then_some(())
+    let (server, client) = pair_with_status_and(&pki, &backend, client_flags);
+    eventually("the connections to be ready", DEADLINE, || {
+        (open_gauge(&server) == server_conns).then_some(())
     });
     let mut conns = Vec::new();
     for i in 0..40 {
@@ -238,11 +250,13 @@ fn consumers_that_reset_leave_the_gauge_at_zero() {
         DEADLINE,
         || (open_gauge(&client) == 0).then_some(()),
     );
-    // A reset stream cannot be reused: the server closes those connections, and only the
-    // refilled pool remains.
-    eventually("the server's gauge back to the pool", DEADLINE, || {
-        (open_gauge(&server) == 4).then_some(())
-    });
+    // A reset stream is not reused: the server closes pooled connections that carried one
+    // (and the pool refills); a multiplexed connection carries on.
+    eventually(
+        "the server's gauge back to the ready connections",
+        DEADLINE,
+        || (open_gauge(&server) == server_conns).then_some(()),
+    );
     // The tunnel still works.
     assert_eq!(exchange(client.addr(), b"after"), b"echo:after");
 }

@@ -16,7 +16,12 @@ fn consumer_connections_reuse_pooled_connections() {
     let pki = Pki::new();
     let backend = Backend::echo(b"ok:");
     let server = Legate::server(&pki, &backend.target(), &["--allow-cn=client"]);
-    let client = Legate::client(&pki, "client", server.addr(), &["--pool-size=2"]);
+    let client = Legate::client(
+        &pki,
+        "client",
+        server.addr(),
+        &["--pool-size=2", "--mux=false"],
+    );
     for i in 0..30 {
         let msg = format!("request {i}");
         assert_eq!(
@@ -130,6 +135,7 @@ fn a_dead_pooled_connection_is_replaced_without_losing_or_repeating_bytes() {
             format!("--target=127.0.0.1:{}", trap.addr.port()),
             "--override-server-name=localhost".into(),
             "--pool-size=3".into(),
+            "--mux=false".into(),
             format!("--cert={}", pki.leaf("client").cert.display()),
             format!("--key={}", pki.leaf("client").key.display()),
             format!("--cacert={}", pki.ca_cert().display()),

@@ -97,6 +97,9 @@ pub struct TunnelFile {
     pub max_concurrent_conns: Option<usize>,
     /// Client side: `legate/1` connections kept handshaken and ready (0 turns the pool off).
     pub pool_size: Option<usize>,
+    /// Client side: carry every consumer connection over one multiplexed `legate/1`
+    /// connection (default true; false keeps one pooled connection per consumer).
+    pub mux: Option<bool>,
     /// Server side: how long a `legate/1` connection may wait for its next stream.
     pub idle_timeout: Option<String>,
     /// Server side: send a PROXY protocol v2 header to the target.
@@ -151,6 +154,8 @@ pub struct TunnelConfig {
     pub proxy_protocol: bool,
     /// Client side: ready `legate/1` connections (0: none).
     pub pool_size: usize,
+    /// Client side: streams multiplexed over one connection.
+    pub mux: bool,
     /// Server side: how long a `legate/1` connection may idle between streams.
     pub idle_timeout: Duration,
 }
@@ -501,8 +506,8 @@ impl TunnelFile {
                 if !verify.is_empty() || self.override_server_name.is_some() {
                     p.push("--verify-* and --override-server-name are client-side flags".into());
                 }
-                if self.pool_size.is_some() {
-                    p.push("--pool-size is client-side".into());
+                if self.pool_size.is_some() || self.mux.is_some() {
+                    p.push("--pool-size and --mux are client-side".into());
                 }
                 if self.route.is_some() || self.raw {
                     p.push("--route NAME and --raw are client-side; a server lists routes as NAME=ADDRESS".into());
@@ -600,6 +605,7 @@ impl TunnelFile {
             disable_authentication: self.disable_authentication,
             proxy_protocol: self.proxy_protocol,
             pool_size: self.pool_size.unwrap_or(DEFAULT_POOL_SIZE),
+            mux: self.mux.unwrap_or(true),
             idle_timeout,
         })
     }
