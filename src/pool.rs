@@ -303,6 +303,7 @@ impl MuxPool {
             idle_limit,
         };
         *self.current() = Some(c.clone());
+        tracing::debug!(tunnel = %cfg.name, "multiplexed connection ready");
         Ok(c)
     }
 

@@ -4,12 +4,9 @@
 mod harness;
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread;
+use std::sync::atomic::Ordering;
 
-use harness::{Backend, Legate, Pki};
+use harness::{Backend, Legate, Pki, Trap};
 
 #[test]
 fn consumer_connections_reuse_pooled_connections() {
@@ -47,71 +44,6 @@ fn consumer_connections_reuse_pooled_connections() {
         peers.len()
     );
     assert_eq!(backend.accepted(), 30);
-}
-
-/// A TCP relay between the two ambassadors that can turn every connection it holds into one
-/// that looks alive but dies at the first byte the client sends, like a peer that restarted
-/// behind a NAT that still answers for the old connection.
-struct Trap {
-    addr: SocketAddr,
-    armed: Arc<AtomicBool>,
-}
-
-impl Trap {
-    fn start(to: SocketAddr) -> Trap {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let armed = Arc::new(AtomicBool::new(false));
-        let flag = armed.clone();
-        thread::spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(down) = conn else { continue };
-                let Ok(up) = TcpStream::connect(to) else {
-                    continue;
-                };
-                // Connections made after arming behave; those from before are the trap.
-                let made_after_arming = flag.load(Ordering::SeqCst);
-                let (flag, d2, u2) = (
-                    flag.clone(),
-                    down.try_clone().unwrap(),
-                    up.try_clone().unwrap(),
-                );
-                thread::spawn(move || pipe(up, d2));
-                thread::spawn(move || {
-                    let mut down = down;
-                    let mut up = u2;
-                    let mut buf = [0u8; 16384];
-                    while let Ok(n) = down.read(&mut buf) {
-                        if n == 0 {
-                            break;
-                        }
-                        if flag.load(Ordering::SeqCst) && !made_after_arming {
-                            // Drop the client's bytes and the connection: nothing reaches the
-                            // server.
-                            let _ = down.shutdown(Shutdown::Both);
-                            let _ = up.shutdown(Shutdown::Both);
-                            return;
-                        }
-                        if up.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
-                    }
-                    let _ = up.shutdown(Shutdown::Write);
-                });
-            }
-        });
-        Trap { addr, armed }
-    }
-}
-
-fn pipe(mut from: TcpStream, mut to: TcpStream) {
-    let mut buf = [0u8; 16384];
-    while let Ok(n) = from.read(&mut buf) {
-        if n == 0 || to.write_all(&buf[..n]).is_err() {
-            break;
-        }
-    }
-    let _ = to.shutdown(Shutdown::Write);
 }
 
 #[test]

@@ -1,0 +1,215 @@
+//! Multiplexed legate/1: every consumer connection of a client tunnel is a stream on one TLS
+//! connection; each stream has its own flow-control window, and a stream the server never took
+//! is opened again on a fresh connection without losing or repeating a byte.
+
+mod harness;
+
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::sync::atomic::Ordering;
+use std::thread;
+
+use harness::{Backend, Legate, Pki, Trap};
+
+/// Resident memory of a process, in bytes.
+fn rss(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status");
+    kb * 1024
+}
+
+#[test]
+fn concurrent_consumers_share_one_tls_connection() {
+    let pki = Pki::new();
+    let backend = Backend::echo(b"ok:");
+    let server = Legate::server(&pki, &backend.target(), &["--allow-cn=client"]);
+    let client = Legate::client(&pki, "client", server.addr(), &[]);
+    let addr = client.addr();
+    let workers: Vec<_> = (0..20)
+        .map(|w| {
+            thread::spawn(move || {
+                for i in 0..5 {
+                    let msg = format!("worker {w} request {i}");
+                    assert_eq!(
+                        harness::exchange(addr, msg.as_bytes()),
+                        format!("ok:{msg}").into_bytes()
+                    );
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    harness::eventually("100 streams in the server log", harness::DEADLINE, || {
+        (server.log.count(&["connection closed", "outcome=ok"]) == 100).then_some(())
+    });
+    // Each stream is logged with its TLS connection's peer address: one connection for all.
+    let text = server.log.text();
+    let mut peers: Vec<String> = text
+        .lines()
+        .filter(|l| l.contains("connection closed"))
+        .map(|l| harness::field(l, "peer").unwrap())
+        .collect();
+    peers.sort();
+    peers.dedup();
+    assert_eq!(
+        peers.len(),
+        1,
+        "100 streams used {} TLS connections",
+        peers.len()
+    );
+    assert_eq!(backend.accepted(), 100);
+}
+
+#[test]
+fn a_consumer_that_does_not_read_holds_up_neither_the_others_nor_memory() {
+    const BLAST: usize = 64 * 1024 * 1024;
+    let pattern = |i: usize| (i % 253) as u8;
+    let pki = Pki::new();
+    // "A" gets 64 MiB at once; anything else is echoed.
+    let backend = Backend::start(move |mut s| {
+        let mut first = [0u8; 1];
+        if s.read_exact(&mut first).is_err() {
+            return;
+        }
+        if &first == b"A" {
+            let chunk: Vec<u8> = (0..BLAST / 64).map(pattern).collect();
+            for _ in 0..64 {
+                if s.write_all(&chunk).is_err() {
+                    return;
+                }
+            }
+            let _ = s.shutdown(Shutdown::Write);
+            return;
+        }
+        s.write_all(&first).unwrap();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 || s.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = s.shutdown(Shutdown::Write);
+    });
+    let server = Legate::server(&pki, &backend.target(), &["--allow-cn=client"]);
+    let client = Legate::client(&pki, "client", server.addr(), &[]);
+    assert_eq!(harness::exchange(client.addr(), b"warm"), b"warm");
+    let (client_before, server_before) = (rss(client.pid()), rss(server.pid()));
+
+    let mut slow = harness::connect(client.addr());
+    slow.write_all(b"A").unwrap();
+    // While the slow consumer reads nothing, the others get through on the same connection.
+    for i in 0..50 {
+        let msg = format!("B{i}");
+        assert_eq!(
+            harness::exchange(client.addr(), msg.as_bytes()),
+            msg.as_bytes()
+        );
+    }
+    // The stalled stream holds at most its window (1 MiB) in each ambassador, plus socket
+    // buffers: not the 64 MiB the backend wants to send.
+    let (client_grew, server_grew) = (
+        rss(client.pid()).saturating_sub(client_before),
+        rss(server.pid()).saturating_sub(server_before),
+    );
+    assert!(
+        client_grew < 16 << 20,
+        "client side grew by {client_grew} bytes"
+    );
+    assert!(
+        server_grew < 16 << 20,
+        "server side grew by {server_grew} bytes"
+    );
+
+    // And every byte arrives once the consumer reads.
+    let mut got = Vec::with_capacity(BLAST);
+    slow.read_to_end(&mut got).unwrap();
+    assert_eq!(got.len(), BLAST);
+    assert!(
+        got.chunks(BLAST / 64)
+            .all(|c| c.iter().enumerate().all(|(i, b)| *b == pattern(i))),
+        "the slow stream's bytes came back changed"
+    );
+}
+
+#[test]
+fn a_stream_on_a_dead_connection_is_opened_again_without_losing_or_repeating_bytes() {
+    let pki = Pki::new();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let backend = Backend::start(move |mut s| {
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        s.write_all(b"got:").unwrap();
+        s.write_all(&got).unwrap();
+        tx.lock().unwrap().send(got).unwrap();
+    });
+    let server = Legate::server(&pki, &backend.target(), &["--allow-cn=client"]);
+    let trap = Trap::start(server.addr());
+    let client = Legate::start(
+        &[
+            "client".into(),
+            "--listen=127.0.0.1:0".into(),
+            format!("--target=127.0.0.1:{}", trap.addr.port()),
+            "--override-server-name=localhost".into(),
+            format!("--cert={}", pki.leaf("client").cert.display()),
+            format!("--key={}", pki.leaf("client").key.display()),
+            format!("--cacert={}", pki.ca_cert().display()),
+        ],
+        1,
+    );
+    client.log.wait_for(&["multiplexed connection ready"]);
+    // The connection looks alive, but dies at the first byte the client sends on it.
+    trap.armed.store(true, Ordering::SeqCst);
+
+    let payload: Vec<u8> = (0..50_000u32).map(|i| (i % 251) as u8).collect();
+    let reply = harness::exchange(client.addr(), &payload);
+    let mut expected = b"got:".to_vec();
+    expected.extend_from_slice(&payload);
+    assert!(reply == expected, "the reply differs from the payload");
+    let seen = rx.recv_timeout(harness::DEADLINE).unwrap();
+    assert!(seen == payload);
+    assert_eq!(backend.accepted(), 1);
+    client
+        .log
+        .wait_for(&["stream was not taken; opening it on a fresh connection"]);
+}
+
+#[test]
+fn without_multiplexing_each_consumer_gets_a_pooled_connection() {
+    let pki = Pki::new();
+    let backend = Backend::echo(b"ok:");
+    let server = Legate::server(&pki, &backend.target(), &["--allow-cn=client"]);
+    let client = Legate::client(&pki, "client", server.addr(), &["--mux=false"]);
+    let mut held = Vec::new();
+    for i in 0..3 {
+        let mut s = harness::connect(client.addr());
+        let msg = format!("held {i}");
+        s.write_all(msg.as_bytes()).unwrap();
+        let mut got = vec![0u8; 3 + msg.len()];
+        s.read_exact(&mut got).unwrap();
+        held.push(s);
+    }
+    drop(held);
+    harness::eventually("3 streams in the server log", harness::DEADLINE, || {
+        (server.log.count(&["connection closed", "outcome=ok"]) == 3).then_some(())
+    });
+    let text = server.log.text();
+    let mut peers: Vec<String> = text
+        .lines()
+        .filter(|l| l.contains("connection closed"))
+        .map(|l| harness::field(l, "peer").unwrap())
+        .collect();
+    peers.sort();
+    peers.dedup();
+    assert_eq!(
+        peers.len(),
+        3,
+        "three open consumers, three TLS connections"
+    );
+}
