@@ -128,6 +128,8 @@ pub struct Conn {
     next_id: AtomicU32,
     /// Set once the connection failed or closed; the reason.
     dead: std::sync::OnceLock<String>,
+    /// Cancelled with `dead`: ends streams blocked on their plain side.
+    dead_token: tokio_util::sync::CancellationToken,
     /// No new streams: GOAWAY sent (server) or received (client), or retired.
     draining: AtomicBool,
     active: AtomicUsize,
@@ -172,6 +174,7 @@ impl Conn {
             streams: Mutex::new(HashMap::new()),
             next_id: AtomicU32::new(1),
             dead: std::sync::OnceLock::new(),
+            dead_token: tokio_util::sync::CancellationToken::new(),
             draining: AtomicBool::new(false),
             active: AtomicUsize::new(0),
             born: Instant::now(),
@@ -200,6 +203,7 @@ impl Conn {
         if self.dead.set(why.clone()).is_err() {
             return;
         }
+        self.dead_token.cancel();
         self.draining.store(true, Ordering::Relaxed);
         let slots: Vec<Slot> = self.streams().drain().map(|(_, s)| s).collect();
         for s in slots {
@@ -704,8 +708,12 @@ impl StreamHandle {
         };
         let rx = &mut self.rx;
         let inward = from_stream(id, conn, window, rx, &mut plain_w, &in_count, &failed);
-        let (first, second, cut) =
-            relay::both_directions(outward, inward, close_timeout, Result::is_err).await;
+        // A stream blocked on its plain side (a target that does not read) still ends when
+        // the connection dies.
+        let (first, second, cut) = tokio::select! {
+            r = relay::both_directions(outward, inward, close_timeout, Result::is_err) => r,
+            _ = self.conn.dead_token.cancelled() => (Err(true), None, false),
+        };
         let second = second.unwrap_or(Err(false));
         self.peer_aborted = matches!(first, Err(true)) || matches!(second, Err(true));
         self.ended = first.is_ok() && second.is_ok();

@@ -213,3 +213,92 @@ fn a_client_that_opens_and_then_says_nothing_holds_only_its_own_stream() {
     }
     assert_eq!(reply, b"echo:hi");
 }
+
+/// A multiplexed frame: type, length of id and body, stream id, body.
+fn mux_frame(kind: u8, id: u32, body: &[u8]) -> Vec<u8> {
+    let mut f = vec![kind];
+    f.extend_from_slice(&((4 + body.len()) as u16).to_be_bytes());
+    f.extend_from_slice(&id.to_be_bytes());
+    f.extend_from_slice(body);
+    f
+}
+
+/// Reads one multiplexed frame: (type, stream id, body).
+fn read_mux(tls: &mut Tls) -> std::io::Result<(u8, u32, Vec<u8>)> {
+    let mut header = [0u8; 7];
+    tls.read_exact(&mut header)?;
+    let len = u16::from_be_bytes([header[1], header[2]]) as usize;
+    let mut body = vec![0u8; len - 4];
+    tls.read_exact(&mut body)?;
+    let id = u32::from_be_bytes([header[3], header[4], header[5], header[6]]);
+    Ok((header[0], id, body))
+}
+
+fn mux_open(id: u32) -> Vec<u8> {
+    let open = Open {
+        features: protocol::FEATURE_FRAMED | protocol::FEATURE_MUX,
+        route: String::new(),
+        consumer: None,
+    };
+    mux_frame(legate::mux::M_OPEN, id, &protocol::open_payload(&open))
+}
+
+#[test]
+fn bad_multiplexed_frames_are_refused_or_close_the_connection_and_the_server_carries_on() {
+    let pki = Pki::new();
+    // The target never reads, so the server soon stops granting window to a stream.
+    let backend = Backend::start(|s| {
+        let _held = s;
+        std::thread::park();
+    });
+    let server = Legate::server(&pki, &backend.target(), &["--allow-cn=client"]);
+
+    // A bad OPEN refuses its stream only; the connection carries the next one.
+    let mut tls = greeted(&pki, &server);
+    let mut open = mux_open(1);
+    open[7] = 9; // the version byte
+    tls.write_all(&open).unwrap();
+    let (kind, id, body) = read_mux(&mut tls).unwrap();
+    assert_eq!((kind, id, body[0]), (legate::mux::M_REFUSED, 1, 4), "{body:?}");
+    tls.write_all(&mux_open(3)).unwrap();
+    assert_eq!(read_mux(&mut tls).unwrap().0, legate::mux::M_READY);
+
+    // DATA past the window: the server ends the connection rather than buffer without bound.
+    let chunk = mux_frame(legate::mux::M_DATA, 3, &[7u8; 16 * 1024]);
+    let mut sent = 0usize;
+    while sent < 256 << 20 && tls.write_all(&chunk).is_ok() {
+        sent += chunk.len();
+    }
+    assert!(closed_by_server(&mut tls), "still open after {sent} bytes");
+    server
+        .log
+        .wait_for(&["stream 3 sent past its flow-control window"]);
+
+    // Frames that have no place on a multiplexed connection end it: an unknown type, an OPEN
+    // with a server-side (even) id, an OPEN for a stream that is open.
+    for bad in [
+        mux_frame(0x7f, 1, &[]),
+        mux_open(2),
+        [mux_open(5), mux_open(5)].concat(),
+    ] {
+        let mut tls = greeted(&pki, &server);
+        tls.write_all(&mux_open(1)).unwrap();
+        assert_eq!(read_mux(&mut tls).unwrap().0, legate::mux::M_READY);
+        tls.write_all(&bad).unwrap();
+        let mut closed = false;
+        for _ in 0..3 {
+            match read_mux(&mut tls) {
+                Ok((legate::mux::M_READY, _, _)) => continue,
+                _ => {
+                    closed = true;
+                    break;
+                }
+            }
+        }
+        assert!(closed, "the connection survived {bad:?}");
+    }
+    assert_eq!(server.log.count(&["panicked"]), 0);
+    let backend = Backend::echo(b"echo:");
+    let server = Legate::server(&pki, &backend.target(), &["--allow-cn=client"]);
+    still_serves(&pki, &server);
+}
