@@ -39,8 +39,10 @@ pub const HEAD: usize = 7;
 /// enough for a stream to fill a long fat link on its own; an idle stream holds none of it.
 pub const WINDOW: u32 = 1 << 20;
 
-/// Read size from the connection.
-const READ: usize = 32 * 1024;
+/// Read size from the connection: four full TLS records.
+const READ: usize = 64 * 1024;
+/// The most a stream gathers from its queue for one write to its plain side.
+const GATHER: usize = 256 * 1024;
 /// The writer stops gathering a batch at this size.
 const BATCH: usize = 64 * 1024;
 
@@ -70,9 +72,66 @@ enum Out {
 /// Frames queued for the connection, in order.
 #[derive(Default)]
 struct Pending {
-    buf: Vec<u8>,
+    chunks: std::collections::VecDeque<Chunk>,
+    bytes: usize,
     frames: usize,
     close: bool,
+}
+
+/// DATA frames this large are written from their relay buffer; smaller frames are copied
+/// together, so a backlog of small frames does not hold a 16 KiB buffer each.
+const COPY_BELOW: usize = 4096;
+
+/// A piece of what goes to the peer.
+enum Chunk {
+    /// A DATA frame in its relay buffer: bytes `start..end`.
+    Spare(SpareBuf, usize, usize),
+    /// Small frames copied together, from `start`.
+    Copied(Vec<u8>, usize),
+}
+
+impl Chunk {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Chunk::Spare(b, start, end) => &b[*start..*end],
+            Chunk::Copied(v, start) => &v[*start..],
+        }
+    }
+}
+
+impl Pending {
+    fn push_copied(&mut self, bytes: &[u8]) {
+        match self.chunks.back_mut() {
+            Some(Chunk::Copied(v, _)) => v.extend_from_slice(bytes),
+            _ => self.chunks.push_back(Chunk::Copied(bytes.to_vec(), 0)),
+        }
+        self.bytes += bytes.len();
+    }
+}
+
+/// The first chunks, as slices for one vectored write.
+fn slices(chunks: &std::collections::VecDeque<Chunk>) -> Vec<io::IoSlice<'_>> {
+    chunks
+        .iter()
+        .take(64)
+        .map(|c| io::IoSlice::new(c.bytes()))
+        .collect()
+}
+
+/// Drops the first `n` bytes of `chunks`.
+fn consume(chunks: &mut std::collections::VecDeque<Chunk>, mut n: usize) {
+    while n > 0 {
+        let Some(c) = chunks.front_mut() else { return };
+        let len = c.bytes().len();
+        if n < len {
+            match c {
+                Chunk::Spare(_, start, _) | Chunk::Copied(_, start) => *start += n,
+            }
+            return;
+        }
+        n -= len;
+        chunks.pop_front();
+    }
 }
 
 /// The connection's write half. The writer task takes it out while it waits on the socket.
@@ -335,13 +394,17 @@ impl Conn {
             return;
         }
         match o {
-            Out::Data(buf, len) => p.buf.extend_from_slice(&buf[..len]),
-            Out::Frame(f) => p.buf.extend_from_slice(&f),
+            Out::Data(buf, len) if len >= COPY_BELOW => {
+                p.bytes += len;
+                p.chunks.push_back(Chunk::Spare(buf, 0, len));
+            }
+            Out::Data(buf, len) => p.push_copied(&buf[..len]),
+            Out::Frame(f) => p.push_copied(&f),
             Out::Close => p.close = true,
         }
         p.frames += 1;
         let first = p.frames == 1;
-        let full = p.frames >= batch_frames() || p.buf.len() >= BATCH || p.close;
+        let full = p.frames >= batch_frames() || p.bytes >= BATCH || p.close;
         drop(p);
         if full && !self.pending().close {
             self.write_now();
@@ -358,28 +421,30 @@ impl Conn {
             return;
         };
         let Some(w) = sink.as_mut() else { return };
-        let buf = {
+        let mut chunks = {
             let mut p = self.pending();
             p.frames = 0;
-            std::mem::take(&mut p.buf)
+            p.bytes = 0;
+            std::mem::take(&mut p.chunks)
         };
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        let mut pos = 0;
-        while pos < buf.len() {
-            match std::pin::Pin::new(&mut *w).poll_write(&mut cx, &buf[pos..]) {
-                std::task::Poll::Ready(Ok(n)) if n > 0 => pos += n,
+        while !chunks.is_empty() {
+            let polled = std::pin::Pin::new(&mut *w).poll_write_vectored(&mut cx, &slices(&chunks));
+            match polled {
+                std::task::Poll::Ready(Ok(n)) if n > 0 => consume(&mut chunks, n),
                 // Pending, or an error the writer task will meet and report.
                 _ => break,
             }
         }
-        if pos == buf.len() {
+        if chunks.is_empty() {
             let _ = std::pin::Pin::new(&mut *w).poll_flush(&mut cx);
         } else {
             // Unwritten bytes go back in front of what was queued meanwhile.
             let mut p = self.pending();
-            let newer = std::mem::take(&mut p.buf);
-            p.buf = buf[pos..].to_vec();
-            p.buf.extend_from_slice(&newer);
+            let newer = std::mem::take(&mut p.chunks);
+            p.bytes += chunks.iter().map(|c| c.bytes().len()).sum::<usize>();
+            chunks.extend(newer);
+            p.chunks = chunks;
             p.frames += 1;
         }
     }
@@ -473,7 +538,7 @@ fn dispatch(
                 }
             };
             if !conn.usable() {
-                incoming.refuse(RefuseCode::Unavailable, DRAINING);
+                incoming.refuse(RefuseCode::Draining, DRAINING);
                 return Ok(());
             }
             on_open(incoming, open);
@@ -483,7 +548,7 @@ fn dispatch(
             let (&code, message) = body.split_first().ok_or("empty REFUSED frame")?;
             let code = RefuseCode::from_u8(code).ok_or("REFUSED with an unknown code")?;
             let message = String::from_utf8_lossy(message).into_owned();
-            let msg = if code == RefuseCode::Unavailable {
+            let msg = if code == RefuseCode::Draining {
                 Msg::Gone(format!("server refused the stream: {message}"))
             } else {
                 Msg::Refused(code, message)
@@ -538,16 +603,23 @@ async fn write_loop(conn: Arc<Conn>) {
     loop {
         conn.wake.notified().await;
         loop {
-            let (buf, close) = {
+            let (mut chunks, close) = {
                 let mut p = conn.pending();
                 p.frames = 0;
-                (std::mem::take(&mut p.buf), p.close)
+                p.bytes = 0;
+                (std::mem::take(&mut p.chunks), p.close)
             };
             let Some(mut w) = conn.sink().take() else {
                 return;
             };
             let written = async {
-                w.write_all(&buf).await?;
+                while !chunks.is_empty() {
+                    let n = w.write_vectored(&slices(&chunks)).await?;
+                    if n == 0 {
+                        return Err(io::ErrorKind::WriteZero.into());
+                    }
+                    consume(&mut chunks, n);
+                }
                 w.flush().await
             }
             .await;
@@ -560,7 +632,7 @@ async fn write_loop(conn: Arc<Conn>) {
                 return;
             }
             *conn.sink() = Some(w);
-            if conn.pending().buf.is_empty() {
+            if conn.pending().chunks.is_empty() {
                 break;
             }
         }
@@ -781,6 +853,37 @@ async fn to_stream<R: AsyncRead + Unpin>(
     }
 }
 
+/// Writes every byte of `bufs` (and empties it), with as few vectored writes as the writer
+/// takes.
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    bufs: &mut Vec<Bytes>,
+) -> io::Result<()> {
+    let mut first = 0;
+    while first < bufs.len() {
+        let slices: Vec<io::IoSlice<'_>> = bufs[first..]
+            .iter()
+            .take(64)
+            .map(|b| io::IoSlice::new(b))
+            .collect();
+        let mut n = w.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 {
+            let b = &mut bufs[first];
+            let take = n.min(b.len());
+            b.advance(take);
+            n -= take;
+            if b.is_empty() {
+                first += 1;
+            }
+        }
+    }
+    bufs.clear();
+    Ok(())
+}
+
 /// DATA frames in as plain bytes, granting the window back as they are written; END shuts the
 /// plain side's write half. `Err(true)`: the peer aborted; `Err(false)`: broken here.
 async fn from_stream<W: AsyncWrite + Unpin>(
@@ -793,12 +896,34 @@ async fn from_stream<W: AsyncWrite + Unpin>(
     failed: &std::sync::OnceLock<String>,
 ) -> Result<(), bool> {
     let mut unacked: u32 = 0;
+    let mut batch: Vec<Bytes> = Vec::new();
+    let mut next = None;
     loop {
-        match rx.recv().await {
+        let msg = match next.take() {
+            Some(msg) => Some(msg),
+            None => rx.recv().await,
+        };
+        match msg {
             Some(Msg::Data(bytes)) => {
-                let n = bytes.len();
+                // Everything already queued for this stream goes out in one write: fewer
+                // syscalls, and fewer wakeups of whoever reads the plain side.
+                let mut n = bytes.len();
+                batch.push(bytes);
+                while n < GATHER {
+                    match rx.try_recv() {
+                        Ok(Msg::Data(more)) => {
+                            n += more.len();
+                            batch.push(more);
+                        }
+                        Ok(other) => {
+                            next = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
                 if let Err(e) = async {
-                    w.write_all(&bytes).await?;
+                    write_all_vectored(w, &mut batch).await?;
                     w.flush().await
                 }
                 .await

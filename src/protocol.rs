@@ -51,6 +51,8 @@ pub enum RefuseCode {
     Forbidden = 3,
     BadRequest = 4,
     Unavailable = 5,
+    /// Multiplexed connections: this connection takes no new streams; open it on another.
+    Draining = 6,
 }
 
 impl RefuseCode {
@@ -61,6 +63,7 @@ impl RefuseCode {
             3 => RefuseCode::Forbidden,
             4 => RefuseCode::BadRequest,
             5 => RefuseCode::Unavailable,
+            6 => RefuseCode::Draining,
             _ => return None,
         })
     }
@@ -72,6 +75,7 @@ impl RefuseCode {
             RefuseCode::Forbidden => "forbidden",
             RefuseCode::BadRequest => "bad_request",
             RefuseCode::Unavailable => "unavailable",
+            RefuseCode::Draining => "draining",
         }
     }
 }

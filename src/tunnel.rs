@@ -234,9 +234,11 @@ impl Prepared {
                 addr: self.cfg.listen.to_string(),
                 source,
             })?;
+        let acceptor = Acceptor::new(listener, self.cfg.max_concurrent_conns);
         Ok(Tunnel {
-            acceptor: Acceptor::new(listener, self.cfg.max_concurrent_conns),
             shared: Arc::new(Shared {
+                limit: (self.cfg.max_concurrent_conns > 0)
+                    .then(|| Arc::new(tokio::sync::Semaphore::new(self.cfg.max_concurrent_conns))),
                 pool: (self.cfg.side == Side::Client
                     && self.cfg.legate_protocol
                     && self.cfg.pool_size > 0)
@@ -251,6 +253,7 @@ impl Prepared {
                 tls: self.tls,
                 metrics,
             }),
+            acceptor,
         })
     }
 }
@@ -264,6 +267,9 @@ struct Shared {
     pool: Option<Arc<Pool>>,
     /// Client side over multiplexed `legate/1`: the connection every stream goes over.
     mux: Option<Arc<MuxPool>>,
+    /// Server side, `--max-concurrent-conns` for multiplexed streams: each counts as one
+    /// connection (the TLS connections are capped by the acceptor).
+    limit: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 /// A bound tunnel.
@@ -547,11 +553,25 @@ async fn serve_mux(
             // starts on a connection made under reloaded TLS material or after the stop.
             if reloads.has_changed().unwrap_or(true) || stop.is_cancelled() {
                 incoming.conn().drain();
-                return incoming.refuse(RefuseCode::Unavailable, mux::DRAINING);
+                return incoming.refuse(RefuseCode::Draining, mux::DRAINING);
             }
+            // Each stream counts against --max-concurrent-conns as a connection would.
+            let permit = match &t.limit {
+                Some(limit) => match limit.clone().try_acquire_owned() {
+                    Ok(permit) => Some(permit),
+                    Err(_) => {
+                        let why = "server at its connection limit (--max-concurrent-conns)";
+                        return incoming.refuse(RefuseCode::Unavailable, why);
+                    }
+                },
+                None => None,
+            };
             let (t, info) = (t.clone(), info.clone());
             let h = incoming.accept();
-            streams.spawn(async move { serve_mux_stream(&t, info, h, open).await });
+            streams.spawn(async move {
+                serve_mux_stream(&t, info, h, open).await;
+                drop(permit);
+            });
         }
     };
     let conn = mux::Conn::start(mux::Role::Server, tls, head, on_open);

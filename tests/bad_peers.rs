@@ -259,7 +259,11 @@ fn bad_multiplexed_frames_are_refused_or_close_the_connection_and_the_server_car
     open[7] = 9; // the version byte
     tls.write_all(&open).unwrap();
     let (kind, id, body) = read_mux(&mut tls).unwrap();
-    assert_eq!((kind, id, body[0]), (legate::mux::M_REFUSED, 1, 4), "{body:?}");
+    assert_eq!(
+        (kind, id, body[0]),
+        (legate::mux::M_REFUSED, 1, 4),
+        "{body:?}"
+    );
     tls.write_all(&mux_open(3)).unwrap();
     assert_eq!(read_mux(&mut tls).unwrap().0, legate::mux::M_READY);
 

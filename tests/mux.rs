@@ -49,14 +49,7 @@ fn concurrent_consumers_share_one_tls_connection() {
         (server.log.count(&["connection closed", "outcome=ok"]) == 100).then_some(())
     });
     // Each stream is logged with its TLS connection's peer address: one connection for all.
-    let text = server.log.text();
-    let mut peers: Vec<String> = text
-        .lines()
-        .filter(|l| l.contains("connection closed"))
-        .map(|l| harness::field(l, "peer").unwrap())
-        .collect();
-    peers.sort();
-    peers.dedup();
+    let peers = harness::stream_peers(&server.log);
     assert_eq!(
         peers.len(),
         1,
@@ -199,17 +192,48 @@ fn without_multiplexing_each_consumer_gets_a_pooled_connection() {
     harness::eventually("3 streams in the server log", harness::DEADLINE, || {
         (server.log.count(&["connection closed", "outcome=ok"]) == 3).then_some(())
     });
-    let text = server.log.text();
-    let mut peers: Vec<String> = text
-        .lines()
-        .filter(|l| l.contains("connection closed"))
-        .map(|l| harness::field(l, "peer").unwrap())
-        .collect();
-    peers.sort();
-    peers.dedup();
+    let peers = harness::stream_peers(&server.log);
     assert_eq!(
         peers.len(),
         3,
         "three open consumers, three TLS connections"
     );
+}
+
+#[test]
+fn streams_count_against_the_servers_connection_limit() {
+    let pki = Pki::new();
+    let backend = Backend::echo(b"ok:");
+    // Each stream counts as a connection: two fill a limit of two.
+    let server = Legate::server(
+        &pki,
+        &backend.target(),
+        &["--allow-cn=client", "--max-concurrent-conns=2"],
+    );
+    let client = Legate::client(&pki, "client", server.addr(), &[]);
+    let hold = |tag: &str| {
+        let mut s = harness::connect(client.addr());
+        s.write_all(tag.as_bytes()).unwrap();
+        let mut got = vec![0u8; 3 + tag.len()];
+        s.read_exact(&mut got).unwrap();
+        assert_eq!(got, format!("ok:{tag}").into_bytes());
+        s
+    };
+    let first = hold("one");
+    let _second = hold("two");
+    // The third is refused, and the client says why.
+    let mut third = harness::connect(client.addr());
+    third.write_all(b"three").unwrap();
+    assert_eq!(harness::read_until_closed(&mut third), b"");
+    let line = client.log.wait_for(&["outcome=refused"]);
+    assert!(line.contains("connection limit"), "{line}");
+    assert_eq!(backend.accepted(), 2);
+    // A place freed is a place taken.
+    drop(first);
+    harness::eventually("a freed place", harness::DEADLINE, || {
+        let mut s = harness::connect(client.addr());
+        s.write_all(b"four").ok()?;
+        s.shutdown(Shutdown::Write).ok()?;
+        (harness::read_until_closed(&mut s) == b"ok:four").then_some(())
+    });
 }

@@ -30,14 +30,7 @@ fn consumer_connections_reuse_pooled_connections() {
         (server.log.count(&["connection closed", "outcome=ok"]) == 30).then_some(())
     });
     // Streams are logged with the TLS connection's peer address: few connections, many streams.
-    let text = server.log.text();
-    let mut peers: Vec<String> = text
-        .lines()
-        .filter(|l| l.contains("connection closed"))
-        .map(|l| harness::field(l, "peer").unwrap())
-        .collect();
-    peers.sort();
-    peers.dedup();
+    let peers = harness::stream_peers(&server.log);
     assert!(
         peers.len() <= 4,
         "30 streams used {} TLS connections",

@@ -444,6 +444,20 @@ fn read_reply(r: &mut impl BufRead) -> std::io::Result<Reply> {
     })
 }
 
+/// The distinct peer addresses in a server's "connection closed" lines: each stream is logged
+/// with its TLS connection's peer, so this is the TLS connections that carried streams.
+pub fn stream_peers(log: &Log) -> Vec<String> {
+    let mut peers: Vec<String> = log
+        .text()
+        .lines()
+        .filter(|l| l.contains("connection closed"))
+        .map(|l| field(l, "peer").unwrap())
+        .collect();
+    peers.sort();
+    peers.dedup();
+    peers
+}
+
 /// Connects with a read timeout, so a broken tunnel fails the test instead of hanging it.
 pub fn connect(addr: SocketAddr) -> TcpStream {
     let s = TcpStream::connect(addr).unwrap();
