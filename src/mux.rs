@@ -162,6 +162,21 @@ struct Window {
     more: Notify,
     /// Bytes the peer may still send before we grant more; below zero is a protocol error.
     recv: AtomicI64,
+    /// The peer reset the stream (ABORT): both directions end now, whatever they wait on.
+    aborted: AtomicBool,
+    abort: Notify,
+}
+
+impl Window {
+    async fn aborted(&self) {
+        loop {
+            let abort = self.abort.notified();
+            if self.aborted.load(Ordering::Acquire) {
+                return;
+            }
+            abort.await;
+        }
+    }
 }
 
 struct Slot {
@@ -189,6 +204,8 @@ pub struct Conn {
     dead: std::sync::OnceLock<String>,
     /// Cancelled with `dead`: ends streams blocked on their plain side.
     dead_token: tokio_util::sync::CancellationToken,
+    /// Why a write failed; the reader ends the connection with it.
+    write_error: std::sync::OnceLock<String>,
     /// No new streams: GOAWAY sent (server) or received (client), or retired.
     draining: AtomicBool,
     active: AtomicUsize,
@@ -234,6 +251,7 @@ impl Conn {
             next_id: AtomicU32::new(1),
             dead: std::sync::OnceLock::new(),
             dead_token: tokio_util::sync::CancellationToken::new(),
+            write_error: std::sync::OnceLock::new(),
             draining: AtomicBool::new(false),
             active: AtomicUsize::new(0),
             born: Instant::now(),
@@ -245,7 +263,10 @@ impl Conn {
         let initial = BytesMut::from(initial);
         tokio::spawn(async move {
             let why = match read_loop(r, initial, &reader, on_open).await {
-                Ok(()) => "the peer closed the connection".to_string(),
+                Ok(()) => match reader.write_error.get() {
+                    Some(e) => e.clone(),
+                    None => "the peer closed the connection".to_string(),
+                },
                 Err(e) => e,
             };
             reader.kill(why);
@@ -325,6 +346,11 @@ impl Conn {
         }
     }
 
+    /// Waits until the connection has ended (the peer closed it, or it failed).
+    pub async fn ended(&self) {
+        self.dead_token.cancelled().await;
+    }
+
     /// Waits until something changed: a stream ended, the connection drained or died.
     pub async fn changed(&self) {
         self.changed.notified().await;
@@ -336,6 +362,8 @@ impl Conn {
             send: AtomicI64::new(i64::from(WINDOW)),
             more: Notify::new(),
             recv: AtomicI64::new(i64::from(WINDOW)),
+            aborted: AtomicBool::new(false),
+            abort: Notify::new(),
         });
         self.streams().insert(
             id,
@@ -393,6 +421,12 @@ impl Conn {
             // The connection is closing: nobody will read what comes after.
             return;
         }
+        // A small frame of the only stream (a lone request or reply) has nothing to wait for:
+        // it goes out now rather than after a hop to the writer task.
+        let urgent = match &o {
+            Out::Data(_, len) => *len < COPY_BELOW && self.active() <= 1,
+            _ => false,
+        };
         match o {
             Out::Data(buf, len) if len >= COPY_BELOW => {
                 p.bytes += len;
@@ -404,7 +438,7 @@ impl Conn {
         }
         p.frames += 1;
         let first = p.frames == 1;
-        let full = p.frames >= batch_frames() || p.bytes >= BATCH || p.close;
+        let full = urgent || p.frames >= batch_frames() || p.bytes >= BATCH || p.close;
         drop(p);
         if full && !self.pending().close {
             self.write_now();
@@ -572,7 +606,13 @@ fn dispatch(
             }
         }
         M_END => to_stream(Msg::End),
-        M_ABORT => to_stream(Msg::Abort),
+        M_ABORT => {
+            if let Some(s) = conn.streams().get(&id) {
+                s.window.aborted.store(true, Ordering::Release);
+                s.window.abort.notify_one();
+                let _ = s.tx.send(Msg::Abort);
+            }
+        }
         M_WINDOW => {
             let grant: [u8; 4] = body[..].try_into().map_err(|_| "malformed WINDOW frame")?;
             if let Some(s) = conn.streams().get(&id) {
@@ -624,7 +664,11 @@ async fn write_loop(conn: Arc<Conn>) {
             }
             .await;
             if let Err(e) = written {
-                conn.kill(format!("connection failed: {e}"));
+                // Not the end yet: what the peer sent before is still in the socket, and the
+                // reader delivers it before it ends the connection (it meets the same failure
+                // or the peer's close). Nothing more is written.
+                let _ = conn.write_error.set(format!("connection failed: {e}"));
+                conn.pending().close = true;
                 return;
             }
             if close {
@@ -780,11 +824,21 @@ impl StreamHandle {
         };
         let rx = &mut self.rx;
         let inward = from_stream(id, conn, window, rx, &mut plain_w, &in_count, &failed);
-        // A stream blocked on its plain side (a target that does not read) still ends when
-        // the connection dies.
+        // A reset from the peer ends both directions, even when one ended cleanly and left the
+        // other waiting for window the peer will never grant; a stream blocked on its plain
+        // side (a target that does not read) ends at the latest a close timeout after its
+        // connection died.
+        let both = relay::both_directions(outward, inward, close_timeout, Result::is_err);
+        let mut both = std::pin::pin!(both);
         let (first, second, cut) = tokio::select! {
-            r = relay::both_directions(outward, inward, close_timeout, Result::is_err) => r,
-            _ = self.conn.dead_token.cancelled() => (Err(true), None, false),
+            r = &mut both => r,
+            _ = window.aborted() => (Err(true), None, false),
+            // What the peer sent before the connection ended is still delivered, within the
+            // close timeout.
+            _ = self.conn.dead_token.cancelled() => tokio::select! {
+                r = &mut both => r,
+                _ = tokio::time::sleep(close_timeout) => (Err(true), None, true),
+            },
         };
         let second = second.unwrap_or(Err(false));
         self.peer_aborted = matches!(first, Err(true)) || matches!(second, Err(true));

@@ -595,6 +595,9 @@ async fn serve_mux(
     conn.closed().await;
     streams.close();
     streams.wait().await;
+    // A lingering close: the client closes its side once it has read our last frames. Closing
+    // first could meet its late frames with a reset, which destroys what it has not read yet.
+    let _ = tokio::time::timeout(Duration::from_secs(2), conn.ended()).await;
     why.map_or_else(
         || conn.dead().unwrap_or("connection closed").to_string(),
         str::to_string,

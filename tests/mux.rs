@@ -237,3 +237,45 @@ fn streams_count_against_the_servers_connection_limit() {
         (harness::read_until_closed(&mut s) == b"ok:four").then_some(())
     });
 }
+
+#[test]
+fn a_target_reset_after_its_half_close_ends_the_consumer_connection_at_once() {
+    let pki = Pki::new();
+    let (reset_tx, reset_rx) = std::sync::mpsc::channel();
+    let reset_tx = std::sync::Mutex::new(reset_tx);
+    // The target ends its direction cleanly, takes 1 MiB, then closes with bytes unread: a
+    // reset. The consumer's direction is then open, out of window, with nothing coming back.
+    let backend = Backend::start(move |mut s| {
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        s.read_exact(&mut buf).unwrap();
+        drop(s);
+        reset_tx
+            .lock()
+            .unwrap()
+            .send(std::time::Instant::now())
+            .unwrap();
+    });
+    let server = Legate::server(&pki, &backend.target(), &["--allow-cn=client"]);
+    let client = Legate::client(&pki, "client", server.addr(), &["--close-timeout=60s"]);
+    let mut consumer = harness::connect(client.addr());
+    let mut sink = consumer.try_clone().unwrap();
+    // Bounded: with the connection held open, writes stall, and the test fails at the deadline.
+    sink.set_write_timeout(Some(harness::DEADLINE)).unwrap();
+    let writer = thread::spawn(move || {
+        let chunk = vec![1u8; 64 * 1024];
+        while sink.write_all(&chunk).is_ok() {}
+        std::time::Instant::now()
+    });
+    // The target's direction ended cleanly: EOF for the consumer.
+    assert_eq!(harness::read_all(&mut consumer), b"");
+    let reset_at = reset_rx.recv_timeout(harness::DEADLINE).unwrap();
+    // Writes fail once the client side has closed the consumer's connection: well within the
+    // 60 s close timeout, and before the harness's deadline.
+    let cut_at = writer.join().unwrap();
+    let took = cut_at.saturating_duration_since(reset_at);
+    assert!(
+        took < std::time::Duration::from_secs(5),
+        "cut {took:?} after the reset"
+    );
+}

@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""Redis requests per second AND the ambassadors' CPU time per request, interleaved.
+
+Each contender is a legate binary with optional environment and client flags; its pair stays
+up for the whole run, and every round runs redis-benchmark (SET, 50 clients) through each in
+turn, pinned like bench/run. CPU per request is the user+system time both legate processes
+used during the round, divided by the requests: steadier than requests/s on a noisy machine,
+and what multiplexing changes. The batch-size figures in docs/performance.md come from this.
+
+  bench/cpu_ab.py NAME=BINARY[:ENV=V,ENV=V[:--flag,--flag]] ...
+  e.g. bench/cpu_ab.py pooled=target/release/legate::--mux=false \\
+           k1=target/release/legate:LEGATE_MUX_BATCH=1 k8=target/release/legate
+
+ROUNDS (default 5), REQUESTS per round (default 100000).
+"""
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import bench
+
+
+def cpu_seconds(pid):
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main():
+    specs = sys.argv[1:]
+    if not specs:
+        sys.exit(__doc__)
+    work = Path(tempfile.mkdtemp(prefix="legate-cpu-ab-"))
+    c = bench.certs(work)
+    services = bench.Procs(work)
+    redis_port = bench.free_port()
+    services.start("redis", ["redis-server", "--port", str(redis_port), "--save", "", "--dir", work])
+    bench.wait_port(redis_port)
+    pairs, procs = {}, []
+    try:
+        for i, spec in enumerate(specs):
+            name, rest = spec.split("=", 1)
+            binary, env_s, flags_s = (rest.split(":") + ["", ""])[:3]
+            env = {**os.environ, "RUST_LOG": "warn"}
+            for kv in filter(None, env_s.split(",")):
+                k, v = kv.split("=", 1)
+                env[k] = v
+            flags = [f for f in flags_s.split(",") if f]
+            d = work / f"c{i}"
+            d.mkdir()
+            p = bench.Procs(d)
+            procs.append(p)
+            s_port, c_port = bench.free_port(), bench.free_port()
+            server = p.start("legate-server", [binary, "server", f"--listen=127.0.0.1:{s_port}",
+                                               f"--target=127.0.0.1:{redis_port}",
+                                               f"--cert={c}/server.crt", f"--key={c}/server.key",
+                                               f"--cacert={c}/ca.crt", "--allow-cn=client"], env=env)
+            client = p.start("legate-client", [binary, "client", f"--listen=127.0.0.1:{c_port}",
+                                               f"--target=127.0.0.1:{s_port}",
+                                               f"--cert={c}/client.crt", f"--key={c}/client.key",
+                                               f"--cacert={c}/ca.crt"] + flags, env=env)
+            bench.wait_port(c_port)
+            pairs[name] = (c_port, server.pid, client.pid)
+        n = int(os.environ.get("REQUESTS", "100000"))
+        results = {name: ([], []) for name in pairs}
+        for _ in range(int(os.environ.get("ROUNDS", "5"))):
+            for name, (port, spid, cpid) in pairs.items():
+                before = cpu_seconds(spid) + cpu_seconds(cpid)
+                out = subprocess.run(bench.on("client", ["redis-benchmark", "-p", str(port), "-c", "50",
+                                                         "-n", str(n), "-t", "set", "-q"]),
+                                     capture_output=True, text=True, timeout=300).stdout
+                rps = float(re.findall(r"([0-9.]+) requests per second", out)[-1])
+                used = cpu_seconds(spid) + cpu_seconds(cpid) - before
+                results[name][0].append(rps)
+                results[name][1].append(used / n * 1e6)
+        for name, (rps, us) in results.items():
+            print(f"{name}: {statistics.median(rps):,.0f} requests/s "
+                  f"[{' '.join(f'{x:,.0f}' for x in rps)}], "
+                  f"{statistics.median(us):.1f} us of CPU per request, both sides "
+                  f"[{' '.join(f'{x:.1f}' for x in us)}]")
+    finally:
+        for p in procs:
+            p.stop()
+        services.stop()
+
+
+if __name__ == "__main__":
+    main()
