@@ -132,8 +132,8 @@ fn reload_under_load_keeps_every_byte_and_switches_certificates() {
     );
 }
 
-/// A client whose certificate a reloaded CRL revokes, with or without ready pooled
-/// connections: both must be refused afterwards.
+/// A client whose certificate a reloaded CRL revokes, with a resumable session, a multiplexed
+/// connection or pooled connections: each must be refused afterwards.
 fn revoked_client_is_refused(client_flags: &[&str]) {
     let pki = Pki::new();
     let client_leaf = pki.issue("client", &LeafSpec::new("client", Usage::Client));
@@ -176,8 +176,13 @@ fn a_revoked_client_is_refused_after_a_crl_reload_also_when_resuming() {
 }
 
 #[test]
-fn a_revoked_client_cannot_use_its_pooled_connections_after_a_crl_reload() {
+fn a_revoked_client_cannot_use_its_multiplexed_connection_after_a_crl_reload() {
     revoked_client_is_refused(&[]);
+}
+
+#[test]
+fn a_revoked_client_cannot_use_its_pooled_connections_after_a_crl_reload() {
+    revoked_client_is_refused(&["--mux=false"]);
 }
 
 fn client_table(pki: &Pki, name: &str, port: u16) -> String {
