@@ -707,6 +707,7 @@ key = "app.key"
 cacert = "ca.crt"
 verify_cn = ["cache.internal"]
 close_timeout = "2s"
+mux = false
 "#;
 
     #[test]
@@ -726,6 +727,7 @@ close_timeout = "2s"
             }
         );
         assert_eq!(app.close_timeout, Duration::from_secs(2));
+        assert!(!app.mux);
         let cache = &c.tunnels[1];
         assert_eq!(cache.routes["queue"].to_string(), "127.0.0.1:5672");
         assert_eq!(cache.allow.cn, vec!["app".to_string()]);
@@ -789,6 +791,16 @@ colour = "blue"
         assert_eq!(d.added, vec!["extra".to_string()]);
         assert!(d.unchanged.is_empty());
         assert_eq!(diff(&c.tunnels, &c.tunnels).unchanged.len(), 2);
+    }
+
+    #[test]
+    fn mux_is_a_client_side_key_and_on_by_default() {
+        let default = from_toml(&GOOD.replace("mux = false\n", ""), None).unwrap();
+        assert!(default.tunnels[0].mux);
+        let server_with_mux =
+            GOOD.replace("allow_cn = [\"app\"]", "allow_cn = [\"app\"]\nmux = true");
+        let e = from_toml(&server_with_mux, None).unwrap_err().to_string();
+        assert!(e.contains("--mux are client-side"), "{e}");
     }
 
     #[test]
