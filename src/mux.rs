@@ -2,11 +2,11 @@
 //!
 //! In: a TLS connection that greeted with HELLO. Out: streams, each relayed between a plain
 //! socket and the connection, with its own flow-control window so a slow consumer holds up
-//! nobody else. One task reads the connection and hands each frame to its stream; one task
-//! writes, and writes everything the streams queued since its last write as one batch: with
-//! fifty consumers, the fifty requests that arrive together cross as one TLS write and one
-//! TCP segment instead of fifty. That is where the requests per second come from
-//! (docs/performance.md).
+//! nobody else. One task reads the connection and hands each frame to its stream. Frames the
+//! streams queue go out in batches: the stream that queues the 8th frame writes the batch, and
+//! a writer task writes what is left once the ready streams have run. With fifty consumers, the
+//! requests that arrive together cross in a few TLS writes instead of fifty; that is where the
+//! requests per second come from (docs/performance.md).
 
 use std::collections::HashMap;
 use std::io;
@@ -209,7 +209,7 @@ pub struct Conn {
     /// No new streams: GOAWAY sent (server) or received (client), or retired.
     draining: AtomicBool,
     active: AtomicUsize,
-    /// Unix-epoch-free idle clock: when `active` last dropped to zero (ms since `born`).
+    /// When `active` last dropped to zero, in ms since `born`.
     born: Instant,
     idle_ms: AtomicU64,
     /// Signalled when the last stream ends and when the connection dies.
