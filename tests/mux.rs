@@ -6,10 +6,9 @@ mod harness;
 
 use std::io::{Read, Write};
 use std::net::Shutdown;
-use std::sync::atomic::Ordering;
 use std::thread;
 
-use harness::{Backend, Legate, Pki, Trap};
+use harness::{Backend, Legate, Pki};
 
 /// Resident memory of a process, in bytes.
 fn rss(pid: i32) -> u64 {
@@ -132,45 +131,11 @@ fn a_consumer_that_does_not_read_holds_up_neither_the_others_nor_memory() {
 
 #[test]
 fn a_stream_on_a_dead_connection_is_opened_again_without_losing_or_repeating_bytes() {
-    let pki = Pki::new();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let tx = std::sync::Mutex::new(tx);
-    let backend = Backend::start(move |mut s| {
-        let mut got = Vec::new();
-        s.read_to_end(&mut got).unwrap();
-        s.write_all(b"got:").unwrap();
-        s.write_all(&got).unwrap();
-        tx.lock().unwrap().send(got).unwrap();
-    });
-    let server = Legate::server(&pki, &backend.target(), &["--allow-cn=client"]);
-    let trap = Trap::start(server.addr());
-    let client = Legate::start(
-        &[
-            "client".into(),
-            "--listen=127.0.0.1:0".into(),
-            format!("--target=127.0.0.1:{}", trap.addr.port()),
-            "--override-server-name=localhost".into(),
-            format!("--cert={}", pki.leaf("client").cert.display()),
-            format!("--key={}", pki.leaf("client").key.display()),
-            format!("--cacert={}", pki.ca_cert().display()),
-        ],
-        1,
+    harness::a_dead_connection_is_replaced(
+        &[],
+        &["multiplexed connection ready"],
+        "stream was not taken; opening it on a fresh connection",
     );
-    client.log.wait_for(&["multiplexed connection ready"]);
-    // The connection looks alive, but dies at the first byte the client sends on it.
-    trap.armed.store(true, Ordering::SeqCst);
-
-    let payload: Vec<u8> = (0..50_000u32).map(|i| (i % 251) as u8).collect();
-    let reply = harness::exchange(client.addr(), &payload);
-    let mut expected = b"got:".to_vec();
-    expected.extend_from_slice(&payload);
-    assert!(reply == expected, "the reply differs from the payload");
-    let seen = rx.recv_timeout(harness::DEADLINE).unwrap();
-    assert!(seen == payload);
-    assert_eq!(backend.accepted(), 1);
-    client
-        .log
-        .wait_for(&["stream was not taken; opening it on a fresh connection"]);
 }
 
 #[test]

@@ -744,3 +744,47 @@ fn pipe(mut from: TcpStream, mut to: TcpStream) {
     }
     let _ = to.shutdown(Shutdown::Write);
 }
+
+/// A client whose ready connections all die at the first byte it sends on them (behind a
+/// [`Trap`]), and a consumer that sends 50,000 bytes: the reply must be exact, the target must
+/// see the bytes once, and the client must log `retried`. `client_flags` pick the scheme;
+/// `ready` is the log line that says its connections are ready.
+pub fn a_dead_connection_is_replaced(client_flags: &[&str], ready: &[&str], retried: &str) {
+    let pki = Pki::new();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tx = Mutex::new(tx);
+    let backend = Backend::start(move |mut s| {
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        s.write_all(b"got:").unwrap();
+        s.write_all(&got).unwrap();
+        tx.lock().unwrap().send(got).unwrap();
+    });
+    let server = Legate::server(&pki, &backend.target(), &["--allow-cn=client"]);
+    let trap = Trap::start(server.addr());
+    let mut args = vec![
+        "client".to_string(),
+        "--listen=127.0.0.1:0".into(),
+        format!("--target=127.0.0.1:{}", trap.addr.port()),
+        "--override-server-name=localhost".into(),
+        format!("--cert={}", pki.leaf("client").cert.display()),
+        format!("--key={}", pki.leaf("client").key.display()),
+        format!("--cacert={}", pki.ca_cert().display()),
+    ];
+    args.extend(client_flags.iter().map(|f| f.to_string()));
+    let client = Legate::start(&args, 1);
+    client.log.wait_for(ready);
+    // The connections look alive, but die at the first byte the client sends on them.
+    trap.armed.store(true, Ordering::SeqCst);
+
+    let payload: Vec<u8> = (0..50_000u32).map(|i| (i % 251) as u8).collect();
+    let reply = exchange(client.addr(), &payload);
+    let mut expected = b"got:".to_vec();
+    expected.extend_from_slice(&payload);
+    assert!(reply == expected, "the reply differs from the payload");
+    // The backend saw the payload once, complete.
+    let seen = rx.recv_timeout(DEADLINE).unwrap();
+    assert!(seen == payload);
+    assert_eq!(backend.accepted(), 1);
+    client.log.wait_for(&[retried]);
+}
