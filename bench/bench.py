@@ -168,16 +168,18 @@ def socat_plain(procs, c, target, hop):
     return cl
 
 
-def legate(procs, c, target, hop):
+def legate(procs, c, target, hop, env=None, client_flags=()):
+    """`env`: extra environment for both sides; `client_flags`: extra flags for the client."""
     s, cl = hop["server"], hop["client"]
+    env = {**os.environ, "RUST_LOG": "warn", **(env or {})}
     procs.start("legate-server", [LEGATE, "server", f"--listen=127.0.0.1:{s}",
                                   f"--target=127.0.0.1:{target}", f"--cert={c}/server.crt",
                                   f"--key={c}/server.key", f"--cacert={c}/ca.crt", "--allow-cn=client"],
-                env={**os.environ, "RUST_LOG": "warn"})
+                env=env)
     procs.start("legate-client", [LEGATE, "client", f"--listen=127.0.0.1:{cl}",
                                   f"--target=127.0.0.1:{hop['dial']}", f"--cert={c}/client.crt",
-                                  f"--key={c}/client.key", f"--cacert={c}/ca.crt"],
-                env={**os.environ, "RUST_LOG": "warn"})
+                                  f"--key={c}/client.key", f"--cacert={c}/ca.crt", *client_flags],
+                env=env)
     return cl
 
 

@@ -44,26 +44,19 @@ def main():
         for i, spec in enumerate(specs):
             name, rest = spec.split("=", 1)
             binary, env_s, flags_s = (rest.split(":") + ["", ""])[:3]
-            env = {**os.environ, "RUST_LOG": "warn"}
-            for kv in filter(None, env_s.split(",")):
-                k, v = kv.split("=", 1)
-                env[k] = v
+            env = dict(kv.split("=", 1) for kv in env_s.split(",") if kv)
             flags = [f for f in flags_s.split(",") if f]
             d = work / f"c{i}"
             d.mkdir()
             p = bench.Procs(d)
             procs.append(p)
-            s_port, c_port = bench.free_port(), bench.free_port()
-            server = p.start("legate-server", [binary, "server", f"--listen=127.0.0.1:{s_port}",
-                                               f"--target=127.0.0.1:{redis_port}",
-                                               f"--cert={c}/server.crt", f"--key={c}/server.key",
-                                               f"--cacert={c}/ca.crt", "--allow-cn=client"], env=env)
-            client = p.start("legate-client", [binary, "client", f"--listen=127.0.0.1:{c_port}",
-                                               f"--target=127.0.0.1:{s_port}",
-                                               f"--cert={c}/client.crt", f"--key={c}/client.key",
-                                               f"--cacert={c}/ca.crt"] + flags, env=env)
-            bench.wait_port(c_port)
-            pairs[name] = (c_port, server.pid, client.pid)
+            hop = {"server": bench.free_port(), "client": bench.free_port()}
+            hop["dial"] = hop["server"]
+            bench.LEGATE = Path(binary)
+            port = bench.legate(p, c, redis_port, hop, env=env, client_flags=flags)
+            bench.wait_port(port)
+            server, client = p.procs
+            pairs[name] = (port, server.pid, client.pid)
         n = int(os.environ.get("REQUESTS", "100000"))
         results = {name: ([], []) for name in pairs}
         for _ in range(int(os.environ.get("ROUNDS", "5"))):

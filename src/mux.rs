@@ -439,8 +439,9 @@ impl Conn {
         p.frames += 1;
         let first = p.frames == 1;
         let full = urgent || p.frames >= batch_frames() || p.bytes >= BATCH || p.close;
+        let closing = p.close;
         drop(p);
-        if full && !self.pending().close {
+        if full && !closing {
             self.write_now();
         }
         if first || full {
@@ -915,12 +916,12 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(
 ) -> io::Result<()> {
     let mut first = 0;
     while first < bufs.len() {
-        let slices: Vec<io::IoSlice<'_>> = bufs[first..]
-            .iter()
-            .take(64)
-            .map(|b| io::IoSlice::new(b))
-            .collect();
-        let mut n = w.write_vectored(&slices).await?;
+        let mut slices = [io::IoSlice::new(&[]); 64];
+        let k = (bufs.len() - first).min(slices.len());
+        for (slice, b) in slices.iter_mut().zip(&bufs[first..first + k]) {
+            *slice = io::IoSlice::new(b);
+        }
+        let mut n = w.write_vectored(&slices[..k]).await?;
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
