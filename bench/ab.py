@@ -23,7 +23,6 @@ def main():
     binaries = sys.argv[1:]
     if not binaries:
         sys.exit(__doc__)
-    bench.RUNS = 1  # one measurement per round; the rounds give the spread
     work = Path(tempfile.mkdtemp(prefix="legate-ab-"))
     c = bench.certs(work)
     services = bench.Procs(work)
@@ -33,32 +32,26 @@ def main():
     bench.wait_port(redis_port)
     bench.wait_port(iperf_port)
 
-    contenders = [(f"legate{i} ({b})", b, bench.legate) for i, b in enumerate(binaries)]
+    contenders = [(f"legate{i} ({b})", b, "legate") for i, b in enumerate(binaries)]
     if os.environ.get("AB_HAPROXY", "1") == "1":
-        contenders.append(("haproxy", None, bench.haproxy))
+        contenders.append(("haproxy", None, "haproxy"))
     if os.environ.get("AB_NGINX") == "1":
-        contenders.append(("nginx", None, bench.nginx))
+        contenders.append(("nginx", None, "nginx"))
 
     pairs, procs = {}, []
     try:
-        for i, (name, binary, start) in enumerate(contenders):
+        for i, (name, binary, kind) in enumerate(contenders):
             if binary:
                 bench.LEGATE = Path(binary)
             d = work / f"c{i}"
             d.mkdir()
             p = bench.Procs(d)
             procs.append(p)
-            ports = {}
-            for svc, target in (("redis", redis_port), ("iperf", iperf_port)):
-                hop = {"server": bench.free_port(), "client": bench.free_port()}
-                hop["dial"] = hop["server"]
-                ports[svc] = start(p, c, target, hop)
-                bench.wait_port(ports[svc])
-            pairs[name] = ports
+            pairs[name] = bench.start_pairs(kind, p, c, redis_port, iperf_port)
         results = {n: {"gbps": [], "rps": [], "p99": []} for n in pairs}
         for _ in range(int(os.environ.get("AB_ROUNDS", "4"))):
             for name, ports in pairs.items():
-                results[name]["gbps"].append(bench.iperf(ports["iperf"], 1)[0])
+                results[name]["gbps"].append(bench.iperf(ports["iperf"], 1))
                 results[name]["p99"].append(bench.latency(ports["redis"])[1])
                 results[name]["rps"].append(bench.rps(ports["redis"], "-c", "50", "-n", "50000", "-t", "set,get"))
         for name, r in results.items():

@@ -5,9 +5,14 @@ HAProxy, nginx stream and socat with OpenSSL, side by side in one run on loopbac
 Each contender runs as a client-side plus server-side pair doing mutual TLS with the same
 ECDSA P-256 certificates (from `legate gen-certs`). Figures: iperf3 throughput (1 and 8
 streams), redis-benchmark requests/s (50 clients; pipelined -P 16), single-client
-PING latency p50/p99 (those three the median of 3 runs), new connections/s (-k 0), resident memory per idle connection with
+PING latency p50/p99, new connections/s (-k 0), resident memory per idle connection with
 2,000 connections open, and time to first reply of a fresh connection across a link delayed
 25 ms each way (a delaying relay in this script, since the kernel here has no netem).
+
+One-stream throughput, both request figures and latency are the median of 3 runs, taken in
+rounds: every pair stays up, and each round measures every contender in turn, so a spell of
+noise (this VM's host takes 5-20% of its CPU time) falls on all of them alike. The other
+figures are measured once per contender, after the rounds.
 
 Run through bench/run, which installs the packages. Writes bench/RESULTS.md.
 """
@@ -18,6 +23,7 @@ import json
 import os
 import platform
 import queue
+import random
 import signal
 import socket
 import statistics
@@ -33,7 +39,7 @@ LEGATE = Path(os.environ.get("LEGATE_BIN", ROOT / "target" / "release" / "legate
 DELAY = 0.025  # seconds each way on the slow link
 IDLE_CONNS = int(os.environ.get("BENCH_IDLE_CONNS", "2000"))
 QUICK = os.environ.get("BENCH_QUICK") == "1"
-RUNS = 1 if QUICK else 3  # throughput, requests (50 clients) and latency: the median of RUNS
+RUNS = 1 if QUICK else 3  # rounds of the repeated figures (see above)
 PEERS = ["stunnel", "haproxy", "nginx", "socat-tls"]
 
 
@@ -41,10 +47,28 @@ def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
+def _ephemeral_range():
+    try:
+        lo, hi = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now, below the kernel's ephemeral range: a port the kernel handed out for
+    port 0 can be taken by one of the many outgoing connections (2,000 idle ones, new-connection
+    runs) before the contender binds it, and nginx then failed with 'Address already in use'."""
+    lo, _ = _ephemeral_range()
+    for _ in range(1000):
+        port = random.randrange(max(1024, lo - 12000), lo)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def wait_port(port, deadline=10.0):
@@ -382,21 +406,17 @@ class DelayRelay:
 # Measurements.
 
 def iperf(port, streams):
-    runs = []
-    while len(runs) < RUNS:
-        for attempt in range(5):
-            out = subprocess.run(on("client", ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", "2",
-                                  "-P", str(streams), "-J"]), capture_output=True, text=True, timeout=60)
-            doc = json.loads(out.stdout)
-            if "error" not in doc:
-                runs.append(doc["end"]["sum_received"]["bits_per_second"] / 1e9)
-                break
-            # The iperf3 server runs one test at a time and may still be closing the last one.
-            log(f"    iperf3: {doc['error']} (attempt {attempt + 1})")
-            time.sleep(1)
-        else:
-            raise RuntimeError(f"iperf3 kept failing: {doc['error']}")
-    return statistics.median(runs), runs
+    """One iperf3 run of 2 s through the pair: Gbit/s received."""
+    for attempt in range(5):
+        out = subprocess.run(on("client", ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", "2",
+                              "-P", str(streams), "-J"]), capture_output=True, text=True, timeout=60)
+        doc = json.loads(out.stdout)
+        if "error" not in doc:
+            return doc["end"]["sum_received"]["bits_per_second"] / 1e9
+        # The iperf3 server runs one test at a time and may still be closing the last one.
+        log(f"    iperf3: {doc['error']} (attempt {attempt + 1})")
+        time.sleep(1)
+    raise RuntimeError(f"iperf3 kept failing: {doc['error']}")
 
 
 def redis_bench(port, *args):
@@ -478,63 +498,71 @@ def first_reply_ms(port, n=20):
     return statistics.median(times)
 
 
-def measure(name, work, c, redis_port, iperf_port):
-    results = {}
-    procs = Procs(work / name)
-    (work / name).mkdir(exist_ok=True)
+def start_pairs(name, procs, c, redis_port, iperf_port):
+    """The contender's pairs in front of redis and iperf3, on the fast path: their ports."""
+    ports = {}
+    for svc, target in (("redis", redis_port), ("iperf", iperf_port)):
+        hop = {"server": free_port(), "client": free_port()}
+        hop["dial"] = hop["server"]
+        ports[svc] = CONTENDERS[name](procs, c, target, hop)
+        wait_port(ports[svc])
+    return ports
+
+
+def measure_round(name, ports, results):
+    """One run of each repeated figure. Latency first, on the quiet pair: the figure is the
+    added latency of a steady tunnel, not of one still settling after the load tests
+    (docs/performance.md)."""
+    rp = results.setdefault
+    p50, p99 = latency(ports["redis"])
+    rp("p50_runs", []).append(p50)
+    rp("p99_runs", []).append(p99)
+    rp("gbps_1_runs", []).append(iperf(ports["iperf"], 1))
+    n = 50000 if QUICK else 150000
+    rp("rps_50_runs", []).append(rps(ports["redis"], "-c", "50", "-n", str(n), "-t", "set,get"))
+    rp("rps_p16_runs", []).append(rps(ports["redis"], "-c", "50", "-n", str(n * 5), "-P", "16",
+                                      "-t", "set,get"))
+
+
+def measure_once(name, work, c, procs, ports, redis_port, results):
+    """The figures measured once: eight streams, new connections, idle memory, the slow link."""
+    results["gbps_8"] = iperf(ports["iperf"], 8)
+    results["conn_rps"] = conn_rps(ports["redis"])
+    if name != "direct":
+        log(f"  {name}: memory with {IDLE_CONNS} idle connections")
+        results["mem_per_conn"], results["mem_total"] = idle_memory(procs, ports["redis"])
+    procs.stop()
+    # The same pair with the delaying relay between the two sides.
+    log(f"  {name}: slow link")
+    relay_port = free_port()
+    if name == "direct":
+        relay = DelayRelay(relay_port, redis_port)
+        port = relay_port
+    else:
+        hop = {"server": free_port(), "client": free_port()}
+        relay = DelayRelay(relay_port, hop["server"])
+        hop["dial"] = relay_port
+        port = CONTENDERS[name](procs, c, redis_port, hop)
+        wait_port(port)
     try:
-        # Pair in front of redis and iperf3, on the fast path.
-        for svc, target in (("redis", redis_port), ("iperf", iperf_port)):
-            hop = {"server": free_port(), "client": free_port()}
-            hop["dial"] = hop["server"]
-            port = CONTENDERS[name](procs, c, target, hop)
-            wait_port(port)
-            results[f"{svc}_port"] = port
-        log(f"  {name}: throughput")
-        results["gbps_1"], results["gbps_1_runs"] = iperf(results["iperf_port"], 1)
-        results["gbps_8"], results["gbps_8_runs"] = iperf(results["iperf_port"], 8)
-        log(f"  {name}: redis")
-        rp = results["redis_port"]
-        # Latency first, on the quiet pair: the figure is the added latency of a steady tunnel,
-        # not of one still settling after the load tests (docs/performance.md).
-        lat = [latency(rp) for _ in range(RUNS)]
-        results["p50"] = statistics.median(p50 for p50, _ in lat)
-        results["p99"] = statistics.median(p99 for _, p99 in lat)
-        results["p99_runs"] = [p99 for _, p99 in lat]
-        n = "50000" if QUICK else "150000"
-        results["rps_50_runs"] = [rps(rp, "-c", "50", "-n", n, "-t", "set,get") for _ in range(RUNS)]
-        results["rps_50"] = statistics.median(results["rps_50_runs"])
-        results["rps_p16"] = rps(rp, "-c", "50", "-n", str(int(n) * 5), "-P", "16", "-t", "set,get")
-        results["conn_rps"] = conn_rps(rp)
-        if name != "direct":
-            log(f"  {name}: memory with {IDLE_CONNS} idle connections")
-            results["mem_per_conn"], results["mem_total"] = idle_memory(procs, rp)
-        procs.stop()
-        # The same pair with the delaying relay between the two sides.
-        log(f"  {name}: slow link")
-        relay_port = free_port()
-        if name == "direct":
-            relay = DelayRelay(relay_port, redis_port)
-            port = relay_port
-        else:
-            hop = {"server": free_port(), "client": free_port()}
-            relay = DelayRelay(relay_port, hop["server"])
-            hop["dial"] = relay_port
-            port = CONTENDERS[name](procs, c, redis_port, hop)
-            wait_port(port)
-        try:
-            first_reply_ms(port, 2)  # warm up: session tickets, pools
-            results["first_reply_ms"] = first_reply_ms(port)
-        finally:
-            relay.stop()
+        first_reply_ms(port, 2)  # warm up: session tickets, pools
+        results["first_reply_ms"] = first_reply_ms(port)
     finally:
+        relay.stop()
         procs.stop()
-    return results
+
+
+def cpu_ticks():
+    """Steal and total ticks of all CPUs, from /proc/stat: the time the host ran something else
+    while this machine wanted the CPU."""
+    ticks = [int(t) for t in open("/proc/stat").readline().split()[1:]]
+    return ticks[7], sum(ticks)
 
 
 def main():
     only = [a for a in sys.argv[1:] if a in CONTENDERS] or list(CONTENDERS)
     started = time.monotonic()
+    steal0 = cpu_ticks()
     work = Path(tempfile.mkdtemp(prefix="legate-bench-"))
     c = certs(work)
     services = Procs(work)
@@ -545,17 +573,34 @@ def main():
     services.start("iperf3", ["iperf3", "-s", "-p", str(iperf_port)])
     wait_port(redis_port)
     wait_port(iperf_port)
-    results = {}
+    results = {name: {} for name in only}
+    procs, ports = {}, {}
     try:
+        # Every pair stays up while the repeated figures are measured in rounds, each round
+        # measuring every contender in turn, so a spell of noise on the machine falls on all of
+        # them rather than on whichever was being measured then.
         for name in only:
-            log(f"measuring {name}")
-            t0 = time.monotonic()
-            results[name] = measure(name, work, c, redis_port, iperf_port)
-            log(f"  {name}: done in {time.monotonic() - t0:.0f} s")
+            (work / name).mkdir()
+            procs[name] = Procs(work / name)
+            ports[name] = start_pairs(name, procs[name], c, redis_port, iperf_port)
+        for r in range(RUNS):
+            for name in only:
+                log(f"round {r + 1}/{RUNS}: {name}")
+                measure_round(name, ports[name], results[name])
+        for name in only:
+            log(f"measuring {name}: 8 streams, new connections, memory, slow link")
+            measure_once(name, work, c, procs[name], ports[name], redis_port, results[name])
     finally:
+        for p in procs.values():
+            p.stop()
         services.stop()
+    for r in results.values():
+        for key in ("p50", "p99", "gbps_1", "rps_50", "rps_p16"):
+            r[key] = statistics.median(r[f"{key}_runs"])
+    steal1 = cpu_ticks()
+    steal = 100 * (steal1[0] - steal0[0]) / max(steal1[1] - steal0[1], 1)
     elapsed = time.monotonic() - started
-    report = render(results, elapsed)
+    report = render(results, elapsed, steal)
     print(report)
     if not os.environ.get("BENCH_NO_WRITE"):
         (ROOT / "bench" / "RESULTS.md").write_text(report)
@@ -588,7 +633,7 @@ def fmt(key, v):
     return f"{v:,.0f}"
 
 
-def render(results, elapsed):
+def render(results, elapsed, steal):
     names = list(results)
     out = ["# legate benchmark results", ""]
     out.append(f"Run on {platform.node()} ({os.cpu_count()} cores, Linux {platform.release()}), "
@@ -624,9 +669,13 @@ def render(results, elapsed):
 
     def runs(key, f):
         return "; ".join(f"{n} {'/'.join(f(x) for x in results[n][key])}" for n in names if key in results[n])
-    out.append(f"Noise: {pinned}Throughput, requests with 50 clients and latency are the median of "
-               f"{RUNS} runs; the runs were: 1 stream (Gbit/s) " + runs("gbps_1_runs", lambda x: f"{x:.2f}") +
+    out.append(f"Noise: {pinned}The host took {steal:.0f}% of this machine's CPU time during the run "
+               f"(steal time, /proc/stat). One-stream throughput, requests (50 clients, and "
+               f"pipelined) and latency are the median of {RUNS} runs, measured in rounds with "
+               f"every pair up, each round measuring every contender in turn; the runs were: "
+               f"1 stream (Gbit/s) " + runs("gbps_1_runs", lambda x: f"{x:.2f}") +
                ". Requests, 50 clients (req/s) " + runs("rps_50_runs", lambda x: f"{x:,.0f}") +
+               ". Pipelined (req/s) " + runs("rps_p16_runs", lambda x: f"{x:,.0f}") +
                ". p99 (ms) " + runs("p99_runs", lambda x: f"{x:.3f}") + ".")
     out.append("")
     return "\n".join(out)

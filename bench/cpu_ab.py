@@ -11,6 +11,9 @@ and what multiplexing changes. The batch-size figures in docs/performance.md com
   e.g. bench/cpu_ab.py pooled=target/release/legate::--mux=false \\
            k1=target/release/legate:LEGATE_MUX_BATCH=1 k8=target/release/legate
 
+Also prints how idle each CPU was during the rounds (median): what the batch size and the
+reader's hand-over of the CPU (LEGATE_MUX_YIELD) change.
+
 ROUNDS (default 5), REQUESTS per round (default 100000).
 """
 import os
@@ -27,6 +30,22 @@ import bench
 def cpu_seconds(pid):
     fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_idle():
+    """Idle (plus iowait) and total ticks of each CPU, from /proc/stat."""
+    out = {}
+    for line in open("/proc/stat"):
+        if line.startswith("cpu") and line[3].isdigit():
+            name, *ticks = line.split()
+            ticks = [int(t) for t in ticks]
+            out[name] = (ticks[3] + ticks[4], sum(ticks))
+    return out
+
+
+def idle_share(before, after):
+    """Each CPU's idle share between two cpu_idle() readings, in percent."""
+    return {c: 100 * (after[c][0] - before[c][0]) / max(after[c][1] - before[c][1], 1) for c in after}
 
 
 def main():
@@ -58,10 +77,11 @@ def main():
             server, client = p.procs
             pairs[name] = (port, server.pid, client.pid)
         n = int(os.environ.get("REQUESTS", "100000"))
-        results = {name: ([], []) for name in pairs}
+        results = {name: ([], [], []) for name in pairs}
         for _ in range(int(os.environ.get("ROUNDS", "5"))):
             for name, (port, spid, cpid) in pairs.items():
                 before = cpu_seconds(spid) + cpu_seconds(cpid)
+                idle_before = cpu_idle()
                 out = subprocess.run(bench.on("client", ["redis-benchmark", "-p", str(port), "-c", "50",
                                                          "-n", str(n), "-t", "set", "-q"]),
                                      capture_output=True, text=True, timeout=300).stdout
@@ -69,11 +89,14 @@ def main():
                 used = cpu_seconds(spid) + cpu_seconds(cpid) - before
                 results[name][0].append(rps)
                 results[name][1].append(used / n * 1e6)
-        for name, (rps, us) in results.items():
+                results[name][2].append(idle_share(idle_before, cpu_idle()))
+        for name, (rps, us, idle) in results.items():
+            idle_median = ", ".join(f"{c} {statistics.median(r[c] for r in idle):.0f}%"
+                                    for c in sorted(idle[0]))
             print(f"{name}: {statistics.median(rps):,.0f} requests/s "
                   f"[{' '.join(f'{x:,.0f}' for x in rps)}], "
                   f"{statistics.median(us):.1f} us of CPU per request, both sides "
-                  f"[{' '.join(f'{x:.1f}' for x in us)}]")
+                  f"[{' '.join(f'{x:.1f}' for x in us)}], idle {idle_median}")
     finally:
         for p in procs:
             p.stop()
