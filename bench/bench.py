@@ -210,7 +210,7 @@ def legate(procs, c, target, hop, env=None, client_flags=()):
 def stunnel(procs, c, target, hop):
     s, cl = hop["server"], hop["client"]
     common = "foreground = yes\npid =\nsocket = l:TCP_NODELAY=1\nsocket = r:TCP_NODELAY=1\n"
-    srv = procs.work / "stunnel-server.conf"
+    srv = procs.work / f"stunnel-server-{s}.conf"
     srv.write_text(common + f"""[server]
 accept = 127.0.0.1:{s}
 connect = 127.0.0.1:{target}
@@ -220,7 +220,7 @@ CAfile = {c}/ca.crt
 verifyChain = yes
 requireCert = yes
 """)
-    cli = procs.work / "stunnel-client.conf"
+    cli = procs.work / f"stunnel-client-{s}.conf"
     cli.write_text(common + f"""[client]
 client = yes
 accept = 127.0.0.1:{cl}
@@ -246,14 +246,14 @@ defaults
   timeout client 1h
   timeout server 1h
 """
-    srv = procs.work / "haproxy-server.cfg"
+    srv = procs.work / f"haproxy-server-{s}.cfg"
     srv.write_text(common + f"""frontend f
   bind 127.0.0.1:{s} ssl crt {c}/server.pem ca-file {c}/ca.crt verify required
   default_backend b
 backend b
   server t 127.0.0.1:{target}
 """)
-    cli = procs.work / "haproxy-client.cfg"
+    cli = procs.work / f"haproxy-client-{s}.cfg"
     cli.write_text(common + f"""frontend f
   bind 127.0.0.1:{cl}
   default_backend b
@@ -269,7 +269,11 @@ def nginx(procs, c, target, hop):
     s, cl = hop["server"], hop["client"]
 
     def conf(name, server_block):
-        d = procs.work / name
+        # A directory per pair (so the config files of stunnel and HAProxy are named by port
+        # too): a contender runs two pairs (redis, iperf3), and when both shared one, the
+        # second's config could be written before the first nginx read its own, and both bound
+        # the same port.
+        d = procs.work / f"pair{s}-{name}"
         d.mkdir(exist_ok=True)
         # One worker per CPU it may run on ("auto" counts all CPUs, ignoring the pinning;
         # HAProxy's and legate's defaults follow the CPUs they are allowed).
