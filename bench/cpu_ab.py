@@ -2,8 +2,8 @@
 """Redis requests per second AND the ambassadors' CPU time per request, interleaved.
 
 Each contender is a legate binary with optional environment and client flags; its pair stays
-up for the whole run, and every round runs redis-benchmark (SET, 50 clients) through each in
-turn, pinned like bench/run. CPU per request is the user+system time both legate processes
+up for the whole run, and every round runs redis-benchmark (SET, 50 clients unless CLIENTS
+says otherwise) through each in turn, pinned like bench/run. CPU per request is the user+system time both legate processes
 used during the round, divided by the requests: steadier than requests/s on a noisy machine,
 and what multiplexing changes. The batch-size figures in docs/performance.md come from this.
 
@@ -14,7 +14,8 @@ and what multiplexing changes. The batch-size figures in docs/performance.md com
 Also prints how idle each CPU was during the rounds (median): what the batch size and the
 reader's hand-over of the CPU (LEGATE_MUX_YIELD) change.
 
-ROUNDS (default 5), REQUESTS per round (default 100000).
+ROUNDS (default 5), REQUESTS per round (default 100000), CLIENTS (default 50; 1 measures the
+path of a lone request).
 """
 import os
 import re
@@ -77,12 +78,13 @@ def main():
             server, client = p.procs
             pairs[name] = (port, server.pid, client.pid)
         n = int(os.environ.get("REQUESTS", "100000"))
+        clients = os.environ.get("CLIENTS", "50")
         results = {name: ([], [], []) for name in pairs}
         for _ in range(int(os.environ.get("ROUNDS", "5"))):
             for name, (port, spid, cpid) in pairs.items():
                 before = cpu_seconds(spid) + cpu_seconds(cpid)
                 idle_before = cpu_idle()
-                out = subprocess.run(bench.on("client", ["redis-benchmark", "-p", str(port), "-c", "50",
+                out = subprocess.run(bench.on("client", ["redis-benchmark", "-p", str(port), "-c", clients,
                                                          "-n", str(n), "-t", "set", "-q"]),
                                      capture_output=True, text=True, timeout=300).stdout
                 rps = float(re.findall(r"([0-9.]+) requests per second", out)[-1])

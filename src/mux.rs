@@ -457,21 +457,24 @@ impl Conn {
         let full = urgent || p.frames >= batch_frames() || p.bytes >= BATCH || p.close;
         let closing = p.close;
         drop(p);
-        if full && !closing {
-            self.write_now();
-        }
-        if first || full {
+        // When everything went out here, the writer task has nothing to do: waking it would
+        // cost a task switch per lone request or reply.
+        let all_written = full && !closing && self.write_now();
+        if (first || full) && !all_written {
             self.wake.notify_one();
         }
     }
 
     /// Writes what is queued without waiting: as much as the socket takes now. The rest, and
-    /// anything TLS holds back, is the writer task's (which the caller wakes).
-    fn write_now(&self) {
+    /// anything TLS holds back, is the writer task's (which the caller wakes). True when all of
+    /// it was written and flushed.
+    fn write_now(&self) -> bool {
         let Ok(mut sink) = self.sink.try_lock() else {
-            return;
+            return false;
         };
-        let Some(w) = sink.as_mut() else { return };
+        let Some(w) = sink.as_mut() else {
+            return false;
+        };
         let mut chunks = {
             let mut p = self.pending();
             p.frames = 0;
@@ -488,7 +491,10 @@ impl Conn {
             }
         }
         if chunks.is_empty() {
-            let _ = std::pin::Pin::new(&mut *w).poll_flush(&mut cx);
+            matches!(
+                std::pin::Pin::new(&mut *w).poll_flush(&mut cx),
+                std::task::Poll::Ready(Ok(()))
+            )
         } else {
             // Unwritten bytes go back in front of what was queued meanwhile.
             let mut p = self.pending();
@@ -497,6 +503,7 @@ impl Conn {
             chunks.extend(newer);
             p.chunks = chunks;
             p.frames += 1;
+            false
         }
     }
 
