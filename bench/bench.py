@@ -512,8 +512,17 @@ def start_pairs(name, procs, c, redis_port, iperf_port):
         hop = {"server": free_port(), "client": free_port()}
         hop["dial"] = hop["server"]
         ports[svc] = CONTENDERS[name](procs, c, target, hop)
-        wait_port(ports[svc])
+        wait_ready(name, hop, ports[svc])
     return ports
+
+
+def wait_ready(name, hop, port):
+    """Both sides listening: the server side too, or a first connection through a client side
+    that dials lazily (stunnel) can be refused by a server side still starting, which once
+    reset the slow-link measurement's first connection and ended a full run."""
+    if name != "direct":
+        wait_port(hop["server"])
+    wait_port(port)
 
 
 def measure_latency(ports, results):
@@ -555,7 +564,7 @@ def measure_once(name, work, c, procs, ports, redis_port, results):
         relay = DelayRelay(relay_port, hop["server"])
         hop["dial"] = relay_port
         port = CONTENDERS[name](procs, c, redis_port, hop)
-        wait_port(port)
+        wait_ready(name, hop, port)
     try:
         first_reply_ms(port, 2)  # warm up: session tickets, pools
         results["first_reply_ms"] = first_reply_ms(port)
