@@ -8,7 +8,8 @@ the machine hits all of them alike. Prints the median and every round. Pinned li
 
   bench/ab.py BINARY [BINARY ...]     e.g. bench/ab.py /tmp/legate-before target/release/legate
 
-AB_ROUNDS (default 4), AB_HAPROXY=0 to leave HAProxy out, AB_NGINX=1 to add nginx.
+AB_ROUNDS (default 4), AB_HAPROXY=0 to leave HAProxy out, AB_NGINX=1 to add nginx,
+AB_LATENCY_ONLY=1 for single-client PING latency alone (each pair quiet but for it).
 """
 import os
 import statistics
@@ -48,18 +49,28 @@ def main():
             p = bench.Procs(d)
             procs.append(p)
             pairs[name] = bench.start_pairs(kind, p, c, redis_port, iperf_port)
-        results = {n: {"gbps": [], "rps": [], "p99": []} for n in pairs}
+        latency_only = os.environ.get("AB_LATENCY_ONLY") == "1"
+        results = {n: {"gbps": [], "rps": [], "p50": [], "p99": []} for n in pairs}
         for _ in range(int(os.environ.get("AB_ROUNDS", "4"))):
             for name, ports in pairs.items():
-                results[name]["gbps"].append(bench.iperf(ports["iperf"], 1))
-                results[name]["p99"].append(bench.latency(ports["redis"])[1])
-                results[name]["rps"].append(bench.rps(ports["redis"], "-c", "50", "-n", "50000", "-t", "set,get"))
+                r = results[name]
+                if not latency_only:
+                    r["gbps"].append(bench.iperf(ports["iperf"], 1))
+                p50, p99 = bench.latency(ports["redis"])
+                r["p50"].append(p50)
+                r["p99"].append(p99)
+                if not latency_only:
+                    r["rps"].append(bench.rps(ports["redis"], "-c", "50", "-n", "50000", "-t", "set,get"))
         for name, r in results.items():
-            print(f"{name}: 1 stream {statistics.median(r['gbps']):.2f} Gbit/s "
-                  f"[{' '.join(f'{x:.2f}' for x in r['gbps'])}], "
-                  f"redis 50 clients {statistics.median(r['rps']):,.0f}/s "
-                  f"[{' '.join(f'{x:,.0f}' for x in r['rps'])}], "
-                  f"p99 {statistics.median(r['p99']):.3f} ms [{' '.join(f'{x:.3f}' for x in r['p99'])}]")
+            parts = []
+            if r["gbps"]:
+                parts.append(f"1 stream {statistics.median(r['gbps']):.2f} Gbit/s "
+                             f"[{' '.join(f'{x:.2f}' for x in r['gbps'])}]")
+                parts.append(f"redis 50 clients {statistics.median(r['rps']):,.0f}/s "
+                             f"[{' '.join(f'{x:,.0f}' for x in r['rps'])}]")
+            parts.append(f"p50 {statistics.median(r['p50']):.3f} ms")
+            parts.append(f"p99 {statistics.median(r['p99']):.3f} ms [{' '.join(f'{x:.3f}' for x in r['p99'])}]")
+            print(f"{name}: " + ", ".join(parts))
     finally:
         for p in procs:
             p.stop()
