@@ -50,19 +50,19 @@ def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
-def _ephemeral_range():
+def _ephemeral_start():
+    """The first port of the kernel's ephemeral range (where outgoing connections get theirs)."""
     try:
-        lo, hi = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
-        return lo, hi
-    except (OSError, ValueError):
-        return 32768, 60999
+        return int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def free_port():
     """A port free now, below the kernel's ephemeral range: a port the kernel handed out for
     port 0 can be taken by one of the many outgoing connections (2,000 idle ones, new-connection
     runs) before the contender binds it, and nginx then failed with 'Address already in use'."""
-    lo, _ = _ephemeral_range()
+    lo = _ephemeral_start()
     for _ in range(1000):
         port = random.randrange(max(1024, lo - 12000), lo)
         with socket.socket() as s:
@@ -545,7 +545,7 @@ def measure_round(ports, results):
                                       "-t", "set,get"))
 
 
-def measure_once(name, work, c, procs, ports, redis_port, results):
+def measure_once(name, c, procs, ports, redis_port, results):
     """The figures measured once: eight streams, new connections, idle memory, the slow link."""
     results["gbps_8"] = iperf(ports["iperf"], 8)
     results["conn_rps"] = conn_rps(ports["redis"])
@@ -614,7 +614,7 @@ def main():
                 measure_round(ports[name], results[name])
         for name in only:
             log(f"measuring {name}: 8 streams, new connections, memory, slow link")
-            measure_once(name, work, c, procs[name], ports[name], redis_port, results[name])
+            measure_once(name, c, procs[name], ports[name], redis_port, results[name])
     finally:
         for p in procs.values():
             p.stop()
