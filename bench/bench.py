@@ -574,10 +574,21 @@ def measure_once(name, c, procs, ports, redis_port, results):
 
 
 def cpu_ticks():
-    """Steal and total ticks of all CPUs, from /proc/stat: the time the host ran something else
-    while this machine wanted the CPU."""
-    ticks = [int(t) for t in open("/proc/stat").readline().split()[1:]]
-    return ticks[7], sum(ticks)
+    """Each line of /proc/stat that counts CPU time ("cpu" for all CPUs, then "cpu0", ...):
+    its ticks as user, nice, system, idle, iowait, irq, softirq, steal, ..."""
+    out = {}
+    for line in open("/proc/stat"):
+        if line.startswith("cpu"):
+            name, *ticks = line.split()
+            out[name] = [int(t) for t in ticks]
+    return out
+
+
+def share(before, after, cpu, fields):
+    """Percent of `cpu`'s ticks between two cpu_ticks() readings spent in `fields` (indices):
+    steal is (7,), idle (3, 4) with iowait."""
+    d = [a - b for a, b in zip(after[cpu], before[cpu])]
+    return 100 * sum(d[i] for i in fields) / max(sum(d), 1)
 
 
 def main():
@@ -622,8 +633,8 @@ def main():
     for r in results.values():
         for key in ("p50", "p99", "gbps_1", "rps_50", "rps_p16"):
             r[key] = statistics.median(r[f"{key}_runs"])
-    steal1 = cpu_ticks()
-    steal = 100 * (steal1[0] - steal0[0]) / max(steal1[1] - steal0[1], 1)
+    # The host ran something else while this machine wanted the CPU.
+    steal = share(steal0, cpu_ticks(), "cpu", (7,))
     elapsed = time.monotonic() - started
     report = render(results, elapsed, steal)
     print(report)

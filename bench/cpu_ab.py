@@ -3,9 +3,9 @@
 
 Each contender is a legate binary with optional environment and client flags; its pair stays
 up for the whole run, and every round runs redis-benchmark (SET, 50 clients unless CLIENTS
-says otherwise) through each in turn, pinned like bench/run. CPU per request is the user+system time both legate processes
-used during the round, divided by the requests: steadier than requests/s on a noisy machine,
-and what multiplexing changes. The batch-size figures in docs/performance.md come from this.
+says otherwise) through each in turn, pinned like bench/run. CPU per request is the
+user+system time both legate processes used during the round, divided by the requests:
+steadier than requests/s on a noisy machine, and what multiplexing changes. The batch-size figures in docs/performance.md come from this.
 
   bench/cpu_ab.py NAME=BINARY[:ENV=V,ENV=V[:--flag,--flag]] ...
   e.g. bench/cpu_ab.py pooled=target/release/legate::--mux=false \\
@@ -33,22 +33,6 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def cpu_idle():
-    """Idle (plus iowait) and total ticks of each CPU, from /proc/stat."""
-    out = {}
-    for line in open("/proc/stat"):
-        if line.startswith("cpu") and line[3].isdigit():
-            name, *ticks = line.split()
-            ticks = [int(t) for t in ticks]
-            out[name] = (ticks[3] + ticks[4], sum(ticks))
-    return out
-
-
-def idle_share(before, after):
-    """Each CPU's idle share between two cpu_idle() readings, in percent."""
-    return {c: 100 * (after[c][0] - before[c][0]) / max(after[c][1] - before[c][1], 1) for c in after}
-
-
 def main():
     specs = sys.argv[1:]
     if not specs:
@@ -74,7 +58,7 @@ def main():
             hop["dial"] = hop["server"]
             bench.LEGATE = Path(binary)
             port = bench.legate(p, c, redis_port, hop, env=env, client_flags=flags)
-            bench.wait_port(port)
+            bench.wait_ready("legate", hop, port)
             server, client = p.procs
             pairs[name] = (port, server.pid, client.pid)
         n = int(os.environ.get("REQUESTS", "100000"))
@@ -83,7 +67,7 @@ def main():
         for _ in range(int(os.environ.get("ROUNDS", "5"))):
             for name, (port, spid, cpid) in pairs.items():
                 before = cpu_seconds(spid) + cpu_seconds(cpid)
-                idle_before = cpu_idle()
+                idle_before = bench.cpu_ticks()
                 out = subprocess.run(bench.on("client", ["redis-benchmark", "-p", str(port), "-c", clients,
                                                          "-n", str(n), "-t", "set", "-q"]),
                                      capture_output=True, text=True, timeout=300).stdout
@@ -91,7 +75,9 @@ def main():
                 used = cpu_seconds(spid) + cpu_seconds(cpid) - before
                 results[name][0].append(rps)
                 results[name][1].append(used / n * 1e6)
-                results[name][2].append(idle_share(idle_before, cpu_idle()))
+                after = bench.cpu_ticks()
+                results[name][2].append({cpu: bench.share(idle_before, after, cpu, (3, 4))
+                                         for cpu in after if cpu != "cpu"})
         for name, (rps, us, idle) in results.items():
             idle_median = ", ".join(f"{c} {statistics.median(r[c] for r in idle):.0f}%"
                                     for c in sorted(idle[0]))
