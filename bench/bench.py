@@ -9,10 +9,11 @@ PING latency p50/p99, new connections/s (-k 0), resident memory per idle connect
 2,000 connections open, and time to first reply of a fresh connection across a link delayed
 25 ms each way (a delaying relay in this script, since the kernel here has no netem).
 
-Latency (the median of 5 runs, first, before any load), then one-stream throughput and both
-request figures (the median of 3 runs) are taken in rounds: every pair stays up, and each round
-measures every contender in turn, so a spell of noise (this VM's host takes 5-20% of its CPU
-time) falls on all of them alike. The other figures are measured once per contender, after the
+Every pair stays up for the whole run. Latency comes first, before any load: single-client PING
+round trips from this script, in turns that each visit every contender. Then one-stream
+throughput and both request figures (the median of 3 runs) are taken in rounds, each round
+measuring every contender in turn. Either way a spell of noise (this VM's host takes 1-20% of
+its CPU time) falls on all of them alike. The other figures are measured once per contender, after the
 rounds.
 
 Run through bench/run, which installs the packages. Writes bench/RESULTS.md.
@@ -41,8 +42,10 @@ DELAY = 0.025  # seconds each way on the slow link
 IDLE_CONNS = int(os.environ.get("BENCH_IDLE_CONNS", "2000"))
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 RUNS = 1 if QUICK else 3  # rounds of the repeated load figures (see above)
-# Latency runs are short and the tail is what a spell of host noise spoils first: more of them.
-LATENCY_RUNS = 1 if QUICK else 5
+# Single-client latency: turns of round trips, every turn visiting every contender
+# (interleaved_latency).
+LATENCY_TURNS = 5 if QUICK else 50
+LATENCY_PER_TURN = 1000
 PEERS = ["stunnel", "haproxy", "nginx", "socat-tls"]
 
 
@@ -114,7 +117,11 @@ class Procs:
         self.procs = []
 
     def start(self, name, args, **kw):
-        logf = open(self.work / f"{name}.log", "w")
+        # A contender runs two pairs (redis, iperf3): the second pair's processes log apart.
+        log_path = self.work / f"{name}.log"
+        if log_path.exists():
+            log_path = self.work / f"{name}-{len(self.procs)}.log"
+        logf = open(log_path, "w")
         side = "client" if name.endswith("-client") else "server"
         p = subprocess.Popen(on(side, args), stdout=logf, stderr=subprocess.STDOUT,
                              start_new_session=True, **kw)
@@ -465,7 +472,7 @@ def conn_rps(port):
 
 
 def latency(port):
-    rows = redis_bench(port, "-c", "1", "-n", "5000" if QUICK else "10000", "-t", "ping")
+    rows = redis_bench(port, "-c", "1", "-n", "5000" if QUICK else "10000", "-t", "ping_mbulk")
     row = next(r for r in rows if r["test"] == "PING_MBULK")
     return float(row["p50_latency_ms"]), float(row["p99_latency_ms"])
 
@@ -525,13 +532,66 @@ def wait_ready(name, hop, port):
     wait_port(port)
 
 
-def measure_latency(ports, results):
-    """One latency run. All of them come before any load, on quiet pairs: the figure is the
-    added latency of a steady tunnel, not of one still settling after the load tests
-    (docs/performance.md)."""
-    p50, p99 = latency(ports["redis"])
-    results.setdefault("p50_runs", []).append(p50)
-    results.setdefault("p99_runs", []).append(p99)
+def ping_rtts(s, n):
+    """`n` PING round trips on the connected socket `s`, one after another: each in µs."""
+    out = []
+    for _ in range(n):
+        t = time.perf_counter_ns()
+        s.sendall(PING)
+        got = read_reply(s)
+        out.append((time.perf_counter_ns() - t) / 1000)
+        if got != b"+PONG\r\n":
+            raise RuntimeError(f"PING got {got!r}")
+    return out
+
+
+def quantile(sorted_values, q):
+    return sorted_values[int(q * (len(sorted_values) - 1))]
+
+
+def interleaved_latency(ports, turns):
+    """Single-client PING latency through each pair ({name: port}), measured in `turns` turns
+    of LATENCY_PER_TURN round trips, each turn visiting every contender, the first one moving
+    along. Returns {name: (p50 ms, p99 ms, [p99 ms of each fifth of the turns])}.
+
+    The samples of all turns pool into one distribution per contender. Runs of redis-benchmark
+    (10,000 requests, 1.5 s each) could not be pooled, only their p99s compared, and a spell of
+    host noise of a second or two spoilt whole runs of one or two contenders: with five runs
+    each, legate's median p99 ranged from 0.96x to 3.98x the best peer's over one evening, with
+    eleven from 0.255 to 1.007 ms run to run (docs/performance.md). A turn here takes a fifth of
+    a second, so a spell falls on every contender alike. The client is this script, pinned
+    like redis-benchmark to the client side's CPUs; its own cost per round trip is the same for
+    every contender."""
+    names = list(ports)
+    before = os.sched_getaffinity(0)
+    if PIN:
+        os.sched_setaffinity(0, side_cpus("client"))
+    socks, samples = {}, {n: [] for n in names}
+    try:
+        for n in names:
+            s = socket.create_connection(("127.0.0.1", ports[n]), timeout=30)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            ping_rtts(s, 200)  # the first round trips warm the path up; not counted
+            socks[n] = s
+        for turn in range(turns):
+            if turn % 10 == 0:
+                log(f"latency, turn {turn + 1}/{turns}")
+            k = turn % len(names)
+            for n in names[k:] + names[:k]:
+                samples[n].append(ping_rtts(socks[n], LATENCY_PER_TURN))
+    finally:
+        for s in socks.values():
+            s.close()
+        os.sched_setaffinity(0, before)
+    out = {}
+    for n, per_turn in samples.items():
+        every = sorted(x for t in per_turn for x in t)
+        fifth = max(len(per_turn) // 5, 1)
+        parts = [sorted(x for t in per_turn[i:i + fifth] for x in t)
+                 for i in range(0, len(per_turn), fifth)]
+        out[n] = (quantile(every, 0.5) / 1000, quantile(every, 0.99) / 1000,
+                  [quantile(p, 0.99) / 1000 for p in parts])
+    return out
 
 
 def measure_round(ports, results):
@@ -615,10 +675,11 @@ def main():
             (work / name).mkdir()
             procs[name] = Procs(work / name)
             ports[name] = start_pairs(name, procs[name], c, redis_port, iperf_port)
-        for r in range(LATENCY_RUNS):
-            log(f"latency, round {r + 1}/{LATENCY_RUNS}")
-            for name in only:
-                measure_latency(ports[name], results[name])
+        # Latency first, on the quiet pairs: the added latency of a steady tunnel, not of one
+        # still settling after the load tests (docs/performance.md).
+        lat = interleaved_latency({n: ports[n]["redis"] for n in only}, LATENCY_TURNS)
+        for name, (p50, p99, parts) in lat.items():
+            results[name].update(p50=p50, p99=p99, p99_runs=parts)
         for r in range(RUNS):
             for name in only:
                 log(f"round {r + 1}/{RUNS}: {name}")
@@ -631,7 +692,7 @@ def main():
             p.stop()
         services.stop()
     for r in results.values():
-        for key in ("p50", "p99", "gbps_1", "rps_50", "rps_p16"):
+        for key in ("gbps_1", "rps_50", "rps_p16"):
             r[key] = statistics.median(r[f"{key}_runs"])
     # The host ran something else while this machine wanted the CPU.
     steal = share(steal0, cpu_ticks(), "cpu", (7,))
@@ -706,14 +767,17 @@ def render(results, elapsed, steal):
     def runs(key, f):
         return "; ".join(f"{n} {'/'.join(f(x) for x in results[n][key])}" for n in names if key in results[n])
     out.append(f"Noise: {pinned}The host took {steal:.0f}% of this machine's CPU time during the run "
-               f"(steal time, /proc/stat). Latency is the median of {LATENCY_RUNS} runs, one-stream "
-               f"throughput and requests (50 clients, and pipelined) of {RUNS}, measured in rounds "
-               f"with every pair up, each round measuring every contender in turn, latency first "
-               f"on the quiet pairs; the runs were: "
+               f"(steal time, /proc/stat). Latency: {LATENCY_TURNS * LATENCY_PER_TURN:,} PING round "
+               f"trips per contender on one connection, first, on the quiet pairs, in "
+               f"{LATENCY_TURNS} turns of {LATENCY_PER_TURN:,}, each turn visiting every "
+               f"contender; p50 and p99 over all of them. One-stream throughput and requests "
+               f"(50 clients, and pipelined): the median of {RUNS} runs, measured in rounds with "
+               f"every pair up, each round measuring every contender in turn. The runs were: "
                f"1 stream (Gbit/s) " + runs("gbps_1_runs", lambda x: f"{x:.2f}") +
                ". Requests, 50 clients (req/s) " + runs("rps_50_runs", lambda x: f"{x:,.0f}") +
                ". Pipelined (req/s) " + runs("rps_p16_runs", lambda x: f"{x:,.0f}") +
-               ". p99 (ms) " + runs("p99_runs", lambda x: f"{x:.3f}") + ".")
+               ". p99 of each fifth of the latency turns (ms) " +
+               runs("p99_runs", lambda x: f"{x:.3f}") + ".")
     out.append("")
     return "\n".join(out)
 
