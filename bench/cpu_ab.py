@@ -5,7 +5,8 @@ Each contender is a legate binary with optional environment and client flags; it
 up for the whole run, and every round runs redis-benchmark (SET, 50 clients unless CLIENTS
 says otherwise) through each in turn, pinned like bench/run. CPU per request is the
 user+system time both legate processes used during the round, divided by the requests:
-steadier than requests/s on a noisy machine, and what multiplexing changes. The batch-size figures in docs/performance.md come from this.
+steadier than requests/s on a noisy machine, and what multiplexing changes. The batch-size
+figures in docs/performance.md come from this.
 
   bench/cpu_ab.py NAME=BINARY[:ENV=V,ENV=V[:--flag,--flag]] ...
   e.g. bench/cpu_ab.py pooled=target/release/legate::--mux=false \\
