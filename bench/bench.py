@@ -13,8 +13,8 @@ Every pair stays up for the whole run. Latency comes first, before any load: sin
 round trips from this script, in turns that each visit every contender. Then one-stream
 throughput and both request figures (the median of 3 runs) are taken in rounds, each round
 measuring every contender in turn. Either way a spell of noise (this VM's host takes 1-20% of
-its CPU time) falls on all of them alike. The other figures are measured once per contender, after the
-rounds.
+its CPU time) falls on all of them alike. The other figures are measured once per contender,
+after the rounds.
 
 Run through bench/run, which installs the packages. Writes bench/RESULTS.md.
 """
