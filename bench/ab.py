@@ -65,13 +65,11 @@ def main():
         for _ in range(rounds):
             for name, ports in pairs.items():
                 r = results[name]
-                if not latency_only:
-                    r["gbps"].append(bench.iperf(ports["iperf"], 1))
+                r["gbps"].append(bench.iperf(ports["iperf"], 1))
                 p50, p99 = bench.latency(ports["redis"])
                 r["p50"].append(p50)
                 r["p99"].append(p99)
-                if not latency_only:
-                    r["rps"].append(bench.rps(ports["redis"], "-c", "50", "-n", "50000", "-t", "set,get"))
+                r["rps"].append(bench.rps(ports["redis"], "-c", "50", "-n", "50000", "-t", "set,get"))
         for name, r in results.items():
             parts = []
             if r["gbps"]:
