@@ -54,13 +54,16 @@ def main():
         results = {n: {"gbps": [], "rps": [], "p50": [], "p99": []} for n in pairs}
         rounds = int(os.environ.get("AB_ROUNDS", "4"))
         if latency_only:
-            # As bench/run measures it: turns of PING round trips visiting every pair, ten turns
-            # per round; the p99 of each fifth of the turns stands in for the rounds.
-            lat = bench.interleaved_latency({n: p["redis"] for n, p in pairs.items()}, rounds * 10)
-            for name, (p50, p99, parts) in lat.items():
+            # As bench/run measures it: short turns of PING round trips visiting every pair, a
+            # tenth of bench/run's turns per round; the p99 of each fifth of the turns stands in
+            # for the rounds.
+            turns = rounds * bench.LATENCY_TURNS // 10
+            lat = bench.interleaved_latency({n: p["redis"] for n, p in pairs.items()}, turns)
+            for name, (p50, p99, parts, slow) in lat.items():
                 results[name]["p50"].append(p50)
                 results[name]["p99"].append(p99)
                 results[name]["fifths"] = parts
+                results[name]["slow"] = slow
             rounds = 0
         for _ in range(rounds):
             for name, ports in pairs.items():
@@ -80,6 +83,8 @@ def main():
             parts.append(f"p50 {statistics.median(r['p50']):.3f} ms")
             runs = r.get("fifths", r["p99"])
             parts.append(f"p99 {statistics.median(r['p99']):.3f} ms [{' '.join(f'{x:.3f}' for x in runs)}]")
+            if "slow" in r:
+                parts.append(f"slower than 3x p50: {r['slow'] * 100:.2f}%")
             print(f"{name}: " + ", ".join(parts))
     finally:
         for p in procs:
