@@ -916,7 +916,8 @@ async fn to_stream<R: AsyncRead + Unpin>(
             more.await;
         };
         let mut slot = None;
-        let n = match relay::read_lazy_max(r, &mut slot, credit).await {
+        let max = credit.min(relay::frame_payload(HEAD));
+        let n = match relay::read_lazy_max(r, &mut slot, max).await {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => 0,
             Err(e) => {

@@ -14,9 +14,19 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::protocol;
 
-/// Bytes per read from the plain side: one full TLS record, sealed and written with one write;
-/// below the 64 KiB a DATA frame can carry. 8, 32 and 64 KiB were slower (docs/performance.md).
+/// Bytes per read from the plain side: one full TLS record (16 KiB of plaintext), sealed and
+/// written with one write; below the 64 KiB a DATA frame can carry. 8, 32 and 64 KiB were
+/// slower (docs/performance.md). A framed read leaves room for its frame's header in the record
+/// ([`frame_payload`]).
 pub const BUF_SIZE: usize = 16 * 1024;
+
+/// The most payload a frame with a `head`-byte header should carry so that header and payload
+/// fill one TLS record and no more. A full 16 KiB payload behind its header spills a record of
+/// a few bytes: a second record to seal, send and open, and on the multiplexed path a second
+/// `writev` per batch (measured: one of 50 bytes after every 64 KiB, docs/performance.md).
+pub(crate) const fn frame_payload(head: usize) -> usize {
+    BUF_SIZE - head
+}
 
 /// Relay buffers are taken only while bytes are moving and handed back when a read would wait,
 /// so an idle connection holds none. Spares are kept per thread, a few dozen at most.
@@ -324,7 +334,7 @@ where
     let mut slot = None;
     let end = protocol::stream_header(protocol::END, 0);
     loop {
-        let n = match read_lazy(r, &mut slot).await {
+        let n = match read_lazy_max(r, &mut slot, frame_payload(3)).await {
             Ok(n) => n,
             Err(e) => {
                 note_failure(&e, failed);
