@@ -44,9 +44,9 @@ const READ: usize = 64 * 1024;
 /// The most a stream gathers from its queue for one write to its plain side.
 const GATHER: usize = 256 * 1024;
 /// A batch is written once it holds this much: three full DATA frames, each one TLS record.
-/// Four (64 KiB) came to 65,624 bytes with the records' overhead, one TCP segment and a
-/// 141-byte one on loopback (MSS 65,483), and the far side began on a batch later: one
-/// multiplexed stream carried 5-6% less than with three or two (bench/ab.py, 6 rounds).
+/// With four (64 KiB) one multiplexed stream carried 5-6% less than with three or two
+/// (bench/ab.py, 6 rounds). Why was not measured: a smaller batch reaches the far side sooner,
+/// and four came to 65,624 bytes with the records' overhead, past loopback's 65,483-byte MSS.
 const BATCH: usize = 48 * 1024;
 
 /// What the connection's reader hands a stream.
