@@ -59,11 +59,12 @@ def main():
             # for the rounds.
             turns = rounds * bench.LATENCY_TURNS // 10
             lat = bench.interleaved_latency({n: p["redis"] for n, p in pairs.items()}, turns)
-            for name, (p50, p99, parts, slow) in lat.items():
+            for name, (p50, p99, parts, slow, cold) in lat.items():
                 results[name]["p50"].append(p50)
                 results[name]["p99"].append(p99)
                 results[name]["fifths"] = parts
                 results[name]["slow"] = slow
+                results[name]["cold"] = cold
             rounds = 0
         for _ in range(rounds):
             for name, ports in pairs.items():
@@ -85,6 +86,8 @@ def main():
             parts.append(f"p99 {statistics.median(r['p99']):.3f} ms [{' '.join(f'{x:.3f}' for x in runs)}]")
             if "slow" in r:
                 parts.append(f"slower than 3x p50: {r['slow'] * 100:.2f}%")
+            if "cold" in r:
+                parts.append(f"cold first of each turn p50/p99 {r['cold'][0]:.3f}/{r['cold'][1]:.3f} ms")
             print(f"{name}: " + ", ".join(parts))
     finally:
         for p in procs:
