@@ -14,10 +14,12 @@ fn main() -> ExitCode {
     let all_quiet = cli.quiet.contains(&tunnel::QuietClass::All);
     init_logging(cli.log_format, all_quiet);
     tunnel::set_quiet(cli.quiet);
-    if matches!(
-        cli.command,
-        Command::Server(_) | Command::Client(_) | Command::Run(_)
-    ) {
+    let serving = match &cli.command {
+        Command::Server(_) | Command::Client(_) => true,
+        Command::Run(args) => !args.check,
+        _ => false,
+    };
+    if serving {
         memcpy::vector_loop_or_carry_on();
     }
     let threads = cli.threads;
@@ -258,7 +260,12 @@ mod memcpy {
     const THRESHOLD: usize = 2 << 20;
 
     pub fn vector_loop_or_carry_on() {
-        let current = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
+        let current = match std::env::var("GLIBC_TUNABLES") {
+            Ok(v) => v,
+            Err(std::env::VarError::NotPresent) => String::new(),
+            // Not text: not ours to rewrite.
+            Err(std::env::VarError::NotUnicode(_)) => return,
+        };
         if current.contains(TUNABLE) {
             // Set by the operator, or by this function before the exec.
             return;
