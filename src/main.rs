@@ -243,14 +243,15 @@ fn gen_certs(args: GenCertsArgs) -> ExitCode {
 }
 
 /// glibc's `memcpy` on x86-64 switches from a vector loop to `rep movsb` above 4 KiB. On AMD
-/// EPYC (Zen), `rep movsb` then runs at 1.7-2 GB/s instead of 40-70 whenever the destination
-/// lies 1 to 31 bytes past the source modulo 4 KiB. rustls copies every TLS record's payload
+/// EPYC (Zen), `rep movsb` then runs at 1-3 GB/s instead of 40 or more whenever the
+/// destination lies 1 to 31 bytes past the source modulo 4 KiB. rustls copies every TLS record's payload
 /// between buffers whose starts differ by the record's 5-byte header, so most 16 KiB copies of
 /// a bulk stream can fall in that case: a quarter of the server's CPU went to them in one
-/// stream on such a machine, and the stream carried 25-45% more with the vector loop
+/// stream on such a machine, and the stream carried 20-45% more with the vector loop
 /// (docs/performance.md). The switch point is a glibc tunable, read once when a process
 /// starts, so a serving legate sets it and starts itself again (same PID, same arguments)
-/// before doing anything else. An operator who sets the tunable keeps their value.
+/// before doing anything else. An operator who sets the tunable keeps their value. Never
+/// twice: the restarted process is marked, in case the loader drops the variable.
 #[cfg(all(target_os = "linux", target_env = "gnu", target_arch = "x86_64"))]
 mod memcpy {
     use std::os::unix::process::CommandExt;
@@ -258,8 +259,20 @@ mod memcpy {
     const TUNABLE: &str = "glibc.cpu.x86_rep_movsb_threshold";
     /// Copies up to 2 MiB take the vector loop (larger ones glibc streams past the cache).
     const THRESHOLD: usize = 2 << 20;
+    /// Set in the restarted process's environment.
+    pub const RESTARTED: &str = "LEGATE_RESTARTED_FOR_MEMCPY";
 
     pub fn vector_loop_or_carry_on() {
+        if std::env::var_os(RESTARTED).is_some() {
+            return;
+        }
+        // SAFETY: getauxval reads the auxiliary vector the kernel gave this process; no
+        // pointers are involved.
+        if unsafe { libc::getauxval(libc::AT_SECURE) } != 0 {
+            // Set-user-ID or file capabilities (cap_net_bind_service, say): the loader ignores
+            // GLIBC_TUNABLES there, and such a process should not re-exec on the environment.
+            return;
+        }
         let current = match std::env::var("GLIBC_TUNABLES") {
             Ok(v) => v,
             Err(std::env::VarError::NotPresent) => String::new(),
@@ -285,6 +298,7 @@ mod memcpy {
             .arg0(arg0)
             .args(args)
             .env("GLIBC_TUNABLES", value)
+            .env(RESTARTED, "1")
             .exec();
         tracing::debug!("could not restart with glibc's vector-loop memcpy: {err}");
     }

@@ -28,6 +28,10 @@ fn tunables(pid: i32) -> Option<String> {
 }
 
 fn server_with(pki: &Pki, target: &str, tunables: &str) -> Legate {
+    server_with_env(pki, target, &[("GLIBC_TUNABLES", tunables)])
+}
+
+fn server_with_env(pki: &Pki, target: &str, env: &[(&str, &str)]) -> Legate {
     let mut args = vec![
         "server".to_string(),
         "--listen=127.0.0.1:0".into(),
@@ -35,7 +39,7 @@ fn server_with(pki: &Pki, target: &str, tunables: &str) -> Legate {
     ];
     args.extend(pki.flags("server"));
     args.push("--allow-cn=client".into());
-    Legate::start_with_env(&args, 1, &[("GLIBC_TUNABLES", tunables)])
+    Legate::start_with_env(&args, 1, env)
 }
 
 #[test]
@@ -64,4 +68,20 @@ fn other_tunables_are_kept_and_an_operators_threshold_wins() {
     let own = "glibc.cpu.x86_rep_movsb_threshold=8192";
     let server = server_with(&pki, &backend.target(), own);
     assert_eq!(tunables(server.pid()).as_deref(), Some(own));
+}
+
+#[test]
+fn a_restarted_legate_does_not_restart_again_even_without_the_tunable() {
+    // As if the loader had dropped GLIBC_TUNABLES from the restarted process (it does for
+    // set-user-ID programs): the marker stops a second exec, and legate serves on.
+    let pki = Pki::new();
+    let backend = Backend::echo(b"echo:");
+    let server = server_with_env(
+        &pki,
+        &backend.target(),
+        &[("GLIBC_TUNABLES", ""), ("LEGATE_RESTARTED_FOR_MEMCPY", "1")],
+    );
+    assert_eq!(tunables(server.pid()).as_deref(), Some(""));
+    let client = Legate::client(&pki, "client", server.addr(), &[]);
+    assert_eq!(exchange(client.addr(), b"ping"), b"echo:ping");
 }
