@@ -794,8 +794,8 @@ def render(results, elapsed, steal):
                f"trips per contender on one connection, first, on the quiet pairs, in "
                f"{LATENCY_TURNS} turns of {LATENCY_PER_TURN:,}, each turn visiting every "
                f"contender; p50 and p99 over all of them. Each turn began with one more round "
-               f"trip, counted apart as cold (after the other contenders' turns: about twice the "
-               f"p50 for every contender); its p50/p99 (ms): " +
+               f"trip, counted apart as cold (it follows the other contenders' turns); its "
+               f"p50/p99 (ms): " +
                "; ".join(f"{n} {results[n]['cold_p50']:.3f}/{results[n]['cold_p99']:.3f}"
                          for n in names if "cold_p50" in results[n]) +
                f". One-stream throughput and requests "
