@@ -38,17 +38,22 @@ join_namespaces "$a" "$b" "lc-a$$" "lc-b$$"
 
 "$legate" gen-certs --out "$work/certs" --server-name 198.18.0.1 --client app >/dev/null
 c="$work/certs"
-# The target: an echo on the server's loopback.
+# The target: an echo on the server's loopback; it says when it listens.
 ip netns exec "$a" python3 -c '
-import socket, threading
+import socket, sys, threading
 l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 l.bind(("127.0.0.1", 7000)); l.listen(16)
+open(sys.argv[1], "w").write("listening")
 def echo(s):
     while (d := s.recv(4096)): s.sendall(d)
 while True:
     s, _ = l.accept(); threading.Thread(target=echo, args=(s,), daemon=True).start()
-' &
+' "$work/target-listening" &
 pids+=($!)
+# The consumer's first connection must find the target listening (until 2026-12-02 a slow
+# python start could lose that race: the server's dial was refused and the echo never came).
+for _ in $(seq 200); do [ -f "$work/target-listening" ] && break; sleep 0.05; done
+[ -f "$work/target-listening" ] || { echo "FAIL: the echo target did not start listening"; exit 1; }
 ip netns exec "$a" "$legate" server --listen=198.18.0.1:8443 --target=127.0.0.1:7000 \
     --cert="$c/server.crt" --key="$c/server.key" --cacert="$c/ca.crt" --allow-cn=app \
     --keepalive=3s 2>"$work/server.log" &
@@ -57,6 +62,12 @@ ip netns exec "$b" "$legate" client --listen=127.0.0.1:7001 --target=198.18.0.1:
     --cert="$c/app.crt" --key="$c/app.key" --cacert="$c/ca.crt" --keepalive=3s \
     2>"$work/client.log" &
 pids+=($!)
+
+# Both ambassadors listening before the consumer's connection, for the same reason.
+for _ in $(seq 200); do
+    [ "$(grep -l "INFO listening" "$work/server.log" "$work/client.log" 2>/dev/null | wc -l)" -eq 2 ] && break
+    sleep 0.05
+done
 
 # The consumer: connects, gets an echo, goes idle; reports when its connection closes.
 ip netns exec "$b" python3 - "$work/ready" <<'EOF' &
