@@ -244,10 +244,10 @@ fn gen_certs(args: GenCertsArgs) -> ExitCode {
 
 /// glibc's `memcpy` on x86-64 switches from a vector loop to `rep movsb` above 4 KiB. On AMD
 /// EPYC (Zen), `rep movsb` then runs at 1-3 GB/s instead of 40 or more whenever the
-/// destination lies 1 to 31 bytes past the source modulo 4 KiB. rustls copies every TLS record's payload
-/// between buffers whose starts differ by the record's 5-byte header, so most 16 KiB copies of
-/// a bulk stream can fall in that case: a quarter of the server's CPU went to them in one
-/// stream on such a machine, and the stream carried 20-45% more with the vector loop
+/// destination lies 1 to 31 bytes past the source modulo 4 KiB. rustls copies every TLS
+/// record's payload between buffers whose starts differ by the record's 5-byte header, so most
+/// 16 KiB copies of a bulk stream can fall in that case: a quarter of the server's CPU went to
+/// them in one stream on such a machine, and the stream carried 20-45% more with the vector loop
 /// (docs/performance.md). The switch point is a glibc tunable, read once when a process
 /// starts, so a serving legate sets it and starts itself again (same PID, same arguments)
 /// before doing anything else. An operator who sets the tunable keeps their value. Never
@@ -260,7 +260,7 @@ mod memcpy {
     /// Copies up to 2 MiB take the vector loop (larger ones glibc streams past the cache).
     const THRESHOLD: usize = 2 << 20;
     /// Set in the restarted process's environment.
-    pub const RESTARTED: &str = "LEGATE_RESTARTED_FOR_MEMCPY";
+    const RESTARTED: &str = "LEGATE_RESTARTED_FOR_MEMCPY";
 
     pub fn vector_loop_or_carry_on() {
         if std::env::var_os(RESTARTED).is_some() {
@@ -270,7 +270,8 @@ mod memcpy {
         // pointers are involved.
         if unsafe { libc::getauxval(libc::AT_SECURE) } != 0 {
             // Set-user-ID or file capabilities (cap_net_bind_service, say): the loader ignores
-            // GLIBC_TUNABLES there, and such a process should not re-exec on the environment.
+            // or filters GLIBC_TUNABLES there, and such a process should not re-exec itself on
+            // what its environment says.
             return;
         }
         let current = match std::env::var("GLIBC_TUNABLES") {

@@ -72,8 +72,8 @@ fn other_tunables_are_kept_and_an_operators_threshold_wins() {
 
 #[test]
 fn a_restarted_legate_does_not_restart_again_even_without_the_tunable() {
-    // As if the loader had dropped GLIBC_TUNABLES from the restarted process (it does for
-    // set-user-ID programs): the marker stops a second exec, and legate serves on.
+    // As if the loader had dropped GLIBC_TUNABLES from the restarted process: the marker
+    // stops a second exec, and legate serves on.
     let pki = Pki::new();
     let backend = Backend::echo(b"echo:");
     let server = server_with_env(
