@@ -28,7 +28,7 @@ pub struct Cli {
     /// that fail after the handshake), handshake-errs (failed handshakes), all (those three and
     /// every other line below warnings). Repeatable or comma-separated.
     #[arg(long, value_enum, value_delimiter = ',', global = true)]
-    pub quiet: Vec<crate::tunnel::QuietClass>,
+    pub quiet: Vec<crate::log::QuietClass>,
 
     /// Runtime worker threads. Default: half the CPUs, at least one (one thread runs a
     /// single-threaded runtime).
@@ -206,14 +206,16 @@ pub struct ClientArgs {
     /// Allow a --listen address that is not on loopback.
     #[arg(long)]
     pub unsafe_listen: bool,
-    /// legate/1 connections to keep handshaken and ready, so a new consumer connection pays no
-    /// handshake; 0 turns the pool off. Default 4.
+    /// Multiplexed legate/1 connections to keep open to a legate server, each carrying any
+    /// number of consumer connections as streams. Default 1; 0 gives every consumer connection
+    /// a TLS connection of its own.
     #[arg(long, value_name = "N")]
     pub pool_size: Option<usize>,
-    /// Carry all consumer connections as streams over one legate/1 connection (true, the
-    /// default), or give each its own pooled connection (false).
-    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
-    pub mux: Option<bool>,
+    /// The server is a legate: keep connections open from startup, so even the first consumer
+    /// pays no handshake. Without it (or --route), nothing is opened before a consumer
+    /// connects, and the first one finds out what the server speaks.
+    #[arg(long)]
+    pub peer_is_legate: bool,
 }
 
 #[derive(Debug, Args)]
@@ -326,7 +328,7 @@ impl ClientArgs {
         f.raw = self.raw;
         f.unsafe_listen = self.unsafe_listen;
         f.pool_size = self.pool_size;
-        f.mux = self.mux;
+        f.peer_is_legate = self.peer_is_legate;
         (f, process)
     }
 }

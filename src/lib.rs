@@ -19,16 +19,20 @@
 //! server side, chosen by a `legate/1` client.
 
 pub mod accept;
+pub mod carrier;
 pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dial;
+pub mod inbound;
+pub mod log;
 pub mod metrics;
 pub mod mux;
 pub mod net;
-pub mod pool;
-pub mod protocol;
+pub mod outbound;
+pub mod outcome;
+pub mod peer_pool;
 pub mod proxy_protocol;
 pub mod relay;
 pub mod status;

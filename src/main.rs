@@ -11,17 +11,9 @@ use legate::{certs, tunnel};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let all_quiet = cli.quiet.contains(&tunnel::QuietClass::All);
+    let all_quiet = cli.quiet.contains(&legate::log::QuietClass::All);
     init_logging(cli.log_format, all_quiet);
-    tunnel::set_quiet(cli.quiet);
-    let serving = match &cli.command {
-        Command::Server(_) | Command::Client(_) => true,
-        Command::Run(args) => !args.check,
-        _ => false,
-    };
-    if serving {
-        memcpy::vector_loop_or_carry_on();
-    }
+    legate::log::set_quiet(cli.quiet);
     let threads = cli.threads;
     match cli.command {
         Command::Server(args) => serve_flags("server", args.into_file(), threads),
@@ -240,72 +232,4 @@ fn gen_certs(args: GenCertsArgs) -> ExitCode {
         );
     }
     ExitCode::SUCCESS
-}
-
-/// glibc's `memcpy` on x86-64 switches from a vector loop to `rep movsb` above 4 KiB. On AMD
-/// EPYC (Zen), `rep movsb` then runs at 1-3 GB/s instead of 40 or more whenever the
-/// destination lies 1 to 31 bytes past the source modulo 4 KiB. rustls copies every TLS
-/// record's payload between buffers whose starts differ by the record's 5-byte header, so most
-/// 16 KiB copies of a bulk stream can fall in that case: a quarter of the server's CPU went to
-/// them in one stream on such a machine, and the stream carried 20-45% more with the vector loop
-/// (docs/performance.md). The switch point is a glibc tunable, read once when a process
-/// starts, so a serving legate sets it and starts itself again (same PID, same arguments)
-/// before doing anything else. An operator who sets the tunable keeps their value. Never
-/// twice: the restarted process is marked, in case the loader drops the variable.
-#[cfg(all(target_os = "linux", target_env = "gnu", target_arch = "x86_64"))]
-mod memcpy {
-    use std::os::unix::process::CommandExt;
-
-    const TUNABLE: &str = "glibc.cpu.x86_rep_movsb_threshold";
-    /// Copies up to 2 MiB take the vector loop (larger ones glibc streams past the cache).
-    const THRESHOLD: usize = 2 << 20;
-    /// Set in the restarted process's environment.
-    const RESTARTED: &str = "LEGATE_RESTARTED_FOR_MEMCPY";
-
-    pub fn vector_loop_or_carry_on() {
-        if std::env::var_os(RESTARTED).is_some() {
-            return;
-        }
-        // SAFETY: getauxval reads the auxiliary vector the kernel gave this process; no
-        // pointers are involved.
-        if unsafe { libc::getauxval(libc::AT_SECURE) } != 0 {
-            // Set-user-ID or file capabilities (cap_net_bind_service, say): the loader ignores
-            // or filters GLIBC_TUNABLES there, and such a process should not re-exec itself on
-            // what its environment says.
-            return;
-        }
-        let current = match std::env::var("GLIBC_TUNABLES") {
-            Ok(v) => v,
-            Err(std::env::VarError::NotPresent) => String::new(),
-            // Not text: not ours to rewrite.
-            Err(std::env::VarError::NotUnicode(_)) => return,
-        };
-        if current.contains(TUNABLE) {
-            // Set by the operator, or by this function before the exec.
-            return;
-        }
-        let value = if current.is_empty() {
-            format!("{TUNABLE}={THRESHOLD}")
-        } else {
-            format!("{current}:{TUNABLE}={THRESHOLD}")
-        };
-        let mut args = std::env::args_os();
-        let Some(arg0) = args.next() else {
-            return;
-        };
-        // Only returns when the exec failed (no /proc, say): legate runs on, as fast as glibc
-        // makes it.
-        let err = std::process::Command::new("/proc/self/exe")
-            .arg0(arg0)
-            .args(args)
-            .env("GLIBC_TUNABLES", value)
-            .env(RESTARTED, "1")
-            .exec();
-        tracing::debug!("could not restart with glibc's vector-loop memcpy: {err}");
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu", target_arch = "x86_64")))]
-mod memcpy {
-    pub fn vector_loop_or_carry_on() {}
 }

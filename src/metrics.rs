@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::tunnel::Outcome;
+use crate::outcome::Outcome;
 
 /// Upper bounds (seconds) of the handshake histogram's buckets.
 const HANDSHAKE_BUCKETS: &[f64] = &[

@@ -10,14 +10,12 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-
-use crate::protocol;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 /// Bytes per read from the plain side: one full TLS record (16 KiB of plaintext), sealed and
 /// written with one write; below the 64 KiB a DATA frame can carry. 8, 32 and 64 KiB were
-/// slower (docs/performance.md). A framed read leaves room for its frame's header in the record
-/// ([`frame_payload`]).
+/// slower (docs/performance.md). A read for a `legate/1` stream leaves room for its frame's
+/// header in the record ([`frame_payload`]).
 pub const BUF_SIZE: usize = 16 * 1024;
 
 /// The most payload a frame with a `head`-byte header should carry so that header and payload
@@ -33,9 +31,9 @@ pub(crate) const fn frame_payload(head: usize) -> usize {
 mod spare {
     use std::cell::RefCell;
 
-    /// Header room in front of the payload: a multiplexed DATA frame's 7 bytes (a framed
-    /// stream's 3-byte header goes in its last 3).
-    pub const HEAD: usize = crate::mux::HEAD;
+    /// Header room in front of the payload: a `legate/1` DATA frame's 7 bytes
+    /// (`mux::frame::HEAD`, which checks that it fits).
+    pub const HEAD: usize = 7;
     const KEEP: usize = 64;
 
     thread_local! {
@@ -222,70 +220,6 @@ where
     result
 }
 
-/// How one direction of a framed stream ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Ending {
-    /// END sent or received: the direction is complete and the connection still in step.
-    End,
-    /// Anything else: a reset, ABORT, a broken peer, an unknown frame.
-    Broken,
-}
-
-/// The result of a framed relay.
-#[derive(Debug, Default, Clone)]
-pub struct FramedTotals {
-    /// Bytes carried from the plain side into DATA frames.
-    pub to_frames: u64,
-    /// Bytes carried from DATA frames to the plain side.
-    pub from_frames: u64,
-    /// Both directions ended with END in time: the TLS connection may carry another stream.
-    pub reusable: bool,
-    /// The close timeout passed with one direction still open.
-    pub cut: bool,
-    /// An I/O error that means the link failed (see [`Totals::failed`]).
-    pub failed: Option<String>,
-}
-
-/// Relays one `legate/1` framed stream between `plain` and the (borrowed) TLS connection `tls`:
-/// plain bytes go out as DATA frames and EOF as END; DATA frames come in as plain bytes and END
-/// as a write shutdown. `sent_end` says END was already sent for the plain side (it ended
-/// before READY). The TLS connection is left open; whether it can carry another stream is in
-/// [`FramedTotals::reusable`].
-pub async fn relay_framed<P, T>(
-    plain: P,
-    tls: &mut T,
-    close_timeout: Duration,
-    sent_end: bool,
-) -> FramedTotals
-where
-    P: AsyncRead + AsyncWrite,
-    T: AsyncRead + AsyncWrite + Unpin,
-{
-    let (mut plain_r, mut plain_w) = tokio::io::split(plain);
-    let (mut tls_r, mut tls_w) = tokio::io::split(tls);
-    let out_count = AtomicU64::new(0);
-    let in_count = AtomicU64::new(0);
-    let failed = std::sync::OnceLock::new();
-    let outward = async {
-        if sent_end {
-            Ending::End
-        } else {
-            to_frames(&mut plain_r, &mut tls_w, &out_count, &failed).await
-        }
-    };
-    let inward = from_frames(&mut tls_r, &mut plain_w, &in_count, &failed);
-    let (first, second, cut) =
-        both_directions(outward, inward, close_timeout, |e| *e == Ending::Broken).await;
-    let second = second.unwrap_or(Ending::Broken);
-    FramedTotals {
-        to_frames: out_count.load(Ordering::Relaxed),
-        from_frames: in_count.load(Ordering::Relaxed),
-        reusable: first == Ending::End && second == Ending::End,
-        cut,
-        failed: failed.get().cloned(),
-    }
-}
-
 /// Runs both directions of a stream. Once one has ended, the other gets `close_timeout` to end
 /// too, unless `broken` says the first one broke the stream (then the other is not waited for).
 /// Returns how the first to end ended, how the other did (`None`: not waited for, or cut), and
@@ -318,122 +252,10 @@ pub(crate) async fn both_directions<T>(
     }
 }
 
-/// Plain bytes out as DATA frames, then END; a plain-side error sends ABORT.
-async fn to_frames<R, W>(
-    r: &mut R,
-    w: &mut W,
-    count: &AtomicU64,
-    failed: &std::sync::OnceLock<String>,
-) -> Ending
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    // Header and payload in one buffer, so each frame is one write and one TLS record. The
-    // buffer is taken only while bytes move: a stream waiting on its consumer holds none.
-    let mut slot = None;
-    let end = protocol::stream_header(protocol::END, 0);
-    loop {
-        let n = match read_lazy_max(r, &mut slot, frame_payload(3)).await {
-            Ok(n) => n,
-            Err(e) => {
-                note_failure(&e, failed);
-                let _ = w
-                    .write_all(&protocol::stream_header(protocol::ABORT, 0))
-                    .await;
-                let _ = w.flush().await;
-                return Ending::Broken;
-            }
-        };
-        let frame = match slot.as_deref_mut() {
-            Some(buf) if n > 0 => {
-                buf[spare::HEAD - 3..spare::HEAD]
-                    .copy_from_slice(&protocol::stream_header(protocol::DATA, n));
-                &buf[spare::HEAD - 3..spare::HEAD + n]
-            }
-            _ => &end[..],
-        };
-        if let Err(e) = async {
-            w.write_all(frame).await?;
-            w.flush().await
-        }
-        .await
-        {
-            note_failure(&e, failed);
-            return Ending::Broken;
-        }
-        if n == 0 {
-            return Ending::End;
-        }
-        count.fetch_add(n as u64, Ordering::Relaxed);
-    }
-}
-
-/// DATA frames in as plain bytes; END shuts the plain side's write half.
-async fn from_frames<R, W>(
-    r: &mut R,
-    w: &mut W,
-    count: &AtomicU64,
-    failed: &std::sync::OnceLock<String>,
-) -> Ending
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut plain_ok = true;
-    loop {
-        // Waiting for a header needs no buffer: an idle stream holds none.
-        let mut header = [0u8; 3];
-        if let Err(e) = r.read_exact(&mut header).await {
-            note_failure(&e, failed);
-            let _ = w.shutdown().await;
-            return Ending::Broken;
-        }
-        let len = u16::from_be_bytes([header[1], header[2]]) as usize;
-        match header[0] {
-            protocol::DATA => {
-                let mut owned = SpareBuf::take();
-                let buf = &mut owned[SpareBuf::HEAD..];
-                // Payloads may exceed our buffer: copy them through in pieces.
-                let mut left = len;
-                while left > 0 {
-                    let take = left.min(buf.len());
-                    if let Err(e) = r.read_exact(&mut buf[..take]).await {
-                        note_failure(&e, failed);
-                        let _ = w.shutdown().await;
-                        return Ending::Broken;
-                    }
-                    left -= take;
-                    // After the plain side failed, keep reading to stay in step, but drop the
-                    // bytes: the stream is broken either way.
-                    if plain_ok
-                        && (w.write_all(&buf[..take]).await.is_err() || w.flush().await.is_err())
-                    {
-                        plain_ok = false;
-                    }
-                    count.fetch_add(take as u64, Ordering::Relaxed);
-                }
-                if !plain_ok {
-                    return Ending::Broken;
-                }
-            }
-            protocol::END if len == 0 => {
-                let _ = w.shutdown().await;
-                return Ending::End;
-            }
-            _ => {
-                // ABORT, or a frame that has no place here.
-                let _ = w.shutdown().await;
-                return Ending::Broken;
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::duplex;
+    use tokio::io::{AsyncReadExt, duplex};
 
     #[tokio::test]
     async fn half_close_passes_through_and_reply_still_arrives() {
@@ -503,69 +325,7 @@ mod tests {
             let (_consumer, near) = duplex(64);
             let totals = relay(near, Failing(kind), Duration::from_millis(50)).await;
             assert_eq!(totals.failed.is_some(), failed, "{kind:?} (raw)");
-            let (_consumer, near) = duplex(64);
-            let mut link = Failing(kind);
-            let totals = relay_framed(near, &mut link, Duration::from_millis(50), false).await;
-            assert_eq!(totals.failed.is_some(), failed, "{kind:?} (framed)");
-            assert!(!totals.reusable);
         }
-    }
-
-    #[tokio::test]
-    async fn framed_streams_end_cleanly_and_leave_the_connection_reusable() {
-        // consumer <-> relay_framed(client) <== frames ==> relay_framed(server) <-> backend
-        let (mut consumer, c_near) = duplex(1024);
-        let (mut client_tls, mut server_tls) = duplex(1024);
-        let (s_near, mut backend) = duplex(1024);
-        let client = tokio::spawn(async move {
-            let t = relay_framed(c_near, &mut client_tls, Duration::from_secs(5), false).await;
-            (t, client_tls)
-        });
-        let server = tokio::spawn(async move {
-            let t = relay_framed(s_near, &mut server_tls, Duration::from_secs(5), false).await;
-            (t, server_tls)
-        });
-        let big: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
-        let expected = big.clone();
-        let service = tokio::spawn(async move {
-            let mut got = Vec::new();
-            backend.read_to_end(&mut got).await.unwrap();
-            assert!(got == expected);
-            backend.write_all(b"reply").await.unwrap();
-            backend.shutdown().await.unwrap();
-        });
-        consumer.write_all(&big).await.unwrap();
-        consumer.shutdown().await.unwrap();
-        service.await.unwrap();
-        let mut reply = Vec::new();
-        consumer.read_to_end(&mut reply).await.unwrap();
-        assert_eq!(reply, b"reply");
-        let (c, mut client_tls) = client.await.unwrap();
-        let (s, mut server_tls) = server.await.unwrap();
-        assert!(c.reusable && s.reusable);
-        assert_eq!((c.to_frames, c.from_frames), (100_000, 5));
-        assert_eq!((s.to_frames, s.from_frames), (5, 100_000));
-        // The connection is still in step: bytes written now arrive as written.
-        client_tls.write_all(b"next").await.unwrap();
-        let mut next = [0u8; 4];
-        server_tls.read_exact(&mut next).await.unwrap();
-        assert_eq!(&next, b"next");
-    }
-
-    #[tokio::test]
-    async fn a_stream_that_does_not_end_in_time_is_not_reused() {
-        let (mut client_tls, mut server_tls) = duplex(1024);
-        let (c_near, consumer) = duplex(64);
-        let (s_near, _backend) = duplex(64);
-        drop(consumer); // the plain side vanishes: reads see EOF, writes fail
-        let server = tokio::spawn(async move {
-            relay_framed(s_near, &mut server_tls, Duration::from_millis(200), false).await
-        });
-        let c = relay_framed(c_near, &mut client_tls, Duration::from_millis(200), false).await;
-        drop(client_tls);
-        let s = server.await.unwrap();
-        assert!(!s.reusable);
-        assert!(!c.reusable);
     }
 
     #[tokio::test]

@@ -216,10 +216,9 @@ fn six_hundred_short_connections_leave_nothing_behind() {
 
 #[test]
 fn consumers_that_reset_leave_the_gauge_at_zero() {
-    // The server side counts its TLS connections: the one multiplexed connection, or the 4
-    // pooled ones.
-    consumers_reset(&[], 1);
-    consumers_reset(&["--mux=false"], 4);
+    // The server side counts its TLS connections: the kept multiplexed ones.
+    consumers_reset(&["--peer-is-legate"], 1);
+    consumers_reset(&["--peer-is-legate", "--pool-size=3"], 3);
 }
 
 fn consumers_reset(client_flags: &[&str], server_conns: i64) {
@@ -250,8 +249,7 @@ fn consumers_reset(client_flags: &[&str], server_conns: i64) {
         DEADLINE,
         || (open_gauge(&client) == 0).then_some(()),
     );
-    // A reset stream is not reused: the server closes pooled connections that carried one
-    // (and the pool refills); a multiplexed connection carries on.
+    // A reset stream ends alone: the multiplexed connections carry on.
     eventually(
         "the server's gauge back to the ready connections",
         DEADLINE,

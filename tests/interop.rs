@@ -5,31 +5,24 @@ mod harness;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::Shutdown;
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use harness::{Backend, Legate, Pki, connect};
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use harness::{Backend, Killed, Legate, Pki, connect};
 
 fn openssl() -> Command {
     Command::new("openssl")
 }
 
-#[test]
-fn a_legate_client_talks_to_openssl_s_server() {
-    let pki = Pki::new();
+/// `openssl s_server` with the `server` leaf, requiring a client certificate, answering each
+/// line reversed (`-rev`), with `extra` flags; and its address.
+fn s_server(pki: &Pki, extra: &[&str]) -> (Killed, SocketAddr) {
     let server_leaf = pki.leaf("server");
     let mut child = openssl()
         .args(["s_server", "-accept", "127.0.0.1:0", "-rev", "-Verify", "1"])
+        .args(extra)
         .arg("-cert")
         .arg(&server_leaf.cert)
         .arg("-key")
@@ -51,27 +44,44 @@ fn a_legate_client_talks_to_openssl_s_server() {
                 .map(|a| a.rsplit(':').next().unwrap().parse().unwrap())
         })
         .expect("s_server prints its port");
-    let client = Legate::client(
-        &pki,
-        "client",
-        format!("127.0.0.1:{port}").parse().unwrap(),
-        &[],
-    );
+    (s_server, format!("127.0.0.1:{port}").parse().unwrap())
+}
+
+/// Sends `line` through `client` and reads until the reversed line comes back.
+fn reversed(client: &Legate, line: &str) {
     let mut s = connect(client.addr());
-    s.write_all(b"hello legate\n").unwrap();
+    s.write_all(format!("{line}\n").as_bytes()).unwrap();
     // -rev answers each line reversed: only possible if the bytes crossed TLS intact.
+    let want: String = line.chars().rev().collect();
     let mut got = Vec::new();
     let mut buf = [0u8; 256];
-    while !String::from_utf8_lossy(&got).contains("etagel olleh") {
+    while !String::from_utf8_lossy(&got).contains(&want) {
         let n = s.read(&mut buf).expect("read from the tunnel");
         assert!(n > 0, "closed early: {:?}", String::from_utf8_lossy(&got));
         got.extend_from_slice(&buf[..n]);
     }
-    drop(s);
+}
+
+#[test]
+fn a_legate_client_talks_to_openssl_s_server() {
+    let pki = Pki::new();
+    let (s_server, addr) = s_server(&pki, &[]);
+    let client = Legate::client(&pki, "client", addr, &[]);
+    reversed(&client, "hello legate");
     // The legate client saw no legate/1 (no ALPN): the log line has no route.
     let line = client.log.wait_for(&["connection closed", "outcome=ok"]);
     assert!(line.contains("route=\"-\""), "{line}");
     drop(s_server);
+}
+
+#[test]
+fn openssl_s_server_accepting_one_connection_gets_the_consumers_bytes() {
+    let pki = Pki::new();
+    // The server takes one connection only: had the client opened one of its own at startup
+    // (as it once did, for a pool), the consumer's bytes would go nowhere.
+    let (_s_server, addr) = s_server(&pki, &["-naccept", "1"]);
+    let client = Legate::client(&pki, "client", addr, &[]);
+    reversed(&client, "only one connection");
 }
 
 #[test]

@@ -132,18 +132,50 @@ fn a_consumer_that_does_not_read_holds_up_neither_the_others_nor_memory() {
 #[test]
 fn a_stream_on_a_dead_connection_is_opened_again_without_losing_or_repeating_bytes() {
     harness::a_dead_connection_is_replaced(
-        &[],
+        &["--peer-is-legate"],
         &["multiplexed connection ready"],
         "stream was not taken; opening it on a fresh connection",
     );
 }
 
 #[test]
-fn without_multiplexing_each_consumer_gets_a_pooled_connection() {
+fn pool_size_zero_gives_each_consumer_a_connection_of_its_own() {
     let pki = Pki::new();
     let backend = Backend::echo(b"ok:");
     let server = Legate::server(&pki, &backend.target(), &["--allow-cn=client"]);
-    let client = Legate::client(&pki, "client", server.addr(), &["--mux=false"]);
+    let client = Legate::client(&pki, "client", server.addr(), &["--pool-size=0"]);
+    for i in 0..3 {
+        let msg = format!("one {i}");
+        assert_eq!(
+            harness::exchange(client.addr(), msg.as_bytes()),
+            format!("ok:{msg}").into_bytes()
+        );
+    }
+    harness::eventually("3 streams in the server log", harness::DEADLINE, || {
+        (server.log.count(&["connection closed", "outcome=ok"]) == 3).then_some(())
+    });
+    assert_eq!(
+        harness::stream_peers(&server.log).len(),
+        3,
+        "three consumers, three TLS connections"
+    );
+}
+
+#[test]
+fn streams_spread_over_the_kept_connections() {
+    let pki = Pki::new();
+    let backend = Backend::echo(b"ok:");
+    let server = Legate::server(&pki, &backend.target(), &["--allow-cn=client"]);
+    let client = Legate::client(
+        &pki,
+        "client",
+        server.addr(),
+        &["--pool-size=3", "--peer-is-legate"],
+    );
+    client
+        .log
+        .wait_for(&["multiplexed connection ready", "kept=3"]);
+    // Three consumers open at once go to the connection with the fewest streams: one each.
     let mut held = Vec::new();
     for i in 0..3 {
         let mut s = harness::connect(client.addr());
@@ -157,12 +189,7 @@ fn without_multiplexing_each_consumer_gets_a_pooled_connection() {
     harness::eventually("3 streams in the server log", harness::DEADLINE, || {
         (server.log.count(&["connection closed", "outcome=ok"]) == 3).then_some(())
     });
-    let peers = harness::stream_peers(&server.log);
-    assert_eq!(
-        peers.len(),
-        3,
-        "three open consumers, three TLS connections"
-    );
+    assert_eq!(harness::stream_peers(&server.log).len(), 3);
 }
 
 #[test]

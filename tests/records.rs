@@ -140,6 +140,6 @@ fn multiplexed_bulk_data_crosses_in_full_records() {
 }
 
 #[test]
-fn pooled_bulk_data_crosses_in_full_records() {
-    assert_full_records(&bulk_records(&["--mux=false"]));
+fn raw_bulk_data_crosses_in_full_records() {
+    assert_full_records(&bulk_records(&["--raw"]));
 }

@@ -181,8 +181,8 @@ fn a_revoked_client_cannot_use_its_multiplexed_connection_after_a_crl_reload() {
 }
 
 #[test]
-fn a_revoked_client_cannot_use_its_pooled_connections_after_a_crl_reload() {
-    revoked_client_is_refused(&["--mux=false"]);
+fn a_revoked_client_cannot_use_its_kept_connections_after_a_crl_reload() {
+    revoked_client_is_refused(&["--peer-is-legate", "--pool-size=2"]);
 }
 
 fn client_table(pki: &Pki, name: &str, port: u16) -> String {

@@ -20,8 +20,9 @@ fn status_and_metrics_over_https_with_the_live_certificate() {
         &["--allow-cn=client", "--status=127.0.0.1:0"],
     );
     let status = status_addr(&server);
-    // No pool: the server's figures below count exactly this one connection.
-    let client = Legate::client(&pki, "client", server.addr(), &["--pool-size=0"]);
+    // Raw, as a ghostunnel client would be: the server's figures below count exactly this one
+    // connection.
+    let client = Legate::client(&pki, "client", server.addr(), &["--raw"]);
     let mut s = connect(client.addr());
     s.write_all(b"hello").unwrap();
     s.shutdown(Shutdown::Write).unwrap();

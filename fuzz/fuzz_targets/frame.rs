@@ -1,26 +1,65 @@
-//! The `legate/1` frame parser: any bytes from a peer give a frame or an error, never a panic;
-//! a frame that parses encodes back to the bytes it came from.
+//! `legate/1` from a peer: any bytes give frames or an error, never a panic or a hang. The
+//! input runs through the codec alone, and then through a whole multiplexed connection (its
+//! reader, dispatch, window accounting and writer), once as a server whose client sent the
+//! bytes and once as a client whose server did.
 #![no_main]
 
-use std::future::Future;
-use std::task::{Context, Waker};
+use std::sync::OnceLock;
+use std::time::Duration;
 
-use legate::protocol;
+use bytes::BytesMut;
+use legate::mux::{Conn, RefuseCode, Role, frame};
 use libfuzzer_sys::fuzz_target;
+use tokio::io::AsyncWriteExt;
+
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    })
+}
+
+/// Feeds `data` to a connection of role `role` as what its peer sent, then closes, and waits
+/// for the connection to end.
+async fn feed(role: Role, data: &[u8]) {
+    let (ours, mut peer) = tokio::io::duplex(1 << 20);
+    let mut held = Vec::new();
+    let conn = Conn::start(role, ours, &[], move |incoming, open| match open {
+        Ok(_) => held.push(incoming.accept()),
+        Err(e) => incoming.refuse(RefuseCode::BadRequest, &e.to_string()),
+    });
+    if role == Role::Client {
+        // Streams the client had opened, for the peer's frames to land on.
+        for _ in 0..3 {
+            let open = frame::Open {
+                route: String::new(),
+                consumer: None,
+            };
+            std::mem::forget(conn.open(&open, b"early", false));
+        }
+    }
+    let _ = peer.write_all(data).await;
+    let _ = peer.shutdown().await;
+    let ended = tokio::time::timeout(Duration::from_secs(5), conn.ended()).await;
+    assert!(ended.is_ok(), "the connection did not end after the peer closed");
+}
 
 fuzz_target!(|data: &[u8]| {
-    // As read off the wire: a 3-byte header, then the payload. A byte slice never makes a
-    // read wait, so one poll finishes it.
-    let mut wire = data;
-    let read = std::pin::pin!(protocol::read_frame(&mut wire, "OPEN"));
-    let mut cx = Context::from_waker(Waker::noop());
-    assert!(read.poll(&mut cx).is_ready());
-    // The decoder alone, for every frame type.
-    if let Some((&kind, payload)) = data.split_first()
-        && let Ok(frame) = protocol::decode(kind, payload)
-    {
-        let encoded = protocol::encode(&frame);
-        let again = protocol::decode(encoded[0], &encoded[3..]).expect("re-decodes");
-        assert_eq!(protocol::encode(&again), encoded);
+    // The codec alone: each frame it returns takes bytes off the front, and it stops at the
+    // first partial or bad one.
+    let mut buf = BytesMut::from(data);
+    loop {
+        let before = buf.len();
+        match frame::decode(&mut buf) {
+            Ok(Some(_)) => assert!(buf.len() < before),
+            Ok(None) | Err(_) => break,
+        }
     }
+    runtime().block_on(async {
+        feed(Role::Server, data).await;
+        feed(Role::Client, data).await;
+    });
 });

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::mux::frame as protocol;
 pub use crate::net::{Address, HostPort};
-use crate::protocol;
 use crate::tls::{self, MinVersion, Rules};
 
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -21,7 +21,7 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(30);
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(300);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-pub const DEFAULT_POOL_SIZE: usize = 4;
+pub const DEFAULT_POOL_SIZE: usize = 1;
 
 /// Which end of the tunnel a process is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -95,11 +95,14 @@ pub struct TunnelFile {
     pub handshake_timeout: Option<String>,
     pub keepalive: Option<String>,
     pub max_concurrent_conns: Option<usize>,
-    /// Client side: `legate/1` connections kept handshaken and ready (0 turns the pool off).
+    /// Client side: multiplexed `legate/1` connections kept per server ambassador (default 1;
+    /// 0: none, each consumer connection gets a TLS connection of its own).
     pub pool_size: Option<usize>,
-    /// Client side: carry every consumer connection over one multiplexed `legate/1`
-    /// connection (default true; false keeps one pooled connection per consumer).
-    pub mux: Option<bool>,
+    /// Client side: the server is a legate, so connections are kept open from startup and
+    /// even the first consumer pays no handshake. Off by default: a client whose server might
+    /// be stunnel or ghostunnel opens no connection that no consumer asked for.
+    #[serde(default)]
+    pub peer_is_legate: bool,
     /// Server side: how long a `legate/1` connection may wait for its next stream.
     pub idle_timeout: Option<String>,
     /// Server side: send a PROXY protocol v2 header to the target.
@@ -152,10 +155,11 @@ pub struct TunnelConfig {
     pub disable_authentication: bool,
     /// Server side: a PROXY v2 header goes to the target first.
     pub proxy_protocol: bool,
-    /// Client side: ready `legate/1` connections (0: none).
+    /// Client side: multiplexed `legate/1` connections kept per server ambassador (0: none).
     pub pool_size: usize,
-    /// Client side: streams multiplexed over one connection.
-    pub mux: bool,
+    /// Client side: the server is known to speak `legate/1` (`--peer-is-legate`, or a
+    /// route): connections are kept from startup, not from the first consumer on.
+    pub peer_is_legate: bool,
     /// Server side: how long a `legate/1` connection may idle between streams.
     pub idle_timeout: Duration,
 }
@@ -506,8 +510,8 @@ impl TunnelFile {
                 if !verify.is_empty() || self.override_server_name.is_some() {
                     p.push("--verify-* and --override-server-name are client-side flags".into());
                 }
-                if self.pool_size.is_some() || self.mux.is_some() {
-                    p.push("--pool-size and --mux are client-side".into());
+                if self.pool_size.is_some() || self.peer_is_legate {
+                    p.push("--pool-size and --peer-is-legate are client-side".into());
                 }
                 if self.route.is_some() || self.raw {
                     p.push("--route NAME and --raw are client-side; a server lists routes as NAME=ADDRESS".into());
@@ -559,6 +563,9 @@ impl TunnelFile {
                     }
                     route = r.clone();
                 }
+                if self.peer_is_legate && self.raw {
+                    p.push("--peer-is-legate and --raw contradict each other: --raw never offers legate/1".into());
+                }
                 if let Some(l) = &listen
                     && !l.is_local()
                     && !self.unsafe_listen
@@ -605,7 +612,7 @@ impl TunnelFile {
             disable_authentication: self.disable_authentication,
             proxy_protocol: self.proxy_protocol,
             pool_size: self.pool_size.unwrap_or(DEFAULT_POOL_SIZE),
-            mux: self.mux.unwrap_or(true),
+            peer_is_legate: !self.raw && (self.peer_is_legate || self.route.is_some()),
             idle_timeout,
         })
     }
@@ -707,7 +714,7 @@ key = "app.key"
 cacert = "ca.crt"
 verify_cn = ["cache.internal"]
 close_timeout = "2s"
-mux = false
+pool_size = 2
 "#;
 
     #[test]
@@ -727,7 +734,9 @@ mux = false
             }
         );
         assert_eq!(app.close_timeout, Duration::from_secs(2));
-        assert!(!app.mux);
+        assert_eq!(app.pool_size, 2);
+        // A route means the server is a legate.
+        assert!(app.peer_is_legate);
         let cache = &c.tunnels[1];
         assert_eq!(cache.routes["queue"].to_string(), "127.0.0.1:5672");
         assert_eq!(cache.allow.cn, vec!["app".to_string()]);
@@ -794,13 +803,22 @@ colour = "blue"
     }
 
     #[test]
-    fn mux_is_a_client_side_key_and_on_by_default() {
-        let default = from_toml(&GOOD.replace("mux = false\n", ""), None).unwrap();
-        assert!(default.tunnels[0].mux);
-        let server_with_mux =
-            GOOD.replace("allow_cn = [\"app\"]", "allow_cn = [\"app\"]\nmux = true");
-        let e = from_toml(&server_with_mux, None).unwrap_err().to_string();
-        assert!(e.contains("--mux are client-side"), "{e}");
+    fn pool_size_and_peer_is_legate_are_client_side_keys() {
+        let default = from_toml(&GOOD.replace("pool_size = 2\n", ""), None).unwrap();
+        assert_eq!(default.tunnels[0].pool_size, 1);
+        let no_route = GOOD.replace("route = \"queue\"\n", "");
+        assert!(!from_toml(&no_route, None).unwrap().tunnels[0].peer_is_legate);
+        let told = no_route.replace("pool_size = 2", "peer_is_legate = true");
+        assert!(from_toml(&told, None).unwrap().tunnels[0].peer_is_legate);
+        let both = told.replace("peer_is_legate = true", "peer_is_legate = true\nraw = true");
+        let e = from_toml(&both, None).unwrap_err().to_string();
+        assert!(e.contains("contradict"), "{e}");
+        let server_side = GOOD.replace(
+            "allow_cn = [\"app\"]",
+            "allow_cn = [\"app\"]\npeer_is_legate = true",
+        );
+        let e = from_toml(&server_side, None).unwrap_err().to_string();
+        assert!(e.contains("--peer-is-legate are client-side"), "{e}");
     }
 
     #[test]

@@ -788,3 +788,13 @@ pub fn a_dead_connection_is_replaced(client_flags: &[&str], ready: &[&str], retr
     assert_eq!(backend.accepted(), 1);
     client.log.wait_for(&[retried]);
 }
+
+/// A child process killed (and reaped) when dropped: peers such as openssl or stunnel.
+pub struct Killed(pub Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

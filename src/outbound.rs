@@ -1,0 +1,232 @@
+//! Outbound: the end a stream leaves on.
+//!
+//! Server side: the **service**, for the stream's route: dialled within the connect timeout,
+//! with a PROXY v2 header first when asked. Client side: the **peer**, a [`Carrier`] from the
+//! [`PeerPool`]: a stream on a multiplexed `legate/1` connection (OPEN and the consumer's first
+//! bytes sent at once, then READY or REFUSED awaited), or a TLS connection of its own.
+
+use std::fmt;
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::carrier::Carrier;
+use crate::config::TunnelConfig;
+use crate::dial;
+use crate::inbound::ConnInfo;
+use crate::log::Record;
+use crate::mux::{self, Answer, Open, RefuseCode};
+use crate::net::{Address, Stream};
+use crate::outcome::{Failure, Outcome, fail};
+use crate::peer_pool::{Dialed, PeerPool};
+use crate::proxy_protocol;
+use crate::relay;
+use crate::tls::ClientStream;
+
+/// Server side: the target for a route name ("" is the default target).
+pub fn route<'a>(cfg: &'a TunnelConfig, route: &str) -> Option<&'a Address> {
+    if route.is_empty() {
+        cfg.target.as_ref()
+    } else {
+        cfg.routes.get(route)
+    }
+}
+
+/// Server side: connects to the service behind `target` (the route's), and sends it the PROXY
+/// header when configured. A failure carries the code to refuse the stream with.
+pub async fn service(
+    cfg: &TunnelConfig,
+    target: Option<&Address>,
+    rec: &Record,
+    info: &ConnInfo,
+) -> Result<Stream, (RefuseCode, Failure)> {
+    let Some(target) = target else {
+        let detail = match rec.route.as_deref() {
+            None | Some("") => {
+                "no default target: this server only serves named routes".to_string()
+            }
+            Some(route) => format!("unknown route {route:?}"),
+        };
+        return Err((
+            RefuseCode::UnknownRoute,
+            fail(Outcome::UnknownRoute, detail),
+        ));
+    };
+    let mut plain = match dial::dial(target, cfg.connect_timeout).await {
+        Ok(tcp) => tcp,
+        Err(e) => return Err((RefuseCode::DialFailed, fail(Outcome::DialFailed, e))),
+    };
+    plain.tune(None);
+    if cfg.proxy_protocol {
+        let header = proxy_protocol::Header {
+            source: rec.consumer.or(rec.peer.socket_addr()),
+            destination: info.destination,
+            tls_version: info.tls_version.clone(),
+            common_name: rec
+                .identity
+                .as_ref()
+                .and_then(|id| id.common_names.first().cloned()),
+            identity: rec.identity.as_ref().map(ToString::to_string),
+        };
+        if let Err(e) = plain.write_all(&header.encode()).await {
+            let detail = format!("sending the PROXY header to the target failed: {e}");
+            return Err((RefuseCode::DialFailed, fail(Outcome::DialFailed, detail)));
+        }
+    }
+    Ok(plain)
+}
+
+/// The most consumer bytes sent ahead of READY, kept to send again if the stream must be
+/// opened elsewhere. Below the stream window, so early bytes never wait for credit.
+const MAX_EARLY: usize = 64 * 1024;
+
+/// Client side: the consumer's bytes already sent toward the peer before the carrier was
+/// settled.
+#[derive(Default)]
+pub struct Early {
+    bytes: Vec<u8>,
+    /// The consumer ended its side before then (its END went too).
+    pub done: bool,
+}
+
+impl Early {
+    pub fn len(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+}
+
+/// Client side: a carrier for one consumer connection, ready to relay. A stream the server did
+/// nothing with (its connection died before READY, or was draining) is opened again on another
+/// connection with the same early bytes, so nothing is lost or repeated (docs/protocol.md has
+/// the one window left).
+pub async fn peer(
+    pool: &Arc<PeerPool>,
+    cfg: &TunnelConfig,
+    consumer: &mut Stream,
+    rec: &mut Record,
+    early: &mut Early,
+) -> Result<Carrier<ClientStream>, Failure> {
+    let open = Open {
+        route: cfg.route.clone(),
+        consumer: rec.peer.socket_addr(),
+    };
+    let mut tries = 0;
+    loop {
+        match pool.connection().await? {
+            Dialed::Raw {
+                mut tls,
+                session,
+                identity,
+            } => {
+                rec.session = Some(session);
+                rec.identity = Some(identity);
+                if !cfg.route.is_empty() {
+                    let _ = tls.shutdown().await;
+                    return Err(fail(
+                        Outcome::ProtocolError,
+                        format!(
+                            "the server did not take legate/1, which --route {:?} needs",
+                            cfg.route
+                        ),
+                    ));
+                }
+                if !early.is_empty() {
+                    // Bytes a failed stream had taken from the consumer.
+                    let sent = async {
+                        tls.write_all(&early.bytes).await?;
+                        tls.flush().await
+                    };
+                    sent.await.map_err(|e| {
+                        fail(
+                            Outcome::DialFailed,
+                            format!("server connection failed: {e}"),
+                        )
+                    })?;
+                }
+                return Ok(Carrier::Raw(tls));
+            }
+            Dialed::Mux(c) => {
+                rec.session = Some(c.session.clone());
+                rec.identity = c.identity.clone();
+                rec.route = Some(cfg.route.clone());
+                let mut stream = c.conn.open(&open, &early.bytes, early.done);
+                if !c.kept {
+                    // --pool-size=0: this connection carries this stream only.
+                    c.conn.drain();
+                }
+                match Box::pin(answer(cfg, &mut stream, consumer, early)).await {
+                    Ok(()) => return Ok(Carrier::Stream(stream)),
+                    Err(Settled::Final(f)) => return Err(f),
+                    Err(Settled::Retry(why)) if tries < 3 => {
+                        tries += 1;
+                        tracing::debug!(tunnel = %cfg.name, error = %why, "stream was not taken; opening it on a fresh connection");
+                    }
+                    Err(Settled::Retry(why)) => return Err(fail(Outcome::ProtocolError, why)),
+                }
+            }
+        }
+    }
+}
+
+/// How a stream that did not get READY ended.
+enum Settled {
+    /// Refused, or failed in a way another connection would not mend.
+    Final(Failure),
+    /// Nothing was done with it: open it again elsewhere.
+    Retry(String),
+}
+
+/// Waits for the answer to OPEN, meanwhile sending the consumer's bytes behind it (kept to send
+/// again if the stream must be opened elsewhere).
+async fn answer(
+    cfg: &TunnelConfig,
+    stream: &mut mux::Stream,
+    consumer: &mut Stream,
+    early: &mut Early,
+) -> Result<(), Settled> {
+    let deadline = tokio::time::Instant::now() + cfg.connect_timeout;
+    let mut buf = relay::SpareBuf::take();
+    let refused = |detail: String| Settled::Final(fail(Outcome::Refused, detail));
+    loop {
+        let room = !early.done && early.bytes.len() < MAX_EARLY;
+        let left = MAX_EARLY - early.bytes.len();
+        tokio::select! {
+            answer = tokio::time::timeout_at(deadline, stream.answer()) => {
+                return match answer {
+                    Ok(Answer::Ready) => Ok(()),
+                    Ok(Answer::Refused(code, message)) => Err(refused(format!(
+                        "server refused route {:?}: {code}: {message}",
+                        cfg.route
+                    ))),
+                    Ok(Answer::Gone { why, retry: true }) => Err(Settled::Retry(why)),
+                    Ok(Answer::Gone { why, retry: false }) => {
+                        Err(Settled::Final(fail(Outcome::ProtocolError, why)))
+                    }
+                    Err(_) => Err(Settled::Final(fail(
+                        Outcome::ProtocolError,
+                        format!("no answer to OPEN within {:?}", cfg.connect_timeout),
+                    ))),
+                };
+            }
+            n = consumer.read(&mut buf[..left.min(relay::BUF_SIZE)]), if room => {
+                let n = n.unwrap_or(0);
+                if n == 0 {
+                    early.done = true;
+                } else {
+                    early.bytes.extend_from_slice(&buf[..n]);
+                }
+                stream.send_early(&buf[..n]);
+            }
+        }
+    }
+}
+
+impl fmt::Debug for Early {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Early({} bytes, done: {})", self.bytes.len(), self.done)
+    }
+}
