@@ -8,6 +8,9 @@ the machine hits all of them alike. Prints the median and every round. Pinned li
 
   bench/ab.py BINARY [BINARY ...]     e.g. bench/ab.py /tmp/legate-before target/release/legate
 
+A BINARY may carry environment for its two processes alone, after a colon:
+  target/release/legate:GLIBC_TUNABLES=glibc.cpu.x86_rep_movsb_threshold=2097152
+
 AB_ROUNDS (default 4), AB_HAPROXY=0 to leave HAProxy out, AB_NGINX=1 to add nginx,
 AB_LATENCY_ONLY=1 for single-client PING latency alone, measured as bench/run does (turns of
 round trips from this script, each visiting every pair; p50 and p99 over all of them).
@@ -44,7 +47,9 @@ def main():
     try:
         for i, (name, binary, kind) in enumerate(contenders):
             if binary:
-                bench.LEGATE = Path(binary)
+                path, _, env = binary.partition(":")
+                bench.LEGATE = Path(path)
+                bench.LEGATE_ENV = dict([env.split("=", 1)]) if env else {}
             d = work / f"c{i}"
             d.mkdir()
             p = bench.Procs(d)

@@ -38,6 +38,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 LEGATE = Path(os.environ.get("LEGATE_BIN", ROOT / "target" / "release" / "legate"))
+# Environment for the legate contender's processes alone (bench/ab.py BINARY:VAR=VALUE).
+LEGATE_ENV = {}
 DELAY = 0.025  # seconds each way on the slow link
 IDLE_CONNS = int(os.environ.get("BENCH_IDLE_CONNS", "2000"))
 QUICK = os.environ.get("BENCH_QUICK") == "1"
@@ -207,7 +209,7 @@ def socat_plain(procs, c, target, hop):
 def legate(procs, c, target, hop, env=None, client_flags=()):
     """`env`: extra environment for both sides; `client_flags`: extra flags for the client."""
     s, cl = hop["server"], hop["client"]
-    env = {**os.environ, "RUST_LOG": "warn", **(env or {})}
+    env = {**os.environ, "RUST_LOG": "warn", **LEGATE_ENV, **(env or {})}
     procs.start("legate-server", [LEGATE, "server", f"--listen=127.0.0.1:{s}",
                                   f"--target=127.0.0.1:{target}", f"--cert={c}/server.crt",
                                   f"--key={c}/server.key", f"--cacert={c}/ca.crt", "--allow-cn=client"],

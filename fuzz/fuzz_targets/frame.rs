@@ -31,20 +31,26 @@ async fn feed(role: Role, data: &[u8]) {
         Ok(_) => held.push(incoming.accept()),
         Err(e) => incoming.refuse(RefuseCode::BadRequest, &e.to_string()),
     });
+    // Streams the client had opened, for the peer's frames to land on.
+    let mut opened = Vec::new();
     if role == Role::Client {
-        // Streams the client had opened, for the peer's frames to land on.
+        let open = frame::Open {
+            route: String::new(),
+            consumer: None,
+        };
         for _ in 0..3 {
-            let open = frame::Open {
-                route: String::new(),
-                consumer: None,
-            };
-            std::mem::forget(conn.open(&open, b"early", false));
+            opened.push(conn.open(&open, b"early", false));
         }
     }
     let _ = peer.write_all(data).await;
     let _ = peer.shutdown().await;
     let ended = tokio::time::timeout(Duration::from_secs(5), conn.ended()).await;
     assert!(ended.is_ok(), "the connection did not end after the peer closed");
+    drop(opened);
+    // Let the connection's reader and writer tasks finish before the next input.
+    for _ in 0..4 {
+        tokio::task::yield_now().await;
+    }
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -337,16 +337,80 @@ fn resolve(base: Option<&Path>, path: &Path) -> PathBuf {
     }
 }
 
+/// The timeouts of one tunnel, resolved.
+struct Timeouts {
+    connect: Duration,
+    close: Duration,
+    handshake: Duration,
+    keepalive: Duration,
+    idle: Duration,
+}
+
 impl TunnelFile {
-    /// Checks one tunnel. `base` resolves relative paths (the config file's directory).
+    /// Checks one tunnel: every concern below reports its problems into one list, so a run
+    /// reports them all. `base` resolves relative paths (the config file's directory).
     pub fn validate(&self, name: &str, base: Option<&Path>) -> Result<TunnelConfig, Vec<String>> {
         let mut p = Vec::new();
         let side = self.side.unwrap_or_else(|| {
             p.push("side is missing: set side = \"client\" or side = \"server\"".to_string());
             Side::Server
         });
+        let (listen, target, routes) = self.addresses(&mut p, base);
+        let tls_files = self.tls_files(&mut p, base);
+        let min_tls = match &self.min_tls_version {
+            None => MinVersion::default(),
+            Some(v) => v.parse().unwrap_or_else(|e| {
+                p.push(format!("--min-tls-version: {e}"));
+                MinVersion::default()
+            }),
+        };
+        let (allow, verify) = self.rules(&mut p);
+        let t = self.timeouts(&mut p);
+        let route = match side {
+            Side::Server => {
+                self.server_side(&mut p, &allow, &verify, target.as_ref(), &routes);
+                String::new()
+            }
+            Side::Client => self.client_side(&mut p, &allow, &routes, listen.as_ref()),
+        };
+        let server_name = self.server_name(&mut p, side, target.as_ref());
+        if !p.is_empty() {
+            return Err(p);
+        }
+        Ok(TunnelConfig {
+            name: name.to_string(),
+            side,
+            listen: listen.expect("checked above"),
+            target,
+            routes,
+            route,
+            tls: tls_files,
+            min_tls,
+            allow,
+            verify,
+            server_name,
+            connect_timeout: t.connect,
+            close_timeout: t.close,
+            handshake_timeout: t.handshake,
+            keepalive: t.keepalive,
+            max_concurrent_conns: self.max_concurrent_conns.unwrap_or(0),
+            legate_protocol: !self.raw,
+            disable_authentication: self.disable_authentication,
+            proxy_protocol: self.proxy_protocol,
+            pool_size: self.pool_size.unwrap_or(DEFAULT_POOL_SIZE),
+            peer_is_legate: !self.raw && (self.peer_is_legate || self.route.is_some()),
+            idle_timeout: t.idle,
+        })
+    }
+
+    /// `listen`, `target` and the routes, parsed.
+    fn addresses(
+        &self,
+        p: &mut Vec<String>,
+        base: Option<&Path>,
+    ) -> (Option<Address>, Option<Address>, BTreeMap<String, Address>) {
         let listen = match &self.listen {
-            Some(l) => address(&mut p, "--listen", l, base),
+            Some(l) => address(p, "--listen", l, base),
             None => {
                 p.push("--listen is required (host:port to accept connections on)".into());
                 None
@@ -355,7 +419,7 @@ impl TunnelFile {
         let target = self
             .target
             .as_ref()
-            .and_then(|t| address(&mut p, "--target", t, base));
+            .and_then(|t| address(p, "--target", t, base));
         let mut routes = BTreeMap::new();
         for (route, t) in &self.routes {
             if route.is_empty() || !protocol::valid_route(route) {
@@ -364,11 +428,20 @@ impl TunnelFile {
                     protocol::MAX_ROUTE
                 ));
             }
-            if let Some(a) = address(&mut p, &format!("route {route:?}"), t, base) {
+            if let Some(a) = address(p, &format!("route {route:?}"), t, base) {
                 routes.insert(route.clone(), a);
             }
         }
+        (listen, target, routes)
+    }
+
+    /// The identity (PEM pair, keystore, or none), the CA bundle and the CRL.
+    fn tls_files(&self, p: &mut Vec<String>, base: Option<&Path>) -> tls::Files {
         let no_client_cert = self.disable_authentication && self.side == Some(Side::Client);
+        let none = || tls::IdentitySource::Pem {
+            cert: PathBuf::new(),
+            key: PathBuf::new(),
+        };
         let identity = match (&self.cert, &self.key, &self.keystore) {
             (None, None, None) if no_client_cert => tls::IdentitySource::None,
             _ if no_client_cert => {
@@ -390,10 +463,7 @@ impl TunnelFile {
             },
             (_, _, Some(_)) => {
                 p.push("give either --keystore or --cert with --key, not both".into());
-                tls::IdentitySource::Pem {
-                    cert: PathBuf::new(),
-                    key: PathBuf::new(),
-                }
+                none()
             }
             (cert, key, None) => {
                 if cert.is_none() && key.is_none() {
@@ -403,10 +473,7 @@ impl TunnelFile {
                 } else {
                     p.push("--cert needs --key (the private key, PEM)".into());
                 }
-                tls::IdentitySource::Pem {
-                    cert: PathBuf::new(),
-                    key: PathBuf::new(),
-                }
+                none()
             }
         };
         if self.storepass.is_some() && self.keystore.is_none() {
@@ -427,19 +494,16 @@ impl TunnelFile {
                 "--crl needs --cacert: revocation is checked on verified peer certificates".into(),
             );
         }
-        let tls_files = tls::Files {
+        tls::Files {
             identity,
             cacert,
             crl,
             allow_readable_key: self.allow_readable_key,
-        };
-        let min_tls = match &self.min_tls_version {
-            None => MinVersion::default(),
-            Some(v) => v.parse().unwrap_or_else(|e| {
-                p.push(format!("--min-tls-version: {e}"));
-                MinVersion::default()
-            }),
-        };
+        }
+    }
+
+    /// The `--allow-*` and `--verify-*` rules.
+    fn rules(&self, p: &mut Vec<String>) -> (Rules, Rules) {
         let allow = Rules {
             all: self.allow_all,
             cn: self.allow_cn.clone(),
@@ -459,162 +523,160 @@ impl TunnelFile {
                 p.push(e);
             }
         }
-        let connect_timeout = duration(
-            &mut p,
-            "--connect-timeout",
-            &self.connect_timeout,
-            DEFAULT_CONNECT_TIMEOUT,
-        );
-        let close_timeout = duration(
-            &mut p,
-            "--close-timeout",
-            &self.close_timeout,
-            DEFAULT_CLOSE_TIMEOUT,
-        );
-        let handshake_timeout = duration(
-            &mut p,
-            "--handshake-timeout",
-            &self.handshake_timeout,
-            DEFAULT_HANDSHAKE_TIMEOUT,
-        );
-        let keepalive = duration(&mut p, "--keepalive", &self.keepalive, DEFAULT_KEEPALIVE);
-        let idle_timeout = duration(
-            &mut p,
-            "--idle-timeout",
-            &self.idle_timeout,
-            DEFAULT_IDLE_TIMEOUT,
-        );
+        (allow, verify)
+    }
+
+    fn timeouts(&self, p: &mut Vec<String>) -> Timeouts {
+        let t = Timeouts {
+            connect: duration(
+                p,
+                "--connect-timeout",
+                &self.connect_timeout,
+                DEFAULT_CONNECT_TIMEOUT,
+            ),
+            close: duration(
+                p,
+                "--close-timeout",
+                &self.close_timeout,
+                DEFAULT_CLOSE_TIMEOUT,
+            ),
+            handshake: duration(
+                p,
+                "--handshake-timeout",
+                &self.handshake_timeout,
+                DEFAULT_HANDSHAKE_TIMEOUT,
+            ),
+            keepalive: duration(p, "--keepalive", &self.keepalive, DEFAULT_KEEPALIVE),
+            idle: duration(
+                p,
+                "--idle-timeout",
+                &self.idle_timeout,
+                DEFAULT_IDLE_TIMEOUT,
+            ),
+        };
         for (what, d) in [
-            ("--connect-timeout", connect_timeout),
-            ("--handshake-timeout", handshake_timeout),
-            ("--idle-timeout", idle_timeout),
+            ("--connect-timeout", t.connect),
+            ("--handshake-timeout", t.handshake),
+            ("--idle-timeout", t.idle),
         ] {
             if d.is_zero() {
                 p.push(format!("{what} must be more than 0"));
             }
         }
+        t
+    }
 
-        let mut route = String::new();
-        match side {
-            Side::Server => {
-                if self.disable_authentication {
-                    if !allow.is_empty() {
-                        p.push("--allow-* rules need client certificates; they cannot be combined with --disable-authentication".into());
-                    }
-                } else if allow.is_empty() {
-                    p.push(
-                        "no access rule: give --allow-all, --allow-cn, --allow-ou, --allow-dns or --allow-uri"
-                            .into(),
-                    );
-                }
-                if !verify.is_empty() || self.override_server_name.is_some() {
-                    p.push("--verify-* and --override-server-name are client-side flags".into());
-                }
-                if self.pool_size.is_some() || self.peer_is_legate {
-                    p.push("--pool-size and --peer-is-legate are client-side".into());
-                }
-                if self.route.is_some() || self.raw {
-                    p.push("--route NAME and --raw are client-side; a server lists routes as NAME=ADDRESS".into());
-                }
-                if target.is_none() && routes.is_empty() && self.target.is_none() {
-                    p.push(
-                        "--target is required (host:port of the service), or at least one route"
-                            .into(),
-                    );
-                }
-                if !self.unsafe_target {
-                    for t in target.iter().chain(routes.values()) {
-                        if !t.is_local() {
-                            p.push(format!(
-                                "target {t} is not a loopback address: the plaintext would cross the network; pass --unsafe-target if that is intended"
-                            ));
-                        }
-                    }
-                }
+    /// What a server side needs, and what it must not have.
+    fn server_side(
+        &self,
+        p: &mut Vec<String>,
+        allow: &Rules,
+        verify: &Rules,
+        target: Option<&Address>,
+        routes: &BTreeMap<String, Address>,
+    ) {
+        if self.disable_authentication {
+            if !allow.is_empty() {
+                p.push("--allow-* rules need client certificates; they cannot be combined with --disable-authentication".into());
             }
-            Side::Client => {
-                if !allow.is_empty() {
-                    p.push(
-                        "--allow-* flags are server-side; a client pins its server with --verify-*"
-                            .into(),
-                    );
-                }
-                if !routes.is_empty() {
-                    p.push("routes are server-side; a client names one with --route NAME".into());
-                }
-                if self.idle_timeout.is_some() {
-                    p.push("--idle-timeout is server-side (it tells clients how long pooled connections may idle)".into());
-                }
-                if self.proxy_protocol {
-                    p.push("--proxy-protocol is server-side: the server sends the header to the target; a legate client passes the consumer's address to it by itself".into());
-                }
-                if self.target.is_none() {
-                    p.push("--target is required (host:port of the legate server)".into());
-                }
-                if let Some(r) = &self.route {
-                    if !protocol::valid_route(r) {
-                        p.push(format!(
-                            "--route {r:?}: names are up to {} letters, digits, '.', '_' or '-'",
-                            protocol::MAX_ROUTE
-                        ));
-                    }
-                    if self.raw {
-                        p.push("--route needs the legate/1 protocol; drop --raw".into());
-                    }
-                    route = r.clone();
-                }
-                if self.peer_is_legate && self.raw {
-                    p.push("--peer-is-legate and --raw contradict each other: --raw never offers legate/1".into());
-                }
-                if let Some(l) = &listen
-                    && !l.is_local()
-                    && !self.unsafe_listen
-                {
+        } else if allow.is_empty() {
+            p.push(
+                "no access rule: give --allow-all, --allow-cn, --allow-ou, --allow-dns or --allow-uri"
+                    .into(),
+            );
+        }
+        if !verify.is_empty() || self.override_server_name.is_some() {
+            p.push("--verify-* and --override-server-name are client-side flags".into());
+        }
+        if self.pool_size.is_some() || self.peer_is_legate {
+            p.push("--pool-size and --peer-is-legate are client-side".into());
+        }
+        if self.route.is_some() || self.raw {
+            p.push(
+                "--route NAME and --raw are client-side; a server lists routes as NAME=ADDRESS"
+                    .into(),
+            );
+        }
+        if target.is_none() && routes.is_empty() && self.target.is_none() {
+            p.push("--target is required (host:port of the service), or at least one route".into());
+        }
+        if !self.unsafe_target {
+            for t in target.into_iter().chain(routes.values()) {
+                if !t.is_local() {
                     p.push(format!(
-                        "--listen {l} is not a loopback address: anyone who can reach it gets through the tunnel; pass --unsafe-listen if that is intended"
+                        "target {t} is not a loopback address: the plaintext would cross the network; pass --unsafe-target if that is intended"
                     ));
                 }
             }
         }
-        let server_name = self
+    }
+
+    /// What a client side needs, and what it must not have. Returns the route it asks for.
+    fn client_side(
+        &self,
+        p: &mut Vec<String>,
+        allow: &Rules,
+        routes: &BTreeMap<String, Address>,
+        listen: Option<&Address>,
+    ) -> String {
+        if !allow.is_empty() {
+            p.push(
+                "--allow-* flags are server-side; a client pins its server with --verify-*".into(),
+            );
+        }
+        if !routes.is_empty() {
+            p.push("routes are server-side; a client names one with --route NAME".into());
+        }
+        if self.idle_timeout.is_some() {
+            p.push("--idle-timeout is server-side (it tells clients how long kept connections may idle)".into());
+        }
+        if self.proxy_protocol {
+            p.push("--proxy-protocol is server-side: the server sends the header to the target; a legate client passes the consumer's address to it by itself".into());
+        }
+        if self.target.is_none() {
+            p.push("--target is required (host:port of the legate server)".into());
+        }
+        let mut route = String::new();
+        if let Some(r) = &self.route {
+            if !protocol::valid_route(r) {
+                p.push(format!(
+                    "--route {r:?}: names are up to {} letters, digits, '.', '_' or '-'",
+                    protocol::MAX_ROUTE
+                ));
+            }
+            if self.raw {
+                p.push("--route needs the legate/1 protocol; drop --raw".into());
+            }
+            route = r.clone();
+        }
+        if self.peer_is_legate && self.raw {
+            p.push(
+                "--peer-is-legate and --raw contradict each other: --raw never offers legate/1"
+                    .into(),
+            );
+        }
+        if let Some(l) = listen
+            && !l.is_local()
+            && !self.unsafe_listen
+        {
+            p.push(format!(
+                "--listen {l} is not a loopback address: anyone who can reach it gets through the tunnel; pass --unsafe-listen if that is intended"
+            ));
+        }
+        route
+    }
+
+    /// The name the server's certificate is checked against (client side).
+    fn server_name(&self, p: &mut Vec<String>, side: Side, target: Option<&Address>) -> String {
+        let name = self
             .override_server_name
             .clone()
-            .or_else(|| target.as_ref().and_then(|t| t.host()).map(str::to_string))
+            .or_else(|| target.and_then(|t| t.host()).map(str::to_string))
             .unwrap_or_default();
-        if side == Side::Client
-            && server_name.is_empty()
-            && matches!(target, Some(Address::Unix(_)))
-        {
+        if side == Side::Client && name.is_empty() && matches!(target, Some(Address::Unix(_))) {
             p.push("a unix: target has no host name to check the server's certificate against; set --override-server-name".into());
         }
-
-        if !p.is_empty() {
-            return Err(p);
-        }
-        Ok(TunnelConfig {
-            name: name.to_string(),
-            side,
-            listen: listen.expect("checked above"),
-            target,
-            routes,
-            route,
-            tls: tls_files,
-            min_tls,
-            allow,
-            verify,
-            server_name,
-            connect_timeout,
-            close_timeout,
-            handshake_timeout,
-            keepalive,
-            max_concurrent_conns: self.max_concurrent_conns.unwrap_or(0),
-            legate_protocol: !self.raw,
-            disable_authentication: self.disable_authentication,
-            proxy_protocol: self.proxy_protocol,
-            pool_size: self.pool_size.unwrap_or(DEFAULT_POOL_SIZE),
-            peer_is_legate: !self.raw && (self.peer_is_legate || self.route.is_some()),
-            idle_timeout,
-        })
+        name
     }
 }
 
