@@ -9,11 +9,12 @@ steadier than requests/s on a noisy machine, and what multiplexing changes. The 
 figures in docs/performance.md come from this.
 
   bench/cpu_ab.py NAME=BINARY[:ENV=V,ENV=V[:--flag,--flag]] ...
-  e.g. bench/cpu_ab.py pooled=target/release/legate::--mux=false \\
-           k1=target/release/legate:LEGATE_MUX_BATCH=1 k8=target/release/legate
+  e.g. bench/cpu_ab.py one=target/release/legate two=target/release/legate::--pool-size=2 \\
+           before=/tmp/legate-before
 
 Also prints how idle each CPU was during the rounds (median): what the batch size and the
-reader's hand-over of the CPU (LEGATE_MUX_YIELD) change.
+reader's hand-over of the CPU changed, when they were measured with environment knobs (now
+constants in src/mux/conn.rs).
 
 ROUNDS (default 5), REQUESTS per round (default 100000), CLIENTS (default 50; 1 measures the
 path of a lone request).

@@ -1,6 +1,6 @@
 /* glibc's memcpy of one TLS record's payload (16 KiB) at several distances between source and
  * destination modulo 4 KiB, in GB/s. Run by bench/memcpy, once with glibc's defaults and once
- * with the tunable a serving legate sets for itself (src/main.rs, `memcpy`). */
+ * with the tunable the Dockerfile sets for legate (docs/performance.md). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
