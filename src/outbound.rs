@@ -188,7 +188,10 @@ async fn answer(
     consumer: &mut Stream,
     early: &mut Early,
 ) -> Result<(), Settled> {
-    let deadline = tokio::time::Instant::now() + cfg.connect_timeout;
+    // The server spends up to its own connect timeout dialling the service before it answers
+    // (dial_failed); wait longer than that, so a slow dial is reported as what it is.
+    let wait = cfg.connect_timeout * 2;
+    let deadline = tokio::time::Instant::now() + wait;
     let mut buf = relay::SpareBuf::take();
     let refused = |detail: String| Settled::Final(fail(Outcome::Refused, detail));
     loop {
@@ -208,7 +211,7 @@ async fn answer(
                     }
                     Err(_) => Err(Settled::Final(fail(
                         Outcome::ProtocolError,
-                        format!("no answer to OPEN within {:?}", cfg.connect_timeout),
+                        format!("no answer to OPEN within {wait:?}"),
                     ))),
                 };
             }

@@ -35,7 +35,7 @@ use crate::tls::{self, ClientStream, ClientTls, PeerIdentity};
 
 /// How long a server keeps an idle connection when its HELLO does not say.
 const ASSUMED_IDLE: Duration = Duration::from_secs(30);
-/// How often a kept connection is asked to prove itself live.
+/// How often a kept connection is asked to prove itself live (or `--keepalive`, if shorter).
 const PING_EVERY: Duration = Duration::from_secs(5);
 
 /// What a consumer connection is carried on.
@@ -183,12 +183,16 @@ impl PeerPool {
             Kind::Legate if !shared => return self.dial(generation).await,
             Kind::Legate | Kind::Unknown => {}
         }
-        let _one = self.opening.lock().await;
+        // Wait for the connection being made, but no longer than a dial may take: against a
+        // server that does not answer, consumers must not queue up one timeout after another.
+        let one = tokio::time::timeout(self.cfg.connect_timeout, self.opening.lock())
+            .await
+            .ok();
         if let Some(c) = self.pick(generation) {
             return Ok(Dialed::Mux(c));
         }
         if self.kind(generation) == Kind::Raw {
-            drop(_one);
+            drop(one);
         }
         self.dial(generation).await
     }
@@ -245,11 +249,16 @@ impl PeerPool {
         if c.kept {
             self.state().conns.push(c.clone());
             let (conn, wake) = (c.conn.clone(), self.wake.clone());
+            // Wakes the keeper on every change; ends with the connection (a cancellation,
+            // which cannot be missed the way a notification between two polls can).
             tokio::spawn(async move {
-                while conn.dead().is_none() {
-                    conn.changed().await;
-                    wake.notify_one();
+                loop {
+                    tokio::select! {
+                        _ = conn.ended() => break,
+                        _ = conn.changed() => wake.notify_one(),
+                    }
                 }
+                wake.notify_one();
             });
         }
         c
@@ -279,7 +288,7 @@ impl PeerPool {
         let mut last_ping = Instant::now();
         loop {
             let generation = self.tls.generation();
-            let ping = last_ping.elapsed() >= PING_EVERY;
+            let ping = last_ping.elapsed() >= PING_EVERY.min(self.cfg.keepalive);
             if ping {
                 last_ping = Instant::now();
             }
@@ -318,21 +327,25 @@ impl PeerPool {
     }
 
     /// Drops kept connections that take no new streams (draining those that still have some)
-    /// and, with `ping`, asks the others to prove themselves live; one whose last PING went
-    /// unanswered for the connect timeout is ended. Returns how many are left.
+    /// and ends those silent for `--keepalive` since a PING; with `ping`, asks the others to
+    /// prove themselves live. Returns how many are left. (A PING in flight is data in the
+    /// socket, which turns TCP keepalive off: this check takes its place, on the same clock.)
     fn retire(&self, generation: u64, ping: bool) -> usize {
-        let timeout = self.cfg.connect_timeout;
+        let limit = self.cfg.keepalive;
         let mut s = self.state();
         s.conns.retain(|c| {
             if !c.usable(generation) {
                 c.conn.drain();
                 return false;
             }
-            if c.conn.hello().is_some() && ping && c.conn.ping().is_some_and(|w| w > timeout) {
+            if c.conn.silent_for().is_some_and(|w| w > limit) {
                 c.conn.kill(format!(
-                    "no answer to PING within {timeout:?}: connection presumed dead"
+                    "nothing from the server within {limit:?} of a PING (--keepalive): connection presumed dead"
                 ));
                 return false;
+            }
+            if ping && c.conn.hello().is_some() {
+                c.conn.ping();
             }
             true
         });

@@ -44,6 +44,10 @@ const BATCH_FRAMES: usize = 8;
 /// DATA frames this large are written from their relay buffer; smaller frames are copied
 /// together, so a backlog of small frames does not hold a 16 KiB buffer each.
 const COPY_BELOW: usize = 4096;
+/// The most answers (PONG, READY, REFUSED, WINDOW) a server queues for a client that sends and
+/// does not read. DATA is bounded by the windows; answers are not, so a client flooding PINGs
+/// or OPENs without reading would otherwise grow the queue without end.
+const MAX_QUEUED_ANSWERS: usize = 4 << 20;
 
 /// What a server says when it refuses a stream because the connection takes no new ones; the
 /// client opens the stream again on a new connection.
@@ -89,6 +93,8 @@ struct Pending {
     chunks: VecDeque<Chunk>,
     bytes: usize,
     frames: usize,
+    /// Bytes of small frames (not DATA) among `bytes`.
+    control: usize,
     close: bool,
 }
 
@@ -133,6 +139,8 @@ type Sink = Box<dyn AsyncWrite + Send + Unpin>;
 pub(super) struct Slot {
     pub(super) tx: mpsc::UnboundedSender<Msg>,
     pub(super) window: Arc<Window>,
+    /// The peer sent END: no DATA or END may follow.
+    ended: bool,
 }
 
 /// One multiplexed connection.
@@ -164,6 +172,8 @@ pub struct Conn {
     idle_ms: AtomicU64,
     /// Client side: when the PING in flight was sent (ms since `born`), or `NO_PING`.
     ping_sent_ms: AtomicU64,
+    /// When the reader last got bytes from the peer (ms since `born`).
+    read_ms: AtomicU64,
     /// Signalled when the greeting arrives, the last stream ends, and when the connection
     /// drains or dies.
     changed: Notify,
@@ -203,6 +213,7 @@ impl Conn {
             born: Instant::now(),
             idle_ms: AtomicU64::new(0),
             ping_sent_ms: AtomicU64::new(NO_PING),
+            read_ms: AtomicU64::new(0),
             changed: Notify::new(),
         });
         tokio::spawn(write_loop(conn.clone()));
@@ -250,7 +261,7 @@ impl Conn {
             return;
         }
         self.dead_token.cancel();
-        self.draining.store(true, Ordering::Relaxed);
+        self.draining.store(true, Ordering::SeqCst);
         let retry = self.role == Role::Client && self.hello.get().is_some();
         let slots: Vec<Slot> = self.streams().drain().map(|(_, s)| s).collect();
         for s in slots {
@@ -273,7 +284,7 @@ impl Conn {
 
     /// Whether new streams may be opened on it.
     pub fn usable(&self) -> bool {
-        self.dead.get().is_none() && !self.draining.load(Ordering::Relaxed)
+        self.dead.get().is_none() && !self.draining.load(Ordering::SeqCst)
     }
 
     /// Client side: the server's greeting, if it has arrived.
@@ -298,7 +309,7 @@ impl Conn {
 
     /// Streams open now.
     pub fn active(&self) -> usize {
-        self.active.load(Ordering::Relaxed)
+        self.active.load(Ordering::SeqCst)
     }
 
     /// How long the connection has had no stream (zero while it has one).
@@ -313,7 +324,7 @@ impl Conn {
     /// Takes no new streams; closes once the open ones have ended. The server tells the
     /// client with GOAWAY.
     pub fn drain(&self) {
-        if self.draining.swap(true, Ordering::Relaxed) {
+        if self.draining.swap(true, Ordering::SeqCst) {
             return;
         }
         if self.role == Role::Server {
@@ -330,7 +341,7 @@ impl Conn {
         loop {
             let changed = self.changed.notified();
             if self.dead.get().is_some()
-                || (self.draining.load(Ordering::Relaxed) && self.active() == 0)
+                || (self.draining.load(Ordering::SeqCst) && self.active() == 0)
             {
                 return;
             }
@@ -350,8 +361,9 @@ impl Conn {
     }
 
     /// Client side: asks the server to prove the connection live, unless a PING is already
-    /// in flight. Returns `None` when it sent one, else how long the one in flight has gone
-    /// unanswered.
+    /// in flight. Returns `None` when it sent one, else how long the connection has been
+    /// silent since the one in flight was sent: anything read counts as proof of life, since a
+    /// PONG can wait behind a window's worth of DATA on a slow link.
     pub fn ping(&self) -> Option<Duration> {
         let now = self.born.elapsed().as_millis() as u64;
         match self
@@ -366,21 +378,47 @@ impl Conn {
                 )));
                 None
             }
-            Err(sent) => Some(Duration::from_millis(now.saturating_sub(sent))),
+            Err(sent) => {
+                let heard = self.read_ms.load(Ordering::Acquire).max(sent);
+                Some(Duration::from_millis(now.saturating_sub(heard)))
+            }
         }
+    }
+
+    /// Client side: with a PING in flight, how long the connection has been silent since it
+    /// was sent (anything read counts); `None` with none in flight.
+    pub fn silent_for(&self) -> Option<Duration> {
+        let sent = self.ping_sent_ms.load(Ordering::Acquire);
+        if sent == NO_PING {
+            return None;
+        }
+        let now = self.born.elapsed().as_millis() as u64;
+        let heard = self.read_ms.load(Ordering::Acquire).max(sent);
+        Some(Duration::from_millis(now.saturating_sub(heard)))
     }
 
     pub(super) fn register(self: &Arc<Conn>, id: u32) -> Stream {
         let (tx, rx) = mpsc::unbounded_channel();
         let window = Arc::new(Window::new(WINDOW));
-        self.streams().insert(
-            id,
-            Slot {
-                tx,
-                window: window.clone(),
-            },
-        );
-        self.active.fetch_add(1, Ordering::Relaxed);
+        {
+            // `kill` sets `dead` before it empties the map under this lock: a stream registered
+            // after that learns at once that the connection is gone.
+            let mut streams = self.streams();
+            if let Some(why) = self.dead.get() {
+                let retry = self.role == Role::Client && self.hello.get().is_some();
+                let _ = tx.send(Msg::Gone(why.clone(), retry));
+            } else {
+                streams.insert(
+                    id,
+                    Slot {
+                        tx,
+                        window: window.clone(),
+                        ended: false,
+                    },
+                );
+            }
+        }
+        self.active.fetch_add(1, Ordering::SeqCst);
         Stream::new(id, self.clone(), rx, window)
     }
 
@@ -427,8 +465,22 @@ impl Conn {
                 p.chunks.push_back(Chunk::Spare(buf, 0, len));
             }
             Out::Data(buf, len) => p.push_copied(&buf[..len]),
-            Out::Frame(f) => p.push_copied(&f),
+            Out::Frame(f) => {
+                p.control += f.len();
+                p.push_copied(&f);
+            }
             Out::Close => p.close = true,
+        }
+        if self.role == Role::Server && p.control > MAX_QUEUED_ANSWERS && !p.close {
+            let why = format!(
+                "protocol error: the client does not read its answers ({} bytes queued)",
+                p.control
+            );
+            drop(p);
+            self.violated.store(true, Ordering::Relaxed);
+            // Never called with the streams lock held, which `kill` takes.
+            self.kill(why);
+            return;
         }
         p.frames += 1;
         let first = p.frames == 1;
@@ -457,6 +509,7 @@ impl Conn {
             let mut p = self.pending();
             p.frames = 0;
             p.bytes = 0;
+            p.control = 0;
             std::mem::take(&mut p.chunks)
         };
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
@@ -488,10 +541,10 @@ impl Conn {
     /// A stream ended: forget it, and close a draining connection that has none left.
     pub(super) fn release(&self, id: u32) {
         self.streams().remove(&id);
-        if self.active.fetch_sub(1, Ordering::Relaxed) == 1 {
+        if self.active.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.idle_ms
                 .store(self.born.elapsed().as_millis() as u64, Ordering::Relaxed);
-            if self.draining.load(Ordering::Relaxed) {
+            if self.draining.load(Ordering::SeqCst) {
                 self.send(Out::Close);
             }
             self.changed.notify_waiters();
@@ -546,9 +599,20 @@ async fn read_loop<R: AsyncRead + Unpin>(
             }
             handed_over = false;
         }
-        match r.read_buf(&mut buf).await {
+        let read = tokio::select! {
+            r = r.read_buf(&mut buf) => r,
+            // Killed from outside (no PONG, no greeting in time): stop reading now rather than
+            // when the kernel gives up on the socket.
+            _ = conn.dead_token.cancelled() => return Ok(()),
+        };
+        match read {
             Ok(0) => return Ok(()),
-            Ok(_) => {}
+            Ok(_) => {
+                if conn.role == Role::Client {
+                    conn.read_ms
+                        .store(conn.born.elapsed().as_millis() as u64, Ordering::Release);
+                }
+            }
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) if conn.role == Role::Client && conn.hello.get().is_none() => {
                 // A server that does not admit us closes, and the bytes we sent meanwhile can
@@ -625,6 +689,9 @@ pub(super) fn dispatch(
         Frame::Data(id, body) => {
             let streams = conn.streams();
             if let Some(s) = streams.get(&id) {
+                if s.ended {
+                    return Err(format!("DATA on stream {id} after its END"));
+                }
                 let len = body.len() as i64;
                 if s.window.recv.fetch_sub(len, Ordering::Relaxed) < len {
                     return Err(format!("stream {id} sent past its flow-control window"));
@@ -632,7 +699,15 @@ pub(super) fn dispatch(
                 let _ = s.tx.send(Msg::Data(Bytes::from(body)));
             }
         }
-        Frame::End(id) => to_stream(id, Msg::End),
+        Frame::End(id) => {
+            if let Some(s) = conn.streams().get_mut(&id) {
+                if s.ended {
+                    return Err(format!("a second END on stream {id}"));
+                }
+                s.ended = true;
+                let _ = s.tx.send(Msg::End);
+            }
+        }
         Frame::Reset(id) => {
             if let Some(s) = conn.streams().get(&id) {
                 s.window.set_reset();
@@ -645,7 +720,7 @@ pub(super) fn dispatch(
             }
         }
         Frame::GoAway if client => {
-            conn.draining.store(true, Ordering::Relaxed);
+            conn.draining.store(true, Ordering::SeqCst);
             if conn.active() == 0 {
                 conn.send(Out::Close);
             }
@@ -671,14 +746,18 @@ async fn write_loop(conn: Arc<Conn>) {
     loop {
         conn.wake.notified().await;
         loop {
+            // The sink first, then the queue: a stream's `write_now` holds the sink while it
+            // writes and puts back what the socket did not take, in front of the queue; taking
+            // them in the same order keeps every byte in order.
+            let Some(mut w) = conn.sink().take() else {
+                return;
+            };
             let (mut chunks, close) = {
                 let mut p = conn.pending();
                 p.frames = 0;
                 p.bytes = 0;
+                p.control = 0;
                 (std::mem::take(&mut p.chunks), p.close)
-            };
-            let Some(mut w) = conn.sink().take() else {
-                return;
             };
             let written = async {
                 while !chunks.is_empty() {
@@ -700,7 +779,9 @@ async fn write_loop(conn: Arc<Conn>) {
                 return;
             }
             if close {
-                let _ = w.shutdown().await;
+                // Bounded: on a path that drops everything, a full send buffer would hold the
+                // task (and the socket) until the kernel gives up.
+                let _ = tokio::time::timeout(Duration::from_secs(5), w.shutdown()).await;
                 return;
             }
             *conn.sink() = Some(w);

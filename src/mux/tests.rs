@@ -368,3 +368,81 @@ async fn ping_is_answered_and_a_bad_open_is_refused_alone() {
     }
     assert_eq!(exchange(&client, b"after").await, b"echo:after");
 }
+
+#[tokio::test]
+async fn a_stream_opened_on_a_dead_connection_learns_it_at_once() {
+    let (client, mock) = client_and_mock().await;
+    client.greeted().await.unwrap();
+    drop(mock);
+    tokio::time::timeout(LONG, client.ended()).await.unwrap();
+    // Picked just before the connection died, opened just after: no waiting for an answer
+    // that cannot come.
+    let mut s = client.open(&open(""), b"late", true);
+    let answer = tokio::time::timeout(Duration::from_secs(1), s.answer())
+        .await
+        .expect("an answer at once");
+    assert!(
+        matches!(answer, Answer::Gone { retry: true, .. }),
+        "{answer:?}"
+    );
+}
+
+#[tokio::test]
+async fn data_after_end_breaks_the_protocol() {
+    let (client, mock) = client_and_mock().await;
+    let mut reader = MockReader {
+        io: mock,
+        buf: BytesMut::new(),
+    };
+    let mut s = client.open(&open(""), b"", false);
+    let Frame::Open(id, _) = reader.next().await else {
+        panic!("expected OPEN")
+    };
+    let mut frames = frame::encode(frame::READY, id, &[]);
+    frames.extend_from_slice(&frame::encode(frame::END, id, &[]));
+    frames.extend_from_slice(&frame::encode(frame::DATA, id, b"late"));
+    reader.io.write_all(&frames).await.unwrap();
+    assert_eq!(s.answer().await, Answer::Ready);
+    tokio::time::timeout(LONG, client.ended()).await.unwrap();
+    let why = client.dead().unwrap();
+    assert!(why.contains("after its END"), "{why}");
+}
+
+#[tokio::test]
+async fn anything_read_after_a_ping_proves_the_connection_live() {
+    let (client, mock) = client_and_mock().await;
+    let mut reader = MockReader {
+        io: mock,
+        buf: BytesMut::new(),
+    };
+    client.greeted().await.unwrap();
+    assert_eq!(client.ping(), None);
+    assert!(matches!(reader.next().await, Frame::Ping(_)));
+    // No PONG comes: the silence grows...
+    let silent = Duration::from_millis(200);
+    tokio::time::timeout(LONG, async {
+        while client.ping().unwrap() < silent {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap();
+    // ... until other bytes arrive (a GOAWAY here): the silence restarts from them.
+    reader
+        .io
+        .write_all(&frame::encode(frame::GOAWAY, 0, &[]))
+        .await
+        .unwrap();
+    tokio::time::timeout(LONG, async {
+        while client.usable() {
+            client.changed().await;
+        }
+    })
+    .await
+    .unwrap();
+    let after = client.ping().unwrap();
+    assert!(
+        after < silent,
+        "still {after:?} of silence after the peer spoke"
+    );
+}
