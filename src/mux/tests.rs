@@ -58,12 +58,26 @@ async fn echo_pair() -> (Arc<Conn>, Arc<Conn>) {
     (client, server)
 }
 
-/// A client connection and the raw other end, already greeted.
-async fn client_and_mock() -> (Arc<Conn>, DuplexStream) {
+/// A client connection and a mock server on the raw other end, which has greeted it.
+async fn client_and_mock() -> (Arc<Conn>, MockReader) {
     let (client_io, mut mock) = duplex(4 * 1024 * 1024);
     mock.write_all(&hello_bytes()).await.unwrap();
     let client = Conn::start(Role::Client, client_io, &[], |_, _| {});
-    (client, mock)
+    let reader = MockReader {
+        io: mock,
+        buf: BytesMut::new(),
+    };
+    (client, reader)
+}
+
+/// Opens a stream to `route` with nothing behind it, and reads its OPEN at the mock: the
+/// stream and its id.
+async fn open_at_mock(client: &Arc<Conn>, reader: &mut MockReader, route: &str) -> (Stream, u32) {
+    let s = client.open(&open(route), b"", false);
+    match reader.next().await {
+        Frame::Open(id, Ok(o)) if o.route == route => (s, id),
+        other => panic!("expected OPEN, got {other:?}"),
+    }
 }
 
 /// Reads frames off a mock peer's end, one at a time.
@@ -143,16 +157,8 @@ async fn half_close_each_way_keeps_the_other_direction_open() {
 
 #[tokio::test]
 async fn the_sender_stops_at_the_window_and_goes_on_when_granted() {
-    let (client, mock) = client_and_mock().await;
-    let mut reader = MockReader {
-        io: mock,
-        buf: BytesMut::new(),
-    };
-    let mut s = client.open(&open("r"), b"", false);
-    let id = match reader.next().await {
-        Frame::Open(id, Ok(o)) if o.route == "r" => id,
-        other => panic!("expected OPEN, got {other:?}"),
-    };
+    let (client, mut reader) = client_and_mock().await;
+    let (mut s, id) = open_at_mock(&client, &mut reader, "r").await;
     reader
         .io
         .write_all(&frame::encode(frame::READY, id, &[]))
@@ -194,15 +200,8 @@ async fn the_sender_stops_at_the_window_and_goes_on_when_granted() {
 
 #[tokio::test]
 async fn a_peer_that_sends_past_the_window_loses_the_connection() {
-    let (client, mock) = client_and_mock().await;
-    let mut reader = MockReader {
-        io: mock,
-        buf: BytesMut::new(),
-    };
-    let mut s = client.open(&open(""), b"", false);
-    let Frame::Open(id, _) = reader.next().await else {
-        panic!("expected OPEN")
-    };
+    let (client, mut reader) = client_and_mock().await;
+    let (mut s, id) = open_at_mock(&client, &mut reader, "").await;
     let mut burst = frame::encode(frame::READY, id, &[]);
     let chunk = frame::encode(frame::DATA, id, &[1u8; 16 * 1024]);
     for _ in 0..(WINDOW as usize / (16 * 1024) + 1) {
@@ -371,9 +370,9 @@ async fn ping_is_answered_and_a_bad_open_is_refused_alone() {
 
 #[tokio::test]
 async fn a_stream_opened_on_a_dead_connection_learns_it_at_once() {
-    let (client, mock) = client_and_mock().await;
+    let (client, reader) = client_and_mock().await;
     client.greeted().await.unwrap();
-    drop(mock);
+    drop(reader);
     tokio::time::timeout(LONG, client.ended()).await.unwrap();
     // Picked just before the connection died, opened just after: no waiting for an answer
     // that cannot come.
@@ -389,15 +388,8 @@ async fn a_stream_opened_on_a_dead_connection_learns_it_at_once() {
 
 #[tokio::test]
 async fn data_after_end_breaks_the_protocol() {
-    let (client, mock) = client_and_mock().await;
-    let mut reader = MockReader {
-        io: mock,
-        buf: BytesMut::new(),
-    };
-    let mut s = client.open(&open(""), b"", false);
-    let Frame::Open(id, _) = reader.next().await else {
-        panic!("expected OPEN")
-    };
+    let (client, mut reader) = client_and_mock().await;
+    let (mut s, id) = open_at_mock(&client, &mut reader, "").await;
     let mut frames = frame::encode(frame::READY, id, &[]);
     frames.extend_from_slice(&frame::encode(frame::END, id, &[]));
     frames.extend_from_slice(&frame::encode(frame::DATA, id, b"late"));
@@ -410,11 +402,7 @@ async fn data_after_end_breaks_the_protocol() {
 
 #[tokio::test]
 async fn anything_read_after_a_ping_proves_the_connection_live() {
-    let (client, mock) = client_and_mock().await;
-    let mut reader = MockReader {
-        io: mock,
-        buf: BytesMut::new(),
-    };
+    let (client, mut reader) = client_and_mock().await;
     client.greeted().await.unwrap();
     assert_eq!(client.ping(), None);
     assert!(matches!(reader.next().await, Frame::Ping(_)));
