@@ -161,6 +161,9 @@ pub struct ServerArgs {
     /// (repeatable).
     #[arg(long, value_name = "URI")]
     pub allow_uri: Vec<String>,
+    /// Admit clients with this IP address SAN (repeatable).
+    #[arg(long, value_name = "IP", alias = "allow-ip-san")]
+    pub allow_ip: Vec<String>,
     /// A named route for legate/1 clients: NAME=ADDR (repeatable).
     #[arg(long = "route", value_name = "NAME=ADDR", value_parser = parse_route)]
     pub routes: Vec<(String, String)>,
@@ -193,6 +196,9 @@ pub struct ClientArgs {
     /// Require this URI SAN on the server's certificate (trailing /* or /** allowed).
     #[arg(long, value_name = "URI")]
     pub verify_uri: Vec<String>,
+    /// Require this IP address SAN on the server's certificate (repeatable, any matches).
+    #[arg(long, value_name = "IP", alias = "verify-ip-san")]
+    pub verify_ip: Vec<String>,
     /// Verify the server's certificate for this name instead of --target's host.
     #[arg(long, value_name = "NAME")]
     pub override_server_name: Option<String>,
@@ -306,6 +312,7 @@ impl ServerArgs {
         f.allow_ou = self.allow_ou;
         f.allow_dns = self.allow_dns;
         f.allow_uri = self.allow_uri;
+        f.allow_ip = self.allow_ip;
         f.routes = self.routes.into_iter().collect::<BTreeMap<_, _>>();
         f.unsafe_target = self.unsafe_target;
         f.proxy_protocol = self.proxy_protocol;
@@ -323,6 +330,7 @@ impl ClientArgs {
         f.verify_ou = self.verify_ou;
         f.verify_dns = self.verify_dns;
         f.verify_uri = self.verify_uri;
+        f.verify_ip = self.verify_ip;
         f.override_server_name = self.override_server_name;
         f.route = self.route;
         f.raw = self.raw;

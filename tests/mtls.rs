@@ -272,3 +272,74 @@ fn a_self_signed_client_certificate_is_refused() {
         "{line}"
     );
 }
+
+#[test]
+fn allow_ip_admits_a_client_by_its_ip_san_and_refuses_others() {
+    let pki = Pki::new();
+    let mut spec = LeafSpec::new("worker", Usage::Client);
+    spec.names = vec!["10.1.2.3".into()];
+    pki.issue("worker", &spec);
+    let backend = Backend::echo(b"ok:");
+    // ghostunnel's hidden spelling, --allow-ip-san, means the same.
+    let server = Legate::server(
+        &pki,
+        &backend.target(),
+        &["--allow-ip=fd00::7", "--allow-ip-san=10.1.2.3"],
+    );
+    let client = Legate::client(&pki, "worker", server.addr(), &[]);
+    let mut s = connect(client.addr());
+    s.write_all(b"hi").unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(read_all(&mut s), b"ok:hi");
+
+    let backend = Backend::echo(b"");
+    let server = Legate::server(&pki, &backend.target(), &["--allow-ip=10.9.9.9"]);
+    let client = Legate::client(&pki, "worker", server.addr(), &[]);
+    consumer_is_turned_away(&client);
+    let line = server.log.wait_for(&["outcome=unauthorized"]);
+    assert!(line.contains("CN=worker"), "{line}");
+    backend_untouched(&backend);
+}
+
+#[test]
+fn verify_ip_pins_the_servers_ip_san() {
+    let pki = Pki::new();
+    let backend = Backend::echo(b"ok:");
+    let server = Legate::server(&pki, &backend.target(), &["--allow-cn=client"]);
+    // The server leaf carries the IP SAN 127.0.0.1.
+    let client = Legate::client(
+        &pki,
+        "client",
+        server.addr(),
+        &["--verify-ip-san=127.0.0.1"],
+    );
+    let mut s = connect(client.addr());
+    s.write_all(b"hi").unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(read_all(&mut s), b"ok:hi");
+
+    let client = Legate::client(&pki, "client", server.addr(), &["--verify-ip=10.9.9.9"]);
+    consumer_is_turned_away(&client);
+    let line = client.log.wait_for(&["outcome=unauthorized"]);
+    assert!(
+        line.contains("does not match the --verify-* pins"),
+        "{line}"
+    );
+}
+
+#[test]
+fn an_allow_ip_that_is_not_an_address_is_one_clear_line() {
+    let out = Command::new(harness::legate_bin())
+        .args(["server", "--listen=127.0.0.1:0", "--target=127.0.0.1:1"])
+        .args(Pki::new().flags("server"))
+        .arg("--allow-ip=10.0.0.300")
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--allow-ip \"10.0.0.300\" is not an IP address"),
+        "{err}"
+    );
+}

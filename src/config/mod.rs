@@ -81,6 +81,8 @@ pub struct TunnelFile {
     #[serde(default)]
     pub allow_uri: Vec<String>,
     #[serde(default)]
+    pub allow_ip: Vec<String>,
+    #[serde(default)]
     pub verify_cn: Vec<String>,
     #[serde(default)]
     pub verify_ou: Vec<String>,
@@ -88,6 +90,8 @@ pub struct TunnelFile {
     pub verify_dns: Vec<String>,
     #[serde(default)]
     pub verify_uri: Vec<String>,
+    #[serde(default)]
+    pub verify_ip: Vec<String>,
     pub override_server_name: Option<String>,
     pub min_tls_version: Option<String>,
     pub connect_timeout: Option<String>,
@@ -329,6 +333,22 @@ fn address(
     }
 }
 
+/// IP addresses for an IP SAN rule; each one that does not parse is a problem.
+fn ips(problems: &mut Vec<String>, what: &str, values: &[String]) -> Vec<std::net::IpAddr> {
+    values
+        .iter()
+        .filter_map(|v| match v.trim().parse() {
+            Ok(ip) => Some(ip),
+            Err(_) => {
+                problems.push(format!(
+                    "{what} {v:?} is not an IP address; write e.g. 10.0.0.5 or fd00::5"
+                ));
+                None
+            }
+        })
+        .collect()
+}
+
 /// Resolves `path` against `base` (the config file's directory) when it is relative.
 fn resolve(base: Option<&Path>, path: &Path) -> PathBuf {
     match base {
@@ -510,6 +530,7 @@ impl TunnelFile {
             ou: self.allow_ou.clone(),
             dns: self.allow_dns.clone(),
             uri: self.allow_uri.clone(),
+            ip: ips(p, "--allow-ip", &self.allow_ip),
         };
         let verify = Rules {
             all: false,
@@ -517,6 +538,7 @@ impl TunnelFile {
             ou: self.verify_ou.clone(),
             dns: self.verify_dns.clone(),
             uri: self.verify_uri.clone(),
+            ip: ips(p, "--verify-ip", &self.verify_ip),
         };
         for pattern in allow.uri.iter().chain(&verify.uri) {
             if let Err(e) = tls::identity::validate_uri_pattern(pattern) {
@@ -581,7 +603,7 @@ impl TunnelFile {
             }
         } else if allow.is_empty() {
             p.push(
-                "no access rule: give --allow-all, --allow-cn, --allow-ou, --allow-dns or --allow-uri"
+                "no access rule: give --allow-all, --allow-cn, --allow-ou, --allow-dns, --allow-uri or --allow-ip"
                     .into(),
             );
         }

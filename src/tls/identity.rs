@@ -5,6 +5,7 @@
 //! `--verify-*` (client side) rules admits them.
 
 use std::fmt;
+use std::net::IpAddr;
 
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
@@ -16,6 +17,7 @@ pub struct PeerIdentity {
     pub organizational_units: Vec<String>,
     pub dns_names: Vec<String>,
     pub uris: Vec<String>,
+    pub ips: Vec<IpAddr>,
 }
 
 impl PeerIdentity {
@@ -40,6 +42,14 @@ impl PeerIdentity {
                 match name {
                     GeneralName::DNSName(d) => id.dns_names.push(d.to_string()),
                     GeneralName::URI(u) => id.uris.push(u.to_string()),
+                    GeneralName::IPAddress(b) => {
+                        let ip = match b.len() {
+                            4 => <[u8; 4]>::try_from(*b).ok().map(IpAddr::from),
+                            16 => <[u8; 16]>::try_from(*b).ok().map(IpAddr::from),
+                            _ => None,
+                        };
+                        id.ips.extend(ip);
+                    }
                     _ => {}
                 }
             }
@@ -57,6 +67,8 @@ impl fmt::Display for PeerIdentity {
             write!(f, "CN={cn}")
         } else if let Some(dns) = self.dns_names.first() {
             write!(f, "DNS={dns}")
+        } else if let Some(ip) = self.ips.first() {
+            write!(f, "IP={ip}")
         } else {
             f.write_str("(no name)")
         }
@@ -73,6 +85,8 @@ pub struct Rules {
     pub dns: Vec<String>,
     /// Exact URIs, or patterns ending in `/*` (one more path segment) or `/**` (any depth).
     pub uri: Vec<String>,
+    /// IP address SANs (`--allow-ip`, `--verify-ip`, as ghostunnel's).
+    pub ip: Vec<IpAddr>,
 }
 
 impl Rules {
@@ -83,6 +97,7 @@ impl Rules {
             && self.ou.is_empty()
             && self.dns.is_empty()
             && self.uri.is_empty()
+            && self.ip.is_empty()
     }
 
     /// Whether `id` matches at least one rule.
@@ -91,6 +106,7 @@ impl Rules {
             || self.cn.iter().any(|r| id.common_names.contains(r))
             || self.ou.iter().any(|r| id.organizational_units.contains(r))
             || self.dns.iter().any(|r| id.dns_names.contains(r))
+            || self.ip.iter().any(|r| id.ips.contains(r))
             || self
                 .uri
                 .iter()
@@ -177,6 +193,7 @@ mod tests {
             organizational_units: vec!["ops".into()],
             dns_names: vec!["app.internal".into()],
             uris: vec!["spiffe://td/app".into()],
+            ips: vec!["10.0.0.9".parse().unwrap()],
         };
         let mut rules = Rules::default();
         assert!(!rules.admits(&id));
@@ -189,6 +206,16 @@ mod tests {
             ..Rules::default()
         };
         assert!(dns_only.admits(&id));
+        let ip_only = Rules {
+            ip: vec!["10.0.0.5".parse().unwrap(), "::1".parse().unwrap()],
+            ..Rules::default()
+        };
+        assert!(!ip_only.admits(&id));
+        let with_ip = PeerIdentity {
+            ips: vec!["::1".parse().unwrap()],
+            ..PeerIdentity::default()
+        };
+        assert!(ip_only.admits(&with_ip));
         let all = Rules {
             all: true,
             ..Rules::default()
