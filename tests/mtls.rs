@@ -287,10 +287,7 @@ fn allow_ip_admits_a_client_by_its_ip_san_and_refuses_others() {
         &["--allow-ip=fd00::7", "--allow-ip-san=10.1.2.3"],
     );
     let client = Legate::client(&pki, "worker", server.addr(), &[]);
-    let mut s = connect(client.addr());
-    s.write_all(b"hi").unwrap();
-    s.shutdown(std::net::Shutdown::Write).unwrap();
-    assert_eq!(read_all(&mut s), b"ok:hi");
+    assert_eq!(harness::exchange(client.addr(), b"hi"), b"ok:hi");
 
     let backend = Backend::echo(b"");
     let server = Legate::server(&pki, &backend.target(), &["--allow-ip=10.9.9.9"]);
@@ -313,10 +310,7 @@ fn verify_ip_pins_the_servers_ip_san() {
         server.addr(),
         &["--verify-ip-san=127.0.0.1"],
     );
-    let mut s = connect(client.addr());
-    s.write_all(b"hi").unwrap();
-    s.shutdown(std::net::Shutdown::Write).unwrap();
-    assert_eq!(read_all(&mut s), b"ok:hi");
+    assert_eq!(harness::exchange(client.addr(), b"hi"), b"ok:hi");
 
     let client = Legate::client(&pki, "client", server.addr(), &["--verify-ip=10.9.9.9"]);
     consumer_is_turned_away(&client);
