@@ -102,9 +102,13 @@ pub struct CommonArgs {
     /// Certificate revocation list (PEM or DER): peers whose certificate it lists are refused.
     #[arg(long, value_name = "PATH")]
     pub crl: Option<PathBuf>,
-    /// Lowest TLS version to accept: 1.3 (default) or 1.2.
+    /// Lowest TLS version to accept: TLS1.3 (default) or TLS1.2.
     #[arg(long, value_name = "VERSION")]
     pub min_tls_version: Option<String>,
+    /// Highest TLS version to speak, on the tunnel and the HTTPS status port: TLS1.3 (default)
+    /// or TLS1.2 (which alone also lowers the minimum to TLS1.2).
+    #[arg(long, value_name = "VERSION")]
+    pub max_tls_version: Option<String>,
     /// Time allowed to connect onward (client side: TCP plus TLS handshake). Default 10s.
     #[arg(long, value_name = "DURATION")]
     pub connect_timeout: Option<String>,
@@ -292,6 +296,7 @@ impl CommonArgs {
             disable_authentication: self.disable_authentication,
             allow_readable_key: self.allow_readable_key,
             min_tls_version: self.min_tls_version,
+            max_tls_version: self.max_tls_version,
             connect_timeout: self.connect_timeout,
             close_timeout: self.close_timeout,
             handshake_timeout: self.handshake_timeout,

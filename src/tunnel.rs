@@ -110,12 +110,15 @@ impl Prepared {
     pub fn new(cfg: TunnelConfig) -> Result<Prepared, Error> {
         let tls = match cfg.side {
             Side::Server => {
-                ServerTls::new(&cfg.tls, cfg.min_tls).map(|s| TlsEnd::Server(Arc::new(s)))
+                ServerTls::new(&cfg.tls, cfg.tls_versions).map(|s| TlsEnd::Server(Arc::new(s)))
             }
-            Side::Client => {
-                ClientTls::new(&cfg.tls, cfg.min_tls, &cfg.server_name, cfg.legate_protocol)
-                    .map(|c| TlsEnd::Client(Arc::new(c)))
-            }
+            Side::Client => ClientTls::new(
+                &cfg.tls,
+                cfg.tls_versions,
+                &cfg.server_name,
+                cfg.legate_protocol,
+            )
+            .map(|c| TlsEnd::Client(Arc::new(c))),
         }
         .map_err(|source| Error::Tls {
             tunnel: cfg.name.clone(),

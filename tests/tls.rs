@@ -83,3 +83,44 @@ fn tls_12_only_when_asked() {
         .log
         .wait_for(&["connection closed", "tls=\"TLSv1_2 "]);
 }
+
+#[test]
+fn max_tls_version_12_speaks_only_12_on_both_sides() {
+    let pki = Pki::new();
+    let backend = Backend::echo(b"ok:");
+    // Case-insensitive, as ghostunnel's; a maximum of 1.2 alone lowers the minimum with it.
+    let server = Legate::server(
+        &pki,
+        &backend.target(),
+        &["--allow-cn=client", "--max-tls-version=tls1.2"],
+    );
+    assert!(s_client_tls12(&pki, &server));
+    // A client that insists on 1.3 (the default) cannot agree with it...
+    let strict = Legate::client(&pki, "client", server.addr(), &[]);
+    assert_eq!(harness::exchange(strict.addr(), b"x"), b"");
+    strict.log.wait_for(&["outcome=handshake_failed"]);
+    // ... one capped at 1.2 too can, and the session says 1.2.
+    let capped = Legate::client(&pki, "client", server.addr(), &["--max-tls-version=TLS1.2"]);
+    assert_eq!(harness::exchange(capped.addr(), b"hi"), b"ok:hi");
+    capped
+        .log
+        .wait_for(&["connection closed", "outcome=ok", "tls=\"TLSv1_2 "]);
+}
+
+#[test]
+fn a_tls_version_range_that_is_empty_is_one_clear_line() {
+    let out = Command::new(harness::legate_bin())
+        .args(["server", "--listen=127.0.0.1:0", "--target=127.0.0.1:1"])
+        .args(Pki::new().flags("server"))
+        .args([
+            "--allow-all",
+            "--min-tls-version=TLS1.3",
+            "--max-tls-version=TLS1.2",
+        ])
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no version is left"), "{err}");
+}

@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 use crate::mux::frame as protocol;
 pub use crate::net::{Address, HostPort};
-use crate::tls::{self, MinVersion, Rules};
+use crate::tls::{self, Rules, TlsVersions};
 
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -94,6 +94,7 @@ pub struct TunnelFile {
     pub verify_ip: Vec<String>,
     pub override_server_name: Option<String>,
     pub min_tls_version: Option<String>,
+    pub max_tls_version: Option<String>,
     pub connect_timeout: Option<String>,
     pub close_timeout: Option<String>,
     pub handshake_timeout: Option<String>,
@@ -140,7 +141,7 @@ pub struct TunnelConfig {
     /// Client side: the route it asks for ("" for the server's default target).
     pub route: String,
     pub tls: tls::Files,
-    pub min_tls: MinVersion,
+    pub tls_versions: TlsVersions,
     /// Server side: who may connect.
     pub allow: Rules,
     /// Client side: what the server's certificate must also carry.
@@ -377,13 +378,7 @@ impl TunnelFile {
         });
         let (listen, target, routes) = self.addresses(&mut p, base);
         let tls_files = self.tls_files(&mut p, base);
-        let min_tls = match &self.min_tls_version {
-            None => MinVersion::default(),
-            Some(v) => v.parse().unwrap_or_else(|e| {
-                p.push(format!("--min-tls-version: {e}"));
-                MinVersion::default()
-            }),
-        };
+        let tls_versions = self.tls_versions(&mut p);
         let (allow, verify) = self.rules(&mut p);
         let t = self.timeouts(&mut p);
         let route = match side {
@@ -405,7 +400,7 @@ impl TunnelFile {
             routes,
             route,
             tls: tls_files,
-            min_tls,
+            tls_versions,
             allow,
             verify,
             server_name,
@@ -520,6 +515,25 @@ impl TunnelFile {
             crl,
             allow_readable_key: self.allow_readable_key,
         }
+    }
+
+    /// `--min-tls-version` and `--max-tls-version`, as one range.
+    fn tls_versions(&self, p: &mut Vec<String>) -> TlsVersions {
+        let mut version = |what: &str, v: &Option<String>| {
+            v.as_deref().and_then(|v| match v.parse::<tls::Version>() {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    p.push(format!("{what}: {e}"));
+                    None
+                }
+            })
+        };
+        let min = version("--min-tls-version", &self.min_tls_version);
+        let max = version("--max-tls-version", &self.max_tls_version);
+        TlsVersions::new(min, max).unwrap_or_else(|e| {
+            p.push(e);
+            TlsVersions::default()
+        })
     }
 
     /// The `--allow-*` and `--verify-*` rules.

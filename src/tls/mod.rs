@@ -30,25 +30,52 @@ pub const LEGATE_ALPN: &[u8] = b"legate/1";
 pub type ServerStream = tokio_rustls::server::TlsStream<ReadAhead>;
 pub type ClientStream = tokio_rustls::client::TlsStream<ReadAhead>;
 
-/// The lowest TLS version a tunnel accepts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
-pub enum MinVersion {
-    #[serde(rename = "1.2")]
+/// The TLS versions a tunnel speaks: from `--min-tls-version` and `--max-tls-version`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TlsVersions {
+    /// 1.2 and 1.3.
     Tls12,
+    /// 1.3 only (the default).
     #[default]
-    #[serde(rename = "1.3")]
+    Tls13,
+    /// 1.2 only (`--max-tls-version=TLS1.2`).
+    Tls12Only,
+}
+
+/// One TLS version as a flag names it: `1.2`, `TLS1.2`, `tls1.3`, ...
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    Tls12,
     Tls13,
 }
 
-impl std::str::FromStr for MinVersion {
+impl std::str::FromStr for Version {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "1.2" => Ok(MinVersion::Tls12),
-            "1.3" => Ok(MinVersion::Tls13),
-            other => Err(format!(
-                "TLS version {other:?} is not supported; use 1.2 or 1.3"
+        let lower = s.trim().to_ascii_lowercase();
+        match lower.strip_prefix("tls").unwrap_or(&lower) {
+            "1.2" => Ok(Version::Tls12),
+            "1.3" => Ok(Version::Tls13),
+            _ => Err(format!(
+                "TLS version {s:?} is not supported; use TLS1.2 or TLS1.3"
             )),
+        }
+    }
+}
+
+impl TlsVersions {
+    /// The range between `min` (default 1.3) and `max` (default 1.3). A maximum of 1.2 with no
+    /// minimum given means 1.2, as a ghostunnel command line that sets only the maximum
+    /// expects; an empty range is an error.
+    pub fn new(min: Option<Version>, max: Option<Version>) -> Result<TlsVersions, String> {
+        match (min, max) {
+            (Some(Version::Tls13), Some(Version::Tls12)) => Err(
+                "--min-tls-version TLS1.3 is above --max-tls-version TLS1.2: no version is left"
+                    .into(),
+            ),
+            (_, Some(Version::Tls12)) => Ok(TlsVersions::Tls12Only),
+            (Some(Version::Tls12), _) => Ok(TlsVersions::Tls12),
+            _ => Ok(TlsVersions::Tls13),
         }
     }
 }
@@ -110,11 +137,22 @@ pub fn provider() -> Arc<CryptoProvider> {
 static TLS13_ONLY: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
 static TLS13_AND_12: &[&rustls::SupportedProtocolVersion] =
     &[&rustls::version::TLS13, &rustls::version::TLS12];
+static TLS12_ONLY: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS12];
 
-fn versions(min: MinVersion) -> &'static [&'static rustls::SupportedProtocolVersion] {
-    match min {
-        MinVersion::Tls13 => TLS13_ONLY,
-        MinVersion::Tls12 => TLS13_AND_12,
+fn versions(v: TlsVersions) -> &'static [&'static rustls::SupportedProtocolVersion] {
+    match v {
+        TlsVersions::Tls13 => TLS13_ONLY,
+        TlsVersions::Tls12 => TLS13_AND_12,
+        TlsVersions::Tls12Only => TLS12_ONLY,
+    }
+}
+
+/// The HTTPS status port takes 1.2 and 1.3 (monitoring tools lag behind), or 1.2 alone when
+/// the tunnel's maximum is 1.2.
+fn status_versions(v: TlsVersions) -> TlsVersions {
+    match v {
+        TlsVersions::Tls12Only => TlsVersions::Tls12Only,
+        _ => TlsVersions::Tls12,
     }
 }
 
@@ -389,9 +427,10 @@ fn status_config(
     files: &Files,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
+    tunnel: TlsVersions,
 ) -> Result<Arc<ServerConfig>, Error> {
     let config = ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(versions(MinVersion::Tls12))
+        .with_protocol_versions(versions(status_versions(tunnel)))
         .map_err(|e| Error::Config(e.to_string()))?
         .with_no_client_auth()
         .with_single_cert(chain, key)
@@ -400,7 +439,7 @@ fn status_config(
 }
 
 impl ServerSnapshot {
-    fn load(files: &Files, min: MinVersion) -> Result<ServerSnapshot, Error> {
+    fn load(files: &Files, min: TlsVersions) -> Result<ServerSnapshot, Error> {
         let m = Material::load(files)?;
         let (chain, key) = m
             .identity
@@ -425,7 +464,7 @@ impl ServerSnapshot {
             _ => builder.with_no_client_auth(),
         };
         let not_after = not_after(&chain);
-        let status = status_config(files, chain.clone(), key.clone_key())?;
+        let status = status_config(files, chain.clone(), key.clone_key(), min)?;
         // A new config per load means a new session cache: nobody resumes a session that the
         // new CA bundle, CRL or rules would not admit afresh.
         let raw = builder
@@ -448,7 +487,7 @@ impl ServerSnapshot {
 /// connections use the material of the last successful load.
 pub struct ServerTls {
     files: Files,
-    min: MinVersion,
+    min: TlsVersions,
     current: ArcSwap<ServerSnapshot>,
     /// Counts successful reloads; connections made before one must not start new streams.
     generation: tokio::sync::watch::Sender<u64>,
@@ -456,7 +495,7 @@ pub struct ServerTls {
 
 impl ServerTls {
     /// Without `files.cacert`, clients are asked for no certificate (`--disable-authentication`).
-    pub fn new(files: &Files, min: MinVersion) -> Result<ServerTls, Error> {
+    pub fn new(files: &Files, min: TlsVersions) -> Result<ServerTls, Error> {
         Ok(ServerTls {
             files: files.clone(),
             min,
@@ -515,7 +554,7 @@ struct ClientSnapshot {
 }
 
 impl ClientSnapshot {
-    fn load(files: &Files, min: MinVersion, offer_legate: bool) -> Result<ClientSnapshot, Error> {
+    fn load(files: &Files, min: TlsVersions, offer_legate: bool) -> Result<ClientSnapshot, Error> {
         let m = Material::load(files)?;
         let (roots, path) = m
             .roots
@@ -540,7 +579,7 @@ impl ClientSnapshot {
         let (mut config, status, not_after) = match m.identity {
             Some((chain, key)) => {
                 let not_after = not_after(&chain);
-                let status = status_config(files, chain.clone(), key.clone_key())?;
+                let status = status_config(files, chain.clone(), key.clone_key(), min)?;
                 let config = builder
                     .with_client_auth_cert(chain, key)
                     .map_err(|e| identity_error(files, e))?;
@@ -563,7 +602,7 @@ impl ClientSnapshot {
 /// Reloadable like [`ServerTls`].
 pub struct ClientTls {
     files: Files,
-    min: MinVersion,
+    min: TlsVersions,
     offer_legate: bool,
     server_name: ServerName<'static>,
     current: ArcSwap<ClientSnapshot>,
@@ -576,7 +615,7 @@ impl ClientTls {
     /// `--override-server-name`. `offer_legate` adds the `legate/1` ALPN offer.
     pub fn new(
         files: &Files,
-        min: MinVersion,
+        min: TlsVersions,
         server_name: &str,
         offer_legate: bool,
     ) -> Result<ClientTls, Error> {
@@ -688,5 +727,45 @@ pub fn describe_handshake_error(e: &std::io::Error) -> String {
     match hint {
         Some(hint) => format!("{hint} ({tls})"),
         None => tls.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_parse_as_ghostunnel_writes_them_and_make_a_range() {
+        for (text, want) in [
+            ("1.2", Version::Tls12),
+            ("TLS1.2", Version::Tls12),
+            ("tls1.3", Version::Tls13),
+            (" TLS1.3 ", Version::Tls13),
+        ] {
+            assert_eq!(text.parse::<Version>(), Ok(want), "{text}");
+        }
+        assert!("TLS1.1".parse::<Version>().is_err());
+        assert!("SSL3".parse::<Version>().is_err());
+        use Version::*;
+        assert_eq!(TlsVersions::new(None, None), Ok(TlsVersions::Tls13));
+        assert_eq!(TlsVersions::new(Some(Tls12), None), Ok(TlsVersions::Tls12));
+        assert_eq!(
+            TlsVersions::new(Some(Tls12), Some(Tls13)),
+            Ok(TlsVersions::Tls12)
+        );
+        assert_eq!(
+            TlsVersions::new(None, Some(Tls12)),
+            Ok(TlsVersions::Tls12Only)
+        );
+        assert_eq!(
+            TlsVersions::new(Some(Tls12), Some(Tls12)),
+            Ok(TlsVersions::Tls12Only)
+        );
+        assert!(TlsVersions::new(Some(Tls13), Some(Tls12)).is_err());
+        assert_eq!(status_versions(TlsVersions::Tls13), TlsVersions::Tls12);
+        assert_eq!(
+            status_versions(TlsVersions::Tls12Only),
+            TlsVersions::Tls12Only
+        );
     }
 }
