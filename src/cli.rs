@@ -74,6 +74,9 @@ pub struct CommonArgs {
     /// Where to forward: the service (server side) or the legate server (client side).
     #[arg(long, value_name = "ADDR")]
     pub target: Option<String>,
+    /// Do not resolve --target (or a route) at startup: it may not exist yet.
+    #[arg(long)]
+    pub skip_resolve: bool,
     /// This side's certificate chain (PEM).
     #[arg(
         long,
@@ -295,6 +298,7 @@ impl CommonArgs {
             crl: self.crl,
             disable_authentication: self.disable_authentication,
             allow_readable_key: self.allow_readable_key,
+            skip_resolve: self.skip_resolve,
             min_tls_version: self.min_tls_version,
             max_tls_version: self.max_tls_version,
             connect_timeout: self.connect_timeout,

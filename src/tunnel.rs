@@ -42,7 +42,9 @@ use crate::tls::{self, ClientTls, ServerStream, ServerTls};
 pub enum Error {
     #[error("{}", prefix_lines(tunnel, source))]
     Tls { tunnel: String, source: tls::Error },
-    #[error("tunnel {tunnel:?}: target {target} does not resolve ({source}); check the name")]
+    #[error(
+        "tunnel {tunnel:?}: target {target} does not resolve ({source}); check the name, or pass --skip-resolve if it will exist later"
+    )]
     Resolve {
         tunnel: String,
         target: String,
@@ -125,8 +127,15 @@ impl Prepared {
             source,
         })?;
         // A name that does not resolve now is a typo far more often than a service not yet
-        // up; say so at startup rather than at the first connection.
-        for target in cfg.target.iter().chain(cfg.routes.values()) {
+        // up; say so at startup rather than at the first connection (unless told it may not
+        // exist yet, with --skip-resolve).
+        let checked = if cfg.skip_resolve {
+            None
+        } else {
+            cfg.target.as_ref()
+        };
+        let routes = cfg.routes.values().filter(|_| !cfg.skip_resolve);
+        for target in checked.into_iter().chain(routes) {
             let Address::Tcp(hp) = target else { continue };
             if let Err(source) =
                 std::net::ToSocketAddrs::to_socket_addrs(&(hp.host.as_str(), hp.port))

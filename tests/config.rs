@@ -259,3 +259,21 @@ fn a_key_that_does_not_match_the_certificate_is_refused() {
     assert!(err.contains("do not fit together"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
 }
+
+#[test]
+fn skip_resolve_starts_with_a_target_that_does_not_resolve_yet() {
+    let pki = Pki::new();
+    let server = Legate::server(
+        &pki,
+        "no-such-host.invalid:6379",
+        &["--allow-all", "--unsafe-target", "--skip-resolve"],
+    );
+    // It serves; a connection finds the target missing and says so.
+    let client = Legate::client(&pki, "client", server.addr(), &[]);
+    let mut s = connect(client.addr());
+    s.write_all(b"hello").unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_all(&mut s), b"");
+    let line = server.log.wait_for(&["outcome=dial_failed"]);
+    assert!(line.contains("no-such-host.invalid"), "{line}");
+}

@@ -119,6 +119,9 @@ pub struct TunnelFile {
     /// Accept a private key or keystore readable by group or others.
     #[serde(default)]
     pub allow_readable_key: bool,
+    /// Do not resolve the target (or routes) at startup.
+    #[serde(default)]
+    pub skip_resolve: bool,
     #[serde(default)]
     pub unsafe_listen: bool,
     #[serde(default)]
@@ -160,6 +163,8 @@ pub struct TunnelConfig {
     pub disable_authentication: bool,
     /// Server side: a PROXY v2 header goes to the target first.
     pub proxy_protocol: bool,
+    /// `--skip-resolve`: the target may not resolve at startup.
+    pub skip_resolve: bool,
     /// Client side: multiplexed `legate/1` connections kept per server ambassador (0: none).
     pub pool_size: usize,
     /// Client side: the server is known to speak `legate/1` (`--peer-is-legate`, or a
@@ -412,6 +417,7 @@ impl TunnelFile {
             legate_protocol: !self.raw,
             disable_authentication: self.disable_authentication,
             proxy_protocol: self.proxy_protocol,
+            skip_resolve: self.skip_resolve,
             pool_size: self.pool_size.unwrap_or(DEFAULT_POOL_SIZE),
             peer_is_legate: !self.raw && (self.peer_is_legate || self.route.is_some()),
             idle_timeout: t.idle,
