@@ -5,7 +5,6 @@
 //! [`PeerPool`]: a stream on a multiplexed `legate/1` connection (OPEN and the consumer's first
 //! bytes sent at once, then READY or REFUSED awaited), or a TLS connection of its own.
 
-use std::fmt;
 use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -225,11 +224,5 @@ async fn answer(
                 stream.send_early(&buf[..n]);
             }
         }
-    }
-}
-
-impl fmt::Debug for Early {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Early({} bytes, done: {})", self.bytes.len(), self.done)
     }
 }

@@ -12,9 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use harness::{
-    Backend, DEADLINE, Killed, Legate, Pki, Redis, Reply, connect, eventually, http_get,
-};
+use harness::{Backend, DEADLINE, Killed, Legate, Pki, Redis, Reply, connect, eventually};
 
 /// Asserts that `f` stays true for `window`: for what must *not* happen, there is no event to
 /// wait for, only a bounded look.
@@ -137,29 +135,27 @@ fn a_raw_tls_server_sees_one_connection_per_consumer_and_none_besides() {
     assert_eq!(client.log.count(&["server did not take legate/1"]), 1);
 }
 
-/// The `legate_open_connections` gauge of a legate with a plain-HTTP status listener.
-fn open_connections(legate: &Legate) -> i64 {
-    let body = http_get(harness::status_addr(legate), "/_metrics", None).body;
-    body.lines()
-        .filter(|l| l.starts_with("legate_open_connections{"))
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<i64>().unwrap())
-        .sum()
+/// A legate server in front of an echo backend, with a plain-HTTP status listener to read its
+/// open-connections gauge from.
+fn echo_server_with_status(pki: &Pki) -> (Backend, Legate) {
+    let backend = Backend::echo(b"echo:");
+    let server = Legate::server(
+        pki,
+        &backend.target(),
+        &["--allow-cn=client", "--status=http://127.0.0.1:0"],
+    );
+    (backend, server)
 }
 
 #[test]
 fn against_a_legate_server_the_first_consumer_is_answered_and_its_connection_kept() {
     let pki = Pki::new();
-    let backend = Backend::echo(b"echo:");
-    let server = Legate::server(
-        &pki,
-        &backend.target(),
-        &["--allow-cn=client", "--status=http://127.0.0.1:0"],
-    );
+    let (_backend, server) = echo_server_with_status(&pki);
     let client = Legate::client(&pki, "client", server.addr(), &[]);
     stays(
         "no connection before a consumer",
         Duration::from_secs(1),
-        || open_connections(&server) == 0,
+        || harness::open_connections(&server) == 0,
     );
     // The first consumer's own connection becomes the multiplexed one, with it as the first
     // stream.
@@ -176,21 +172,16 @@ fn against_a_legate_server_the_first_consumer_is_answered_and_its_connection_kep
     });
     assert_eq!(harness::stream_peers(&server.log).len(), 1);
     // And it stays open for the next consumer.
-    assert_eq!(open_connections(&server), 1);
+    assert_eq!(harness::open_connections(&server), 1);
 }
 
 #[test]
 fn a_client_told_its_peer_is_legate_connects_before_the_first_consumer() {
     let pki = Pki::new();
-    let backend = Backend::echo(b"echo:");
-    let server = Legate::server(
-        &pki,
-        &backend.target(),
-        &["--allow-cn=client", "--status=http://127.0.0.1:0"],
-    );
+    let (_backend, server) = echo_server_with_status(&pki);
     let client = Legate::client(&pki, "client", server.addr(), &["--peer-is-legate"]);
     eventually("the kept connection", DEADLINE, || {
-        (open_connections(&server) == 1).then_some(())
+        (harness::open_connections(&server) == 1).then_some(())
     });
     client.log.wait_for(&["multiplexed connection ready"]);
     assert_eq!(harness::exchange(client.addr(), b"warm"), b"echo:warm");
@@ -198,7 +189,7 @@ fn a_client_told_its_peer_is_legate_connects_before_the_first_consumer() {
     // one connection and no other, and logged the stream on it.
     server.log.wait_for(&["connection closed", "outcome=ok"]);
     assert_eq!(harness::stream_peers(&server.log).len(), 1);
-    assert_eq!(open_connections(&server), 1);
+    assert_eq!(harness::open_connections(&server), 1);
 }
 
 #[test]

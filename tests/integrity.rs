@@ -8,9 +8,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::thread;
 
-use harness::{
-    Backend, DEADLINE, Legate, Pki, connect, eventually, exchange, http_get, status_addr,
-};
+use harness::{Backend, DEADLINE, Legate, Pki, connect, eventually, exchange};
 
 /// A deterministic byte stream: xorshift64, eight bytes per step. A lost, repeated or reordered
 /// byte changes the digest.
@@ -154,15 +152,6 @@ fn pair_with_status_and(pki: &Pki, backend: &Backend, client_flags: &[&str]) -> 
     (server, client)
 }
 
-/// The `legate_open_connections` gauge from a plain-HTTP status listener.
-fn open_gauge(legate: &Legate) -> i64 {
-    let body = http_get(status_addr(legate), "/_metrics", None).body;
-    body.lines()
-        .filter(|l| l.starts_with("legate_open_connections{"))
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<i64>().unwrap())
-        .sum()
-}
-
 #[test]
 fn six_hundred_short_connections_leave_nothing_behind() {
     let pki = Pki::new();
@@ -172,7 +161,7 @@ fn six_hundred_short_connections_leave_nothing_behind() {
     assert_eq!(exchange(client.addr(), b"x"), b"echo:x");
     let settled = |l: &Legate| {
         eventually("the open-connection gauge to read 0", DEADLINE, || {
-            (open_gauge(l) == 0).then_some(())
+            (harness::open_connections(l) == 0).then_some(())
         })
     };
     settled(&client);
@@ -226,7 +215,7 @@ fn consumers_reset(client_flags: &[&str], server_conns: i64) {
     let backend = Backend::echo(b"echo:");
     let (server, client) = pair_with_status_and(&pki, &backend, client_flags);
     eventually("the connections to be ready", DEADLINE, || {
-        (open_gauge(&server) == server_conns).then_some(())
+        (harness::open_connections(&server) == server_conns).then_some(())
     });
     let mut conns = Vec::new();
     for i in 0..40 {
@@ -238,7 +227,7 @@ fn consumers_reset(client_flags: &[&str], server_conns: i64) {
         conns.push(s);
     }
     eventually("40 open connections on the client side", DEADLINE, || {
-        (open_gauge(&client) == 40).then_some(())
+        (harness::open_connections(&client) == 40).then_some(())
     });
     for s in conns {
         harness::reset_on_close(&s);
@@ -247,13 +236,13 @@ fn consumers_reset(client_flags: &[&str], server_conns: i64) {
     eventually(
         "the client's gauge back to 0 after the resets",
         DEADLINE,
-        || (open_gauge(&client) == 0).then_some(()),
+        || (harness::open_connections(&client) == 0).then_some(()),
     );
     // A reset stream ends alone: the multiplexed connections carry on.
     eventually(
         "the server's gauge back to the ready connections",
         DEADLINE,
-        || (open_gauge(&server) == server_conns).then_some(()),
+        || (harness::open_connections(&server) == server_conns).then_some(()),
     );
     // The tunnel still works.
     assert_eq!(exchange(client.addr(), b"after"), b"echo:after");

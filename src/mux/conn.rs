@@ -172,7 +172,8 @@ pub struct Conn {
     idle_ms: AtomicU64,
     /// Client side: when the PING in flight was sent (ms since `born`), or `NO_PING`.
     ping_sent_ms: AtomicU64,
-    /// When the reader last got bytes from the peer (ms since `born`).
+    /// When the reader last got bytes from the peer while a PING was in flight (ms since
+    /// `born`).
     read_ms: AtomicU64,
     /// Signalled when the greeting arrives, the last stream ends, and when the connection
     /// drains or dies.
@@ -361,32 +362,26 @@ impl Conn {
     }
 
     /// Client side: asks the server to prove the connection live, unless a PING is already
-    /// in flight. Returns `None` when it sent one, else how long the connection has been
-    /// silent since the one in flight was sent: anything read counts as proof of life, since a
-    /// PONG can wait behind a window's worth of DATA on a slow link.
-    pub fn ping(&self) -> Option<Duration> {
+    /// in flight. Returns whether it sent one.
+    pub fn ping(&self) -> bool {
         let now = self.born.elapsed().as_millis() as u64;
-        match self
+        let sent = self
             .ping_sent_ms
             .compare_exchange(NO_PING, now, Ordering::AcqRel, Ordering::Acquire)
-        {
-            Ok(_) => {
-                self.send(Out::Frame(frame::encode(
-                    frame::PING,
-                    0,
-                    &now.to_be_bytes(),
-                )));
-                None
-            }
-            Err(sent) => {
-                let heard = self.read_ms.load(Ordering::Acquire).max(sent);
-                Some(Duration::from_millis(now.saturating_sub(heard)))
-            }
+            .is_ok();
+        if sent {
+            self.send(Out::Frame(frame::encode(
+                frame::PING,
+                0,
+                &now.to_be_bytes(),
+            )));
         }
+        sent
     }
 
     /// Client side: with a PING in flight, how long the connection has been silent since it
-    /// was sent (anything read counts); `None` with none in flight.
+    /// was sent: anything read counts, since a PONG can wait behind a window's worth of DATA
+    /// on a slow link. `None` with none in flight.
     pub fn silent_for(&self) -> Option<Duration> {
         let sent = self.ping_sent_ms.load(Ordering::Acquire);
         if sent == NO_PING {
@@ -608,7 +603,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
         match read {
             Ok(0) => return Ok(()),
             Ok(_) => {
-                if conn.role == Role::Client {
+                // Only a PING in flight asks when we last heard from the peer: no clock read
+                // per read otherwise.
+                if conn.ping_sent_ms.load(Ordering::Relaxed) != NO_PING {
                     conn.read_ms
                         .store(conn.born.elapsed().as_millis() as u64, Ordering::Release);
                 }

@@ -620,6 +620,15 @@ pub fn cert_der(path: &Path) -> Vec<u8> {
         .to_vec()
 }
 
+/// The `legate_open_connections` gauge of a legate with a plain-HTTP status listener.
+pub fn open_connections(legate: &Legate) -> i64 {
+    let body = http_get(status_addr(legate), "/_metrics", None).body;
+    body.lines()
+        .filter(|l| l.starts_with("legate_open_connections{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<i64>().unwrap())
+        .sum()
+}
+
 /// The address the status listener reported in the log.
 pub fn status_addr(legate: &Legate) -> SocketAddr {
     let line = legate.log.wait_for(&["status listening"]);
