@@ -16,14 +16,21 @@ use crate::net::{Listener, PeerAddr, Stream};
 pub struct Acceptor {
     listener: Listener,
     limit: Option<Arc<Semaphore>>,
+    /// Told of every accept() that failed on the listener (for `accept.error`).
+    on_error: Box<dyn Fn() + Send + Sync>,
 }
 
 impl Acceptor {
     /// `max` of 0 means no limit.
-    pub fn new(listener: Listener, max: usize) -> Acceptor {
+    pub fn new(
+        listener: Listener,
+        max: usize,
+        on_error: impl Fn() + Send + Sync + 'static,
+    ) -> Acceptor {
         Acceptor {
             listener,
             limit: (max > 0).then(|| Arc::new(Semaphore::new(max))),
+            on_error: Box::new(on_error),
         }
     }
 
@@ -45,6 +52,7 @@ impl Acceptor {
                 Ok((stream, peer)) => return (stream, peer, permit),
                 Err(e) if is_per_connection(&e) => continue,
                 Err(e) => {
+                    (self.on_error)();
                     tracing::warn!(error = %e, pause_ms = pause.as_millis() as u64, "accept failed; pausing");
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(1));

@@ -48,10 +48,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Carrier<S> {
         plain: P,
         close_timeout: Duration,
         sent_end: bool,
+        lifetime: Option<Duration>,
     ) -> Totals {
+        let deadline = lifetime.map(|d| tokio::time::Instant::now() + d);
         match self {
-            Carrier::Raw(tls) => relay::relay(plain, &mut **tls, close_timeout).await,
-            Carrier::Stream(s) => s.relay(plain, close_timeout, sent_end).await,
+            Carrier::Raw(tls) => relay::relay(plain, &mut **tls, close_timeout, deadline).await,
+            Carrier::Stream(s) => s.relay(plain, close_timeout, sent_end, deadline).await,
         }
     }
 }

@@ -103,6 +103,9 @@ impl Validity {
 pub enum Usage {
     Server,
     Client,
+    /// A client ambassador's: client authentication, and server authentication for its own
+    /// HTTPS status port (`curl --cacert ca.crt https://localhost:PORT/_status`).
+    ClientAndStatus,
 }
 
 /// The subject of a leaf certificate.
@@ -207,10 +210,14 @@ impl Ca {
         if spec.key_type == KeyType::Rsa2048 {
             params.key_usages.push(KeyUsagePurpose::KeyEncipherment);
         }
-        params.extended_key_usages = vec![match spec.usage {
-            Usage::Server => ExtendedKeyUsagePurpose::ServerAuth,
-            Usage::Client => ExtendedKeyUsagePurpose::ClientAuth,
-        }];
+        params.extended_key_usages = match spec.usage {
+            Usage::Server => vec![ExtendedKeyUsagePurpose::ServerAuth],
+            Usage::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
+            Usage::ClientAndStatus => vec![
+                ExtendedKeyUsagePurpose::ClientAuth,
+                ExtendedKeyUsagePurpose::ServerAuth,
+            ],
+        };
         params.not_before = spec.validity.not_before;
         params.not_after = spec.validity.not_after;
         let serial = random_serial()?;
@@ -454,7 +461,9 @@ pub fn generate(request: &GenRequest) -> Result<GenReport, Error> {
         report.server = Some(server_files);
     }
     for (name, crt, key) in client_files {
-        let mut spec = LeafSpec::new(&name, Usage::Client);
+        // Also valid for serving the client side's HTTPS status port on this host.
+        let mut spec = LeafSpec::new(&name, Usage::ClientAndStatus);
+        spec.names = vec!["localhost".into(), "127.0.0.1".into()];
         spec.uris.extend(spiffe(&name));
         spec.key_type = request.key_type;
         spec.validity = Validity::days(request.days);

@@ -125,16 +125,29 @@ pub struct CommonArgs {
     /// noticed after about twice this); 0 turns it off. Default 30s.
     #[arg(long, value_name = "DURATION")]
     pub keepalive: Option<String>,
+    /// Close a connection this long after it was established, whatever it is doing (counted
+    /// as a timeout). 0 (default) is no limit.
+    #[arg(long, value_name = "DURATION")]
+    pub max_conn_lifetime: Option<String>,
     /// Most connections open at once; further ones wait. 0 (default) is unlimited.
     #[arg(long, value_name = "N")]
     pub max_concurrent_conns: Option<usize>,
     /// On SIGTERM/SIGINT, time open connections get to finish. Default 5m.
     #[arg(long, value_name = "DURATION")]
     pub shutdown_timeout: Option<String>,
-    /// Serve /_status and /_metrics on ADDR: HTTPS with this side's live certificate, or plain
-    /// HTTP when written http://ADDR.
+    /// Serve /_status and /_metrics on [http(s)://]HOST:PORT or unix:PATH: HTTPS with this
+    /// side's live certificate when it has one, plain HTTP when it has none, on a unix: socket,
+    /// or when written http://HOST:PORT.
     #[arg(long, value_name = "ADDR")]
     pub status: Option<String>,
+    /// What the ghostunnel-shaped metric names in /_metrics start with. Default "ghostunnel",
+    /// so dashboards built on ghostunnel keep working.
+    #[arg(long, value_name = "PREFIX")]
+    pub metrics_prefix: Option<String>,
+    /// Serve /debug/pprof/goroutine on the status listener: the live task count, in the shape
+    /// of ghostunnel's goroutine count (leak checks written against it keep working).
+    #[arg(long)]
+    pub enable_pprof: bool,
     /// Reload certificate, key, CA bundle and CRL this often (as SIGHUP does).
     #[arg(long, value_name = "DURATION")]
     pub timed_reload: Option<String>,
@@ -181,6 +194,10 @@ pub struct ServerArgs {
     /// ready and reuse them). Default 60s.
     #[arg(long, value_name = "DURATION")]
     pub idle_timeout: Option<String>,
+    /// /_status checks the service with an HTTP GET of this http:// or https:// URL, sent over
+    /// a connection to --target; only a 200 is healthy. Without it, a TCP connect is the check.
+    #[arg(long, value_name = "URL")]
+    pub target_status: Option<String>,
     /// Send a PROXY protocol v2 header to the target: the consumer's address (over legate/1)
     /// or the client side's, and the client's identity as TLVs.
     #[arg(long)]
@@ -282,6 +299,8 @@ impl CommonArgs {
             status: self.status.clone(),
             timed_reload: self.timed_reload.clone(),
             threads: None,
+            metrics_prefix: self.metrics_prefix.clone(),
+            enable_pprof: self.enable_pprof,
         }
     }
 
@@ -305,6 +324,7 @@ impl CommonArgs {
             close_timeout: self.close_timeout,
             handshake_timeout: self.handshake_timeout,
             keepalive: self.keepalive,
+            max_conn_lifetime: self.max_conn_lifetime,
             max_concurrent_conns: self.max_concurrent_conns,
             ..TunnelFile::default()
         }
@@ -326,6 +346,7 @@ impl ServerArgs {
         f.unsafe_target = self.unsafe_target;
         f.proxy_protocol = self.proxy_protocol;
         f.idle_timeout = self.idle_timeout;
+        f.target_status = self.target_status;
         (f, process)
     }
 }

@@ -156,8 +156,14 @@ impl Daemon {
             .collect();
         let prepared = prepare(incoming).map_err(|e| joined(&e).replace('\n', "; "))?;
         self.reload_tls(Some(&diff.unchanged))?;
-        if new.status != self.config.status || new.timed_reload != self.config.timed_reload {
-            tracing::warn!("status and timed_reload changes take effect at the next start");
+        if new.status != self.config.status
+            || new.timed_reload != self.config.timed_reload
+            || new.metrics_prefix != self.config.metrics_prefix
+            || new.enable_pprof != self.config.enable_pprof
+        {
+            tracing::warn!(
+                "status, timed_reload, metrics_prefix and enable_pprof changes take effect at the next start"
+            );
         }
         self.config.shutdown_timeout = new.shutdown_timeout;
         for name in diff.removed.iter().chain(&diff.changed) {
@@ -253,7 +259,11 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<u8> {
 
     let prepared =
         prepare(config.tunnels.clone()).map_err(|errors| anyhow::anyhow!(joined(&errors)))?;
-    let state = Arc::new(State::new(Arc::new(Metrics::default())));
+    let state = Arc::new(State::new(
+        Arc::new(Metrics::default()),
+        config.metrics_prefix.clone(),
+        config.enable_pprof,
+    ));
     let mut daemon = Daemon {
         config,
         path,
@@ -268,20 +278,24 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<u8> {
 
     let status_stop = CancellationToken::new();
     if let Some(addr) = daemon.config.status.clone() {
-        if addr.https && !state.has_https_config() {
+        let can_serve = state.has_https_config();
+        if addr.https == Some(true) && !can_serve {
             anyhow::bail!(
-                "--status {}: HTTPS needs a certificate and no tunnel has one; use http://",
+                "--status https://{}: HTTPS needs a certificate and no tunnel has one; write the address without https:// (plain HTTP)",
                 addr.addr
             );
         }
+        let https = addr
+            .https
+            .unwrap_or(can_serve && !matches!(addr.addr, crate::net::Address::Unix(_)));
         let listener = Listener::bind(&addr.addr)
             .await
             .with_context(|| format!("cannot listen for status on {}", addr.addr))?;
-        let scheme = if addr.https { "https" } else { "http" };
+        let scheme = if https { "https" } else { "http" };
         tracing::info!(status = %format!("{scheme}://{}", listener.local_addr()?), "status listening");
         tokio::spawn(status::serve(
             listener,
-            addr.https,
+            https,
             state.clone(),
             status_stop.clone(),
         ));

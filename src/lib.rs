@@ -28,6 +28,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dial;
+pub mod health;
 pub mod inbound;
 pub mod log;
 pub mod metrics;

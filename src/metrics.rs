@@ -63,8 +63,158 @@ impl Histogram {
     }
 }
 
+/// How many recent observations a [`Timer`] keeps for its statistics, as go-metrics' default
+/// sample does.
+const TIMER_SAMPLE: usize = 1028;
+
+/// A ghostunnel-style timer: a count of every observation, and min, max, mean and percentiles
+/// over the most recent [`TIMER_SAMPLE`] of them, in nanoseconds.
+#[derive(Default)]
+pub struct Timer {
+    count: AtomicU64,
+    /// A ring of recent observations (ns) and where the next one goes.
+    recent: Mutex<(Vec<u64>, usize)>,
+}
+
+impl Timer {
+    pub fn observe(&self, d: Duration) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let mut r = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        let (ring, next) = &mut *r;
+        if ring.len() < TIMER_SAMPLE {
+            ring.push(ns);
+        } else {
+            ring[*next] = ns;
+        }
+        *next = (*next + 1) % TIMER_SAMPLE;
+    }
+
+    /// `(suffix, value)` pairs as go-metrics expands a timer: `count min max mean` and the
+    /// 50th, 75th, 95th and 99th percentiles (interpolated as go-metrics does), all 0 when
+    /// nothing was observed.
+    pub fn expand(&self) -> Vec<(&'static str, f64)> {
+        let count = self.count.load(Ordering::Relaxed) as f64;
+        let mut v = self
+            .recent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .clone();
+        v.sort_unstable();
+        let (min, max) = (v.first().copied(), v.last().copied());
+        let mean = if v.is_empty() {
+            0.0
+        } else {
+            v.iter().map(|x| *x as f64).sum::<f64>() / v.len() as f64
+        };
+        let pct = |p: f64| -> f64 {
+            if v.is_empty() {
+                return 0.0;
+            }
+            // go-metrics: position p*(n+1), clamped, linear between neighbours.
+            let pos = p * (v.len() as f64 + 1.0);
+            if pos < 1.0 {
+                v[0] as f64
+            } else if pos >= v.len() as f64 {
+                v[v.len() - 1] as f64
+            } else {
+                let lower = v[pos as usize - 1] as f64;
+                let upper = v[pos as usize] as f64;
+                lower + (pos - pos.floor()) * (upper - lower)
+            }
+        };
+        vec![
+            ("count", count),
+            ("min", min.unwrap_or(0) as f64),
+            ("max", max.unwrap_or(0) as f64),
+            ("mean", mean),
+            ("50-percentile", pct(0.5)),
+            ("75-percentile", pct(0.75)),
+            ("95-percentile", pct(0.95)),
+            ("99-percentile", pct(0.99)),
+        ]
+    }
+}
+
+/// The series ghostunnel reports, process-wide, with its meanings: `accept.total` and
+/// `conn.open` rise when a TCP connection is accepted, `conn.open` falls when its handling
+/// ends; `accept.success` counts connections whose handshake and onward connection worked,
+/// `accept.error` failed accept() calls, handshakes and onward connections, `accept.timeout`
+/// incoming handshakes that timed out (also errors); `conn.timeout` connections closed at
+/// `--max-conn-lifetime`.
+#[derive(Default)]
+pub struct Ghostunnel {
+    pub accept_total: AtomicU64,
+    pub accept_success: AtomicU64,
+    pub accept_error: AtomicU64,
+    pub accept_timeout: AtomicU64,
+    pub conn_open: AtomicI64,
+    pub conn_timeout: AtomicU64,
+    pub handshake: Timer,
+    pub lifetime: Timer,
+}
+
+impl Ghostunnel {
+    /// ghostunnel's `/_metrics/json` list: one object per value, every series always present.
+    pub fn json(&self, prefix: &str, hostname: &str, now: i64) -> serde_json::Value {
+        let mut values: Vec<(String, f64)> = vec![
+            ("accept.total".into(), load(&self.accept_total)),
+            ("accept.success".into(), load(&self.accept_success)),
+            ("accept.error".into(), load(&self.accept_error)),
+            ("accept.timeout".into(), load(&self.accept_timeout)),
+            (
+                "conn.open".into(),
+                self.conn_open.load(Ordering::Relaxed) as f64,
+            ),
+            ("conn.timeout".into(), load(&self.conn_timeout)),
+        ];
+        for (name, timer) in [
+            ("conn.handshake", &self.handshake),
+            ("conn.lifetime", &self.lifetime),
+        ] {
+            values.extend(
+                timer
+                    .expand()
+                    .into_iter()
+                    .map(|(suffix, v)| (format!("{name}.{suffix}"), v)),
+            );
+        }
+        let named = |name: &str| {
+            if prefix.is_empty() {
+                name.to_string()
+            } else {
+                format!("{prefix}.{name}")
+            }
+        };
+        values
+            .into_iter()
+            .map(|(name, value)| {
+                // Whole numbers print as integers, as ghostunnel's counters do.
+                let value = if value.fract() == 0.0 && value.abs() < 9e15 {
+                    serde_json::Value::from(value as i64)
+                } else {
+                    serde_json::Value::from(value)
+                };
+                serde_json::json!({
+                    "timestamp": now,
+                    "metric": named(&name),
+                    "value": value,
+                    "hostname": hostname,
+                })
+            })
+            .collect()
+    }
+}
+
+fn load(c: &AtomicU64) -> f64 {
+    c.load(Ordering::Relaxed) as f64
+}
+
 /// The metrics of one tunnel.
 pub struct TunnelMetrics {
+    /// The process-wide ghostunnel series this tunnel also counts into.
+    pub ghostunnel: Arc<Ghostunnel>,
     outcomes: Vec<AtomicU64>,
     open: AtomicI64,
     bytes_up: AtomicU64,
@@ -74,8 +224,9 @@ pub struct TunnelMetrics {
 }
 
 impl TunnelMetrics {
-    fn new() -> TunnelMetrics {
+    fn new(ghostunnel: Arc<Ghostunnel>) -> TunnelMetrics {
         TunnelMetrics {
+            ghostunnel,
             outcomes: Outcome::ALL.iter().map(|_| AtomicU64::new(0)).collect(),
             open: AtomicI64::new(0),
             bytes_up: AtomicU64::new(0),
@@ -85,14 +236,46 @@ impl TunnelMetrics {
         }
     }
 
-    /// Counts an open connection until the guard drops.
+    /// Counts an accepted connection as open until the guard drops, and then its lifetime.
     pub fn open(self: &Arc<Self>) -> OpenGuard {
         self.open.fetch_add(1, Ordering::Relaxed);
-        OpenGuard(self.clone())
+        self.ghostunnel.accept_total.fetch_add(1, Ordering::Relaxed);
+        self.ghostunnel.conn_open.fetch_add(1, Ordering::Relaxed);
+        OpenGuard(self.clone(), std::time::Instant::now())
+    }
+
+    /// A TLS handshake (incoming on the server side, outgoing on the client side) took `d`.
+    pub fn handshake_done(&self, d: Duration) {
+        self.handshake.observe(d);
+        self.ghostunnel.handshake.observe(d);
+    }
+
+    /// An accepted connection was set up (handshake and onward connection) or failed to be;
+    /// `timed_out`: its incoming handshake timed out.
+    /// A timed-out handshake counts as an error too, as in ghostunnel.
+    pub fn accepted(&self, result: Result<(), bool>) {
+        let g = &self.ghostunnel;
+        match result {
+            Ok(()) => g.accept_success.fetch_add(1, Ordering::Relaxed),
+            Err(timed_out) => {
+                if timed_out {
+                    g.accept_timeout.fetch_add(1, Ordering::Relaxed);
+                }
+                g.accept_error.fetch_add(1, Ordering::Relaxed)
+            }
+        };
+    }
+
+    /// accept() itself failed (e.g. out of file descriptors).
+    pub fn accept_failed(&self) {
+        self.ghostunnel.accept_error.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Records the end of a connection.
     pub fn finished(&self, outcome: Outcome, up: u64, down: u64, elapsed: Duration) {
+        if outcome == Outcome::Expired {
+            self.ghostunnel.conn_timeout.fetch_add(1, Ordering::Relaxed);
+        }
         self.outcomes[outcome.index()].fetch_add(1, Ordering::Relaxed);
         self.bytes_up.fetch_add(up, Ordering::Relaxed);
         self.bytes_down.fetch_add(down, Ordering::Relaxed);
@@ -104,12 +287,16 @@ impl TunnelMetrics {
     }
 }
 
-/// Decrements the open-connection gauge when dropped, however the connection ends.
-pub struct OpenGuard(Arc<TunnelMetrics>);
+/// Decrements the open-connection gauges and times the connection's life when dropped,
+/// however the connection ends.
+pub struct OpenGuard(Arc<TunnelMetrics>, std::time::Instant);
 
 impl Drop for OpenGuard {
     fn drop(&mut self) {
         self.0.open.fetch_sub(1, Ordering::Relaxed);
+        let g = &self.0.ghostunnel;
+        g.conn_open.fetch_sub(1, Ordering::Relaxed);
+        g.lifetime.observe(self.1.elapsed());
     }
 }
 
@@ -119,6 +306,7 @@ pub type Key = (String, &'static str);
 /// All tunnels' metrics, plus process-wide counters.
 #[derive(Default)]
 pub struct Metrics {
+    pub ghostunnel: Arc<Ghostunnel>,
     tunnels: Mutex<BTreeMap<Key, Arc<TunnelMetrics>>>,
     reloads_ok: AtomicU64,
     reloads_failed: AtomicU64,
@@ -132,7 +320,7 @@ impl Metrics {
     pub fn tunnel(&self, name: &str, side: &'static str) -> Arc<TunnelMetrics> {
         let mut map = self.tunnels.lock().unwrap_or_else(|e| e.into_inner());
         map.entry((name.to_string(), side))
-            .or_insert_with(|| Arc::new(TunnelMetrics::new()))
+            .or_insert_with(|| Arc::new(TunnelMetrics::new(self.ghostunnel.clone())))
             .clone()
     }
 

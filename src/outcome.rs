@@ -18,11 +18,13 @@ pub enum Outcome {
     /// The relay ended on an I/O error that is not how peers close: a keepalive or
     /// retransmission timeout (the link died), or TLS records that do not decrypt.
     Aborted,
+    /// Closed at `--max-conn-lifetime` (ghostunnel's `conn.timeout`).
+    Expired,
 }
 
 impl Outcome {
     /// Every outcome, in metric order.
-    pub const ALL: [Outcome; 9] = [
+    pub const ALL: [Outcome; 10] = [
         Outcome::Ok,
         Outcome::Idle,
         Outcome::HandshakeFailed,
@@ -32,6 +34,7 @@ impl Outcome {
         Outcome::DialFailed,
         Outcome::Refused,
         Outcome::Aborted,
+        Outcome::Expired,
     ];
 
     pub fn index(self) -> usize {
@@ -52,6 +55,7 @@ impl Outcome {
             Outcome::DialFailed => "dial_failed",
             Outcome::Refused => "refused",
             Outcome::Aborted => "aborted",
+            Outcome::Expired => "expired",
         }
     }
 }

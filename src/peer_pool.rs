@@ -386,7 +386,7 @@ impl PeerPool {
 }
 
 /// Connects to the server ambassador and completes the handshake, both within the connect
-/// timeout; then checks the server against the `--verify-*` pins.
+/// timeout (the handshake checks the server against the `--verify-*` pins).
 pub async fn dial_peer(
     cfg: &TunnelConfig,
     client: &ClientTls,
@@ -404,13 +404,20 @@ pub async fn dial_peer(
     let tls = match tokio::time::timeout_at(deadline.into(), client.connect(tcp)).await {
         Ok(Ok(tls)) => {
             if let Some(m) = metrics {
-                m.handshake.observe(handshake.elapsed());
+                m.handshake_done(handshake.elapsed());
             }
             tls
         }
         Ok(Err(e)) => {
+            // A server the --verify-* pins refuse is an authorization failure, as on the
+            // server side, though the handshake is what stopped it.
+            let outcome = if tls::refused_by_pins(&e) {
+                Outcome::Unauthorized
+            } else {
+                Outcome::HandshakeFailed
+            };
             return Err(fail(
-                Outcome::HandshakeFailed,
+                outcome,
                 format!(
                     "TLS handshake with {target} failed: {}",
                     tls::describe_handshake_error(&e)
@@ -427,12 +434,7 @@ pub async fn dial_peer(
             ));
         }
     };
+    // The --verify-* pins were checked inside the handshake (tls::PinnedVerifier).
     let id = tls::peer_identity(tls.get_ref().1).map_err(|e| fail(Outcome::Unauthorized, e))?;
-    if !cfg.verify.is_empty() && !cfg.verify.admits(&id) {
-        return Err(fail(
-            Outcome::Unauthorized,
-            format!("server identity {id} does not match the --verify-* pins"),
-        ));
-    }
     Ok((tls, id))
 }

@@ -10,6 +10,8 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 /// Bytes per read from the plain side: one full TLS record (16 KiB of plaintext), sealed and
@@ -129,6 +131,8 @@ pub struct Totals {
     /// An I/O error that ended a direction and is not how peers close (a keepalive or
     /// retransmission timeout, a TLS record that does not decrypt): the link failed.
     pub failed: Option<String>,
+    /// The relay was cut at its deadline (`--max-conn-lifetime`).
+    pub expired: bool,
 }
 
 /// Whether an error that ended a direction means the link failed, rather than that the peer
@@ -143,8 +147,25 @@ pub(crate) fn note_failure(e: &io::Error, failed: &std::sync::OnceLock<String>) 
     }
 }
 
-/// Relays until both directions end or the close timeout passes after the first one.
-pub async fn relay<A, B>(inbound: A, outbound: B, close_timeout: Duration) -> Totals
+/// Runs `work` until `deadline`, if there is one; `None` if the deadline came first.
+pub(crate) async fn until<T>(
+    deadline: Option<Instant>,
+    work: impl Future<Output = T>,
+) -> Option<T> {
+    match deadline {
+        Some(d) => tokio::time::timeout_at(d, work).await.ok(),
+        None => Some(work.await),
+    }
+}
+
+/// Relays until both directions end or the close timeout passes after the first one, or until
+/// `deadline`.
+pub async fn relay<A, B>(
+    inbound: A,
+    outbound: B,
+    close_timeout: Duration,
+    deadline: Option<Instant>,
+) -> Totals
 where
     A: AsyncRead + AsyncWrite,
     B: AsyncRead + AsyncWrite,
@@ -157,23 +178,27 @@ where
     let mut upward = std::pin::pin!(copy(&mut in_r, &mut out_w, &up, &failed));
     let mut downward = std::pin::pin!(copy(&mut out_r, &mut in_w, &down, &failed));
 
-    let up_first = tokio::select! {
-        _ = &mut upward => true,
-        _ = &mut downward => false,
+    let both = async {
+        let up_first = tokio::select! {
+            _ = &mut upward => true,
+            _ = &mut downward => false,
+        };
+        let rest = async {
+            if up_first {
+                downward.await
+            } else {
+                upward.await
+            }
+        };
+        tokio::time::timeout(close_timeout, rest).await.is_err()
     };
-    let rest = async {
-        if up_first {
-            downward.await
-        } else {
-            upward.await
-        }
-    };
-    let cut = tokio::time::timeout(close_timeout, rest).await.is_err();
+    let cut = until(deadline, both).await;
     Totals {
         up: up.load(Ordering::Relaxed),
         down: down.load(Ordering::Relaxed),
-        cut,
+        cut: cut.unwrap_or(false),
         failed: failed.get().cloned(),
+        expired: cut.is_none(),
     }
 }
 
@@ -262,7 +287,7 @@ mod tests {
         // consumer <-> (a_far, a_near) relay (b_near, b_far) <-> backend
         let (mut consumer, a_near) = duplex(64);
         let (b_near, mut backend) = duplex(64);
-        let relay = tokio::spawn(relay(a_near, b_near, Duration::from_secs(5)));
+        let relay = tokio::spawn(relay(a_near, b_near, Duration::from_secs(5), None));
 
         consumer.write_all(b"question").await.unwrap();
         consumer.shutdown().await.unwrap();
@@ -323,7 +348,7 @@ mod tests {
             (io::ErrorKind::UnexpectedEof, false),
         ] {
             let (_consumer, near) = duplex(64);
-            let totals = relay(near, Failing(kind), Duration::from_millis(50)).await;
+            let totals = relay(near, Failing(kind), Duration::from_millis(50), None).await;
             assert_eq!(totals.failed.is_some(), failed, "{kind:?} (raw)");
         }
     }
@@ -332,7 +357,7 @@ mod tests {
     async fn close_timeout_cuts_the_open_direction() {
         let (mut consumer, a_near) = duplex(64);
         let (b_near, _backend) = duplex(64);
-        let relay = tokio::spawn(relay(a_near, b_near, Duration::from_millis(50)));
+        let relay = tokio::spawn(relay(a_near, b_near, Duration::from_millis(50), None));
         consumer.shutdown().await.unwrap();
         let totals = relay.await.unwrap();
         assert!(totals.cut);

@@ -59,11 +59,17 @@ struct Inner {
 pub struct State {
     inner: RwLock<Inner>,
     pub metrics: Arc<Metrics>,
+    /// `--metrics-prefix`.
+    metrics_prefix: String,
+    /// `--enable-pprof`.
+    pprof: bool,
 }
 
 impl State {
-    pub fn new(metrics: Arc<Metrics>) -> State {
+    pub fn new(metrics: Arc<Metrics>, metrics_prefix: String, pprof: bool) -> State {
         State {
+            metrics_prefix,
+            pprof,
             inner: RwLock::new(Inner {
                 phase: Phase::Listening,
                 last_reload: None,
@@ -147,9 +153,15 @@ impl State {
             }
         }
         let mut views = Vec::new();
-        let mut all_ok = true;
+        let mut errors = Vec::new();
         for (t, result) in tunnels.iter().zip(results) {
-            all_ok &= result.is_ok();
+            if let Err(e) = &result {
+                errors.push(if tunnels.len() > 1 {
+                    format!("{}: {e}", t.cfg.name)
+                } else {
+                    e.clone()
+                });
+            }
             views.push(serde_json::json!({
                 "tunnel": t.cfg.name,
                 "side": t.cfg.side.as_str(),
@@ -159,23 +171,53 @@ impl State {
                 "backend_error": result.err(),
             }));
         }
-        let ok = all_ok && phase == Phase::Listening;
+        let backend_ok = errors.is_empty();
+        // As ghostunnel's: a reload does not make the process unhealthy; stopping does.
+        let ok = backend_ok && phase != Phase::Stopping;
+        let word = |good: bool| if good { "ok" } else { "critical" };
         let mut doc = serde_json::json!({
             "ok": ok,
+            "status": word(ok),
+            "backend_ok": backend_ok,
+            "backend_status": word(backend_ok),
+            "time": humantime::format_rfc3339_nanos(SystemTime::now()).to_string(),
+            // ghostunnel's zero time before the first reload.
+            "last_reload": last_reload.map_or_else(
+                || "0001-01-01T00:00:00Z".to_string(),
+                |t| humantime::format_rfc3339_nanos(t).to_string(),
+            ),
+            "hostname": hostname(),
             "message": phase.as_str(),
-            "last_reload": last_reload.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
-            "last_reload_error": last_error,
-            "backend_ok": all_ok,
+            "revision": env!("CARGO_PKG_VERSION"),
+            "compiler": env!("LEGATE_RUSTC_VERSION"),
             "version": env!("CARGO_PKG_VERSION"),
+            "last_reload_error": last_error,
             "tunnels": views,
         });
-        // With one tunnel, its addresses sit at the top as in ghostunnel's status.
-        if let [only] = tunnels.as_slice() {
-            doc["listen_address"] = only.listen.clone().into();
-            doc["forward_address"] = forward(&only.cfg).into();
+        if !backend_ok {
+            doc["backend_error"] = errors.join("; ").into();
         }
+        // ghostunnel's addresses: the one tunnel's, or every tunnel's joined.
+        doc["listen_address"] = join(&tunnels, |t| t.listen.clone()).into();
+        doc["forward_address"] = join(&tunnels, |t| forward(&t.cfg)).into();
         (ok, doc)
     }
+}
+
+fn join(tunnels: &[TunnelView], f: impl Fn(&TunnelView) -> String) -> String {
+    tunnels.iter().map(f).collect::<Vec<_>>().join(",")
+}
+
+/// This host's name, as ghostunnel's `/_status` and metrics give it.
+pub fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname writes at most that much.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return String::new();
+    }
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
 fn forward(cfg: &TunnelConfig) -> String {
@@ -222,31 +264,7 @@ async fn respond<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, state: &State) {
         return;
     };
     let (code, kind, body) = match target {
-        Request::Get(path, query) => match path.as_str() {
-            "/_status" => {
-                let (ok, doc) = state.status().await;
-                (
-                    if ok { 200 } else { 503 },
-                    "application/json",
-                    doc.to_string() + "\n",
-                )
-            }
-            "/_metrics" if query.split('&').any(|q| q == "format=json") => (
-                200,
-                "application/json",
-                state.metrics.json(&state.expiries()).to_string() + "\n",
-            ),
-            "/_metrics" => (
-                200,
-                "text/plain; version=0.0.4",
-                state.metrics.prometheus(&state.expiries()),
-            ),
-            _ => (
-                404,
-                "text/plain",
-                "not found: try /_status or /_metrics\n".into(),
-            ),
-        },
+        Request::Get(path, query) => route(state, &path, &query).await,
         Request::Other => (405, "text/plain", "only GET is supported\n".into()),
     };
     let reason = match code {
@@ -262,6 +280,63 @@ async fn respond<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, state: &State) {
     let _ = s.write_all(head.as_bytes()).await;
     let _ = s.write_all(body.as_bytes()).await;
     let _ = s.shutdown().await;
+}
+
+const JSON: &str = "application/json";
+const PROMETHEUS: &str = "text/plain; version=0.0.4";
+
+/// The answer to `GET path?query`: code, content type, body.
+async fn route(state: &State, path: &str, query: &str) -> (u16, &'static str, String) {
+    let format = query
+        .split('&')
+        .find_map(|q| q.strip_prefix("format="))
+        .unwrap_or("");
+    match (path.trim_end_matches('/'), format) {
+        ("/_status", _) => {
+            let (ok, doc) = state.status().await;
+            (if ok { 200 } else { 503 }, JSON, doc.to_string() + "\n")
+        }
+        ("/_metrics" | "/_metrics/prometheus", "prometheus") | ("/_metrics/prometheus", _) => {
+            (200, PROMETHEUS, state.metrics.prometheus(&state.expiries()))
+        }
+        ("/_metrics/legate", _) => (
+            200,
+            JSON,
+            state.metrics.json(&state.expiries()).to_string() + "\n",
+        ),
+        ("/_metrics" | "/_metrics/json", _) => {
+            let now = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            let list = state
+                .metrics
+                .ghostunnel
+                .json(&state.metrics_prefix, &hostname(), now);
+            (200, JSON, list.to_string() + "\n")
+        }
+        ("/debug/pprof/goroutine", _) if state.pprof => (200, "text/plain", tasks_profile()),
+        ("/debug/pprof", _) if state.pprof => (
+            200,
+            "text/plain",
+            "profiles: goroutine (/debug/pprof/goroutine?debug=1): the live task count\n".into(),
+        ),
+        _ => (
+            404,
+            "text/plain",
+            "not found: try /_status, /_metrics, /_metrics/prometheus or /_metrics/legate\n".into(),
+        ),
+    }
+}
+
+/// What `--enable-pprof` serves for ghostunnel's goroutine profile: the runtime's live tasks,
+/// first line as Go writes it, so leak checks that read the total keep working.
+fn tasks_profile() -> String {
+    let tasks = tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks();
+    format!(
+        "goroutine profile: total {tasks}\n\n# legate counts tokio tasks (every connection, stream and listener is one); there are no stacks to show.\n"
+    )
 }
 
 enum Request {

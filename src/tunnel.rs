@@ -25,7 +25,6 @@ use tokio_util::task::TaskTracker;
 use crate::accept::Acceptor;
 use crate::carrier::Carrier;
 use crate::config::{Side, TunnelConfig};
-use crate::dial;
 use crate::inbound::{self, ConnInfo};
 use crate::log::{self, Record};
 use crate::metrics::TunnelMetrics;
@@ -36,6 +35,7 @@ use crate::outcome::{Failure, Outcome, fail};
 use crate::peer_pool::{self, PeerPool};
 use crate::relay;
 use crate::tls::{self, ClientTls, ServerStream, ServerTls};
+use crate::{dial, health};
 
 /// Why a tunnel could not start.
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +118,7 @@ impl Prepared {
                 &cfg.tls,
                 cfg.tls_versions,
                 &cfg.server_name,
+                &cfg.verify,
                 cfg.legate_protocol,
             )
             .map(|c| TlsEnd::Client(Arc::new(c))),
@@ -172,7 +173,10 @@ impl Prepared {
                 addr: self.cfg.listen.to_string(),
                 source,
             })?;
-        let acceptor = Acceptor::new(listener, self.cfg.max_concurrent_conns);
+        let acceptor = Acceptor::new(listener, self.cfg.max_concurrent_conns, {
+            let metrics = metrics.clone();
+            move || metrics.accept_failed()
+        });
         let stop = CancellationToken::new();
         let peers = match &self.tls {
             TlsEnd::Client(client) => Some(PeerPool::new(
@@ -270,13 +274,18 @@ async fn serve_consumer(t: &Shared, peers: &Arc<PeerPool>, mut tcp: Stream, peer
     rec.target = cfg.target.as_ref().map(ToString::to_string);
     let result = async {
         let mut early = Early::default();
-        let mut carrier = Box::pin(outbound::peer(peers, cfg, &mut tcp, &mut rec, &mut early))
+        let carrier = Box::pin(outbound::peer(peers, cfg, &mut tcp, &mut rec, &mut early))
             .await
-            .inspect_err(|_| rec.totals.up = early.len())?;
+            .inspect_err(|_| rec.totals.up = early.len());
+        t.metrics
+            .accepted(carrier.as_ref().map(|_| ()).map_err(|_| false));
+        let mut carrier = carrier?;
         // The early bytes will not be sent again: do not hold them for the connection's life.
         let (early_len, sent_end) = (early.len(), early.done);
         drop(early);
-        let totals = carrier.relay(&mut tcp, cfg.close_timeout, sent_end).await;
+        let totals = carrier
+            .relay(&mut tcp, cfg.close_timeout, sent_end, cfg.max_conn_lifetime)
+            .await;
         rec.totals = relay::Totals {
             up: early_len + totals.up,
             ..totals
@@ -307,20 +316,30 @@ async fn serve_peer(
     let mut tls = match Box::pin(inbound::handshake(server, tcp, cfg.handshake_timeout)).await {
         // Boxed: the connection state stays put while the future around it stays small.
         Ok(tls) => Box::new(tls),
-        Err(f) => return finish(t, &rec, started, Err(f)),
+        Err(f) => {
+            t.metrics
+                .accepted(Err(started.elapsed() >= cfg.handshake_timeout));
+            return finish(t, &rec, started, Err(f));
+        }
     };
-    t.metrics.handshake.observe(started.elapsed());
+    t.metrics.handshake_done(started.elapsed());
     rec.session = Some(tls::describe_session(tls.get_ref().1));
     match inbound::authorize(cfg, &tls) {
         Ok(id) => rec.identity = id,
-        Err(f) => return finish(t, &rec, started, Err(f)),
+        Err(f) => {
+            t.metrics.accepted(Err(false));
+            return finish(t, &rec, started, Err(f));
+        }
     }
     let info = ConnInfo::new(&rec, &tls);
     if !tls::negotiated_legate(tls.get_ref().1) {
         // Raw: the TLS stream is the byte stream to the default target.
         return serve_stream(t, &info, Carrier::Raw(tls), None, started).await;
     }
-    if let Err(f) = inbound::greet(cfg, &mut tls).await {
+    let greeted = inbound::greet(cfg, &mut tls).await;
+    t.metrics
+        .accepted(greeted.as_ref().map_err(|_| false).copied());
+    if let Err(f) = greeted {
         return finish(t, &rec, started, Err(f));
     }
     let ended = serve_mux(t, tls, info, reloads, stop).await;
@@ -343,14 +362,22 @@ async fn serve_stream(
     rec.consumer = open.as_ref().and_then(|o| o.consumer);
     let target = outbound::route(cfg, route);
     rec.target = target.map(ToString::to_string);
-    let result = match Box::pin(outbound::service(cfg, target, &rec, info)).await {
+    let service = Box::pin(outbound::service(cfg, target, &rec, info)).await;
+    // A raw connection is its one stream: its onward connection decides whether it was set up.
+    if matches!(carrier, Carrier::Raw(_)) {
+        t.metrics
+            .accepted(service.as_ref().map(|_| ()).map_err(|_| false));
+    }
+    let result = match service {
         Err((code, f)) => {
             carrier.refuse(code, &f.detail).await;
             Err(f)
         }
         Ok(plain) => {
             carrier.ready();
-            let totals = carrier.relay(plain, cfg.close_timeout, false).await;
+            let totals = carrier
+                .relay(plain, cfg.close_timeout, false, cfg.max_conn_lifetime)
+                .await;
             // The carrier is the client's end: what it sends goes up to the service.
             rec.totals = relay::Totals {
                 up: totals.down,
@@ -452,8 +479,15 @@ async fn serve_mux(
     fail(outcome, why)
 }
 
-/// A relay that ended on a failed link (not a close) is reported as `aborted`.
+/// A relay cut at `--max-conn-lifetime` is reported as `expired`; one that ended on a failed
+/// link (not a close), as `aborted`.
 fn relay_failure(rec: &Record) -> Result<(), Failure> {
+    if rec.totals.expired {
+        return Err(fail(
+            Outcome::Expired,
+            "closed at its maximum lifetime (--max-conn-lifetime)",
+        ));
+    }
     match &rec.totals.failed {
         Some(e) => Err(fail(Outcome::Aborted, format!("connection broke: {e}"))),
         None => Ok(()),
@@ -476,6 +510,9 @@ pub async fn probe_backend(cfg: &TunnelConfig, tls: &TlsEnd) -> Result<(), Strin
     let timeout = cfg.connect_timeout.min(Duration::from_secs(5));
     match tls {
         TlsEnd::Server(_) => {
+            if let (Some(url), Some(target)) = (&cfg.target_status, &cfg.target) {
+                return health::http_status(target, url, cfg.connect_timeout).await;
+            }
             for target in cfg.target.iter().chain(cfg.routes.values()) {
                 dial::dial(target, timeout)
                     .await

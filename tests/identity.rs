@@ -5,31 +5,10 @@ mod harness;
 
 use std::io::Write;
 use std::net::Shutdown;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-use harness::{Backend, Legate, Pki, connect, legate_bin, read_all};
-
-/// `openssl pkcs12 -export` of leaf `name`, with `extra` options; returns the file.
-fn pkcs12(pki: &Pki, name: &str, password: &str, extra: &[&str], file: &str) -> PathBuf {
-    let leaf = pki.leaf(name);
-    let out = pki.path(file);
-    let status = Command::new("openssl")
-        .args(["pkcs12", "-export"])
-        .args(extra)
-        .arg("-in")
-        .arg(&leaf.cert)
-        .arg("-inkey")
-        .arg(&leaf.key)
-        .arg("-passout")
-        .arg(format!("pass:{password}"))
-        .arg("-out")
-        .arg(&out)
-        .status()
-        .unwrap();
-    assert!(status.success(), "openssl pkcs12 -export {extra:?} failed");
-    out
-}
+use harness::{Backend, Legate, Pki, connect, legate_bin, pkcs12, read_all};
 
 fn algorithms(p12: &Path, password: &str, legacy: bool) -> String {
     let mut cmd = Command::new("openssl");

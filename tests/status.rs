@@ -39,9 +39,10 @@ fn status_and_metrics_over_https_with_the_live_certificate() {
     assert_eq!(doc["listen_address"], server.addr().to_string());
     assert_eq!(doc["forward_address"], backend.target());
     assert_eq!(doc["version"], env!("CARGO_PKG_VERSION"));
-    assert!(doc["last_reload"].is_null());
+    // ghostunnel's zero time before the first reload.
+    assert_eq!(doc["last_reload"], "0001-01-01T00:00:00Z");
 
-    let metrics = http_get(status, "/_metrics", Some(&pki.ca_cert()));
+    let metrics = http_get(status, "/_metrics/prometheus", Some(&pki.ca_cert()));
     assert_eq!(metrics.code, 200);
     let text = metrics.body;
     for needle in [
@@ -56,7 +57,12 @@ fn status_and_metrics_over_https_with_the_live_certificate() {
     ] {
         assert!(text.contains(needle), "{needle} missing:\n{text}");
     }
-    let json = http_get(status, "/_metrics?format=json", Some(&pki.ca_cert()));
+    let again = http_get(status, "/_metrics?format=prometheus", Some(&pki.ca_cert())).body;
+    assert!(
+        again.contains("# TYPE legate_connections_total counter"),
+        "{again}"
+    );
+    let json = http_get(status, "/_metrics/legate", Some(&pki.ca_cert()));
     let doc: serde_json::Value = serde_json::from_str(&json.body).unwrap();
     assert_eq!(doc["tunnels"][0]["connections"]["ok"], 1);
     assert_eq!(doc["tunnels"][0]["bytes_down"], 8);
@@ -72,7 +78,7 @@ fn status_and_metrics_over_https_with_the_live_certificate() {
     assert_eq!(reply.cert.unwrap(), cert_der(&pki.leaf("server").cert));
     let doc: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
     assert!(
-        doc["last_reload"].is_string() && doc["last_reload_error"].is_null(),
+        doc["last_reload"] != "0001-01-01T00:00:00Z" && doc["last_reload_error"].is_null(),
         "{doc}"
     );
 }
@@ -87,8 +93,11 @@ fn status_is_503_when_the_target_is_down() {
     let doc: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
     assert_eq!(doc["ok"], false);
     assert_eq!(doc["backend_ok"], false);
-    let err = doc["tunnels"][0]["backend_error"].as_str().unwrap();
+    assert_eq!(doc["status"], "critical");
+    assert_eq!(doc["backend_status"], "critical");
+    let err = doc["backend_error"].as_str().unwrap();
     assert!(err.contains(&dead), "{err}");
+    assert_eq!(doc["tunnels"][0]["backend_error"], err);
 }
 
 #[test]

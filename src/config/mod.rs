@@ -22,6 +22,8 @@ pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(30);
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(300);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_POOL_SIZE: usize = 1;
+/// ghostunnel's default, so dashboards built on its metric names keep working.
+pub const DEFAULT_METRICS_PREFIX: &str = "ghostunnel";
 
 /// Which end of the tunnel a process is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -99,6 +101,11 @@ pub struct TunnelFile {
     pub close_timeout: Option<String>,
     pub handshake_timeout: Option<String>,
     pub keepalive: Option<String>,
+    /// A hard deadline on every connection once established (ghostunnel's); 0: none.
+    pub max_conn_lifetime: Option<String>,
+    /// Server side: `/_status` checks the service with an HTTP GET of this URL, sent over a
+    /// connection to the target (ghostunnel's `--target-status`).
+    pub target_status: Option<String>,
     pub max_concurrent_conns: Option<usize>,
     /// Client side: multiplexed `legate/1` connections kept per server ambassador (default 1;
     /// 0: none, each consumer connection gets a TLS connection of its own).
@@ -155,6 +162,10 @@ pub struct TunnelConfig {
     pub close_timeout: Duration,
     pub handshake_timeout: Duration,
     pub keepalive: Duration,
+    /// `--max-conn-lifetime`: the longest a connection (or stream) may relay.
+    pub max_conn_lifetime: Option<Duration>,
+    /// Server side: `--target-status`, the URL `/_status` fetches through the target.
+    pub target_status: Option<TargetStatus>,
     /// 0 means unlimited.
     pub max_concurrent_conns: usize,
     /// Client side: offer `legate/1`.
@@ -185,25 +196,37 @@ pub struct Config {
     pub timed_reload: Option<Duration>,
     /// Runtime worker threads; `None` chooses (half the CPUs, at least one).
     pub threads: Option<usize>,
+    /// What the ghostunnel-shaped metric names start with (`PREFIX.accept.total`).
+    pub metrics_prefix: String,
+    /// Serve `/debug/pprof/goroutine` (the live task count) on the status listener.
+    pub enable_pprof: bool,
 }
 
-/// The status listener's address and whether it speaks HTTPS (the default) or plain HTTP.
+/// The status listener's address and whether it speaks HTTPS or plain HTTP.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StatusAddr {
     pub addr: Address,
-    pub https: bool,
+    /// `Some` when a scheme was written; `None`: HTTPS on a TCP address when a tunnel has a
+    /// certificate to serve it with, plain HTTP otherwise (a UNIX socket, or a client with
+    /// `--disable-authentication`), as in ghostunnel.
+    pub https: Option<bool>,
 }
 
 impl StatusAddr {
-    /// `ADDR` or `https://ADDR` (HTTPS with the tunnel's live certificate), `http://ADDR`.
+    /// `HOST:PORT` or `unix:PATH`, or `http://HOST:PORT`, `https://HOST:PORT`.
     pub fn parse(s: &str) -> Result<StatusAddr, String> {
         let (https, rest) = match (s.strip_prefix("http://"), s.strip_prefix("https://")) {
-            (Some(rest), _) => (false, rest),
-            (_, Some(rest)) => (true, rest),
-            _ => (true, s),
+            (Some(rest), _) => (Some(false), rest),
+            (_, Some(rest)) => (Some(true), rest),
+            _ => (None, s),
         };
         let addr =
             Address::parse(rest.trim_end_matches('/')).map_err(|e| format!("--status: {e}"))?;
+        if https.is_some() && matches!(addr, Address::Unix(_)) {
+            return Err(format!(
+                "--status {s:?}: an http:// or https:// scheme needs HOST:PORT; a unix: socket is always plain HTTP, write unix:PATH"
+            ));
+        }
         Ok(StatusAddr { addr, https })
     }
 }
@@ -215,6 +238,8 @@ pub struct ProcessFile {
     pub status: Option<String>,
     pub timed_reload: Option<String>,
     pub threads: Option<usize>,
+    pub metrics_prefix: Option<String>,
+    pub enable_pprof: bool,
 }
 
 impl ProcessFile {
@@ -251,6 +276,20 @@ impl ProcessFile {
                         None
                     }
                 });
+        let metrics_prefix = self
+            .metrics_prefix
+            .unwrap_or_else(|| DEFAULT_METRICS_PREFIX.to_string());
+        if metrics_prefix
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || c == '"')
+        {
+            p.push(format!(
+                "--metrics-prefix {metrics_prefix:?} has spaces, quotes or control characters; write e.g. \"ghostunnel\" or \"cache.client\""
+            ));
+        }
+        if self.enable_pprof && self.status.is_none() {
+            p.push("--enable-pprof needs --status (the profile is served there)".into());
+        }
         if !p.is_empty() {
             return Err(p);
         }
@@ -260,6 +299,8 @@ impl ProcessFile {
             status,
             timed_reload,
             threads: self.threads,
+            metrics_prefix,
+            enable_pprof: self.enable_pprof,
         })
     }
 }
@@ -370,6 +411,7 @@ struct Timeouts {
     handshake: Duration,
     keepalive: Duration,
     idle: Duration,
+    lifetime: Option<Duration>,
 }
 
 impl TunnelFile {
@@ -394,6 +436,12 @@ impl TunnelFile {
             Side::Client => self.client_side(&mut p, &allow, &routes, listen.as_ref()),
         };
         let server_name = self.server_name(&mut p, side, target.as_ref());
+        let target_status = self.target_status(&mut p, side);
+        if target_status.is_some() && target.is_none() {
+            p.push(
+                "--target-status needs --target: the check is sent over a connection to it".into(),
+            );
+        }
         if !p.is_empty() {
             return Err(p);
         }
@@ -413,6 +461,8 @@ impl TunnelFile {
             close_timeout: t.close,
             handshake_timeout: t.handshake,
             keepalive: t.keepalive,
+            max_conn_lifetime: t.lifetime,
+            target_status,
             max_concurrent_conns: self.max_concurrent_conns.unwrap_or(0),
             legate_protocol: !self.raw,
             disable_authentication: self.disable_authentication,
@@ -502,14 +552,20 @@ impl TunnelFile {
         }
         let no_client_auth = self.disable_authentication && self.side == Some(Side::Server);
         let cacert = match &self.cacert {
+            // As ghostunnel: a server with --disable-authentication asks for no client
+            // certificate, even when given a CA bundle.
+            _ if no_client_auth => None,
             Some(path) => Some(resolve(base, path)),
-            None if no_client_auth => None,
             None => {
                 p.push("--cacert is required (PEM bundle of the CA certificates to trust)".into());
                 None
             }
         };
-        let crl = self.crl.as_ref().map(|c| resolve(base, c));
+        let crl = self
+            .crl
+            .as_ref()
+            .filter(|_| !no_client_auth)
+            .map(|c| resolve(base, c));
         if crl.is_some() && cacert.is_none() {
             p.push(
                 "--crl needs --cacert: revocation is checked on verified peer certificates".into(),
@@ -569,25 +625,31 @@ impl TunnelFile {
     }
 
     fn timeouts(&self, p: &mut Vec<String>) -> Timeouts {
+        let connect = duration(
+            p,
+            "--connect-timeout",
+            &self.connect_timeout,
+            DEFAULT_CONNECT_TIMEOUT,
+        );
         let t = Timeouts {
-            connect: duration(
-                p,
-                "--connect-timeout",
-                &self.connect_timeout,
-                DEFAULT_CONNECT_TIMEOUT,
-            ),
+            connect,
             close: duration(
                 p,
                 "--close-timeout",
                 &self.close_timeout,
                 DEFAULT_CLOSE_TIMEOUT,
             ),
-            handshake: duration(
-                p,
-                "--handshake-timeout",
-                &self.handshake_timeout,
-                DEFAULT_HANDSHAKE_TIMEOUT,
-            ),
+            // As in ghostunnel, --connect-timeout bounds the incoming handshake too, unless
+            // --handshake-timeout says otherwise.
+            handshake: match &self.handshake_timeout {
+                Some(_) => duration(
+                    p,
+                    "--handshake-timeout",
+                    &self.handshake_timeout,
+                    DEFAULT_HANDSHAKE_TIMEOUT,
+                ),
+                None => connect,
+            },
             keepalive: duration(p, "--keepalive", &self.keepalive, DEFAULT_KEEPALIVE),
             idle: duration(
                 p,
@@ -595,6 +657,13 @@ impl TunnelFile {
                 &self.idle_timeout,
                 DEFAULT_IDLE_TIMEOUT,
             ),
+            lifetime: Some(duration(
+                p,
+                "--max-conn-lifetime",
+                &self.max_conn_lifetime,
+                Duration::ZERO,
+            ))
+            .filter(|d| !d.is_zero()),
         };
         for (what, d) in [
             ("--connect-timeout", t.connect),
@@ -720,6 +789,68 @@ impl TunnelFile {
         }
         name
     }
+
+    /// `--target-status`: an `http://` or `https://` URL, server side only.
+    fn target_status(&self, p: &mut Vec<String>, side: Side) -> Option<TargetStatus> {
+        let url = self.target_status.as_deref()?;
+        if side == Side::Client {
+            p.push("--target-status is for the server side (it checks the service)".into());
+            return None;
+        }
+        TargetStatus::parse(url)
+            .map_err(|e| p.push(format!("--target-status {url:?}: {e}")))
+            .ok()
+    }
+}
+
+/// `--target-status`: what `/_status` fetches, over a connection to the tunnel's target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetStatus {
+    pub url: String,
+    pub https: bool,
+    /// The URL's host and port as written: the request's `Host` header.
+    pub authority: String,
+    /// The URL's host alone: the TLS server name for `https://`.
+    pub host: String,
+    /// Path and query, at least `/`.
+    pub path: String,
+}
+
+impl TargetStatus {
+    pub fn parse(url: &str) -> Result<TargetStatus, String> {
+        let (https, rest) = if let Some(rest) = url.strip_prefix("http://") {
+            (false, rest)
+        } else if let Some(rest) = url.strip_prefix("https://") {
+            (true, rest)
+        } else {
+            return Err("only http:// and https:// URLs can be checked".into());
+        };
+        let (authority, path) = match rest.find(['/', '?']) {
+            Some(i) if rest[i..].starts_with('?') => (&rest[..i], format!("/{}", &rest[i..])),
+            Some(i) => (&rest[..i], rest[i..].to_string()),
+            None => (rest, "/".to_string()),
+        };
+        let host = match authority.strip_prefix('[') {
+            Some(v6) => v6.split(']').next().unwrap_or_default(),
+            None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+        };
+        if host.is_empty() || authority.contains('@') {
+            return Err("the URL needs a host (and no user:password@)".into());
+        }
+        if path
+            .bytes()
+            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+        {
+            return Err("the URL's path has spaces or control characters".into());
+        }
+        Ok(TargetStatus {
+            url: url.to_string(),
+            https,
+            authority: authority.to_string(),
+            host: host.to_string(),
+            path,
+        })
+    }
 }
 
 /// The top level of a config file.
@@ -730,6 +861,9 @@ struct FileTop {
     status: Option<String>,
     timed_reload: Option<String>,
     threads: Option<usize>,
+    metrics_prefix: Option<String>,
+    #[serde(default)]
+    enable_pprof: bool,
     #[serde(default)]
     tunnels: BTreeMap<String, toml::Value>,
 }
@@ -744,6 +878,8 @@ pub fn from_toml(text: &str, base: Option<&Path>) -> Result<Config, Problems> {
         status: top.status,
         timed_reload: top.timed_reload,
         threads: top.threads,
+        metrics_prefix: top.metrics_prefix,
+        enable_pprof: top.enable_pprof,
     };
     if top.tunnels.is_empty() {
         problems.push("no tunnels: add at least one [tunnels.NAME] table".into());
@@ -794,6 +930,31 @@ fn one_line(e: &impl fmt::Display) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn target_status_urls() {
+        let t = TargetStatus::parse("https://svc.internal:8443/health?x=1").unwrap();
+        assert!(t.https);
+        assert_eq!(
+            (t.authority.as_str(), t.host.as_str(), t.path.as_str()),
+            ("svc.internal:8443", "svc.internal", "/health?x=1")
+        );
+        let t = TargetStatus::parse("http://[::1]:80").unwrap();
+        assert_eq!((t.host.as_str(), t.path.as_str()), ("::1", "/"));
+        assert_eq!(
+            TargetStatus::parse("http://h?ready").unwrap().path,
+            "/?ready"
+        );
+        for bad in [
+            "ftp://h/",
+            "h:80/x",
+            "http:///x",
+            "http://u:p@h/",
+            "http://h/a b",
+        ] {
+            assert!(TargetStatus::parse(bad).is_err(), "{bad}");
+        }
+    }
 
     const GOOD: &str = r#"
 shutdown_timeout = "30s"
@@ -928,10 +1089,18 @@ colour = "blue"
     #[test]
     fn status_addresses_parse() {
         let s = StatusAddr::parse("127.0.0.1:9000").unwrap();
-        assert!(s.https);
-        assert!(!StatusAddr::parse("http://127.0.0.1:9000/").unwrap().https);
-        assert!(StatusAddr::parse("https://localhost:1").unwrap().https);
+        assert_eq!(s.https, None);
+        assert_eq!(
+            StatusAddr::parse("http://127.0.0.1:9000/").unwrap().https,
+            Some(false)
+        );
+        assert_eq!(
+            StatusAddr::parse("https://localhost:1").unwrap().https,
+            Some(true)
+        );
+        assert_eq!(StatusAddr::parse("unix:/run/l.sock").unwrap().https, None);
         assert!(StatusAddr::parse("http://nope").is_err());
+        assert!(StatusAddr::parse("http://unix:/run/l.sock").is_err());
     }
 
     #[test]

@@ -9,6 +9,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Notify, mpsc};
@@ -199,6 +201,7 @@ impl Stream {
         plain: P,
         close_timeout: Duration,
         sent_end: bool,
+        deadline: Option<Instant>,
     ) -> Totals {
         let (mut plain_r, mut plain_w) = tokio::io::split(plain);
         let out_count = AtomicU64::new(0);
@@ -219,16 +222,22 @@ impl Stream {
         // connection died.
         let both = relay::both_directions(outward, inward, close_timeout, Result::is_err);
         let mut both = std::pin::pin!(both);
-        let (first, second, cut) = tokio::select! {
-            r = &mut both => r,
-            _ = window.was_reset() => (Err(true), None, false),
-            // What the peer sent before the connection ended is still delivered, within the
-            // close timeout.
-            _ = self.conn.dead_token.cancelled() => tokio::select! {
+        let ended = relay::until(deadline, async {
+            tokio::select! {
                 r = &mut both => r,
-                _ = tokio::time::sleep(close_timeout) => (Err(true), None, true),
-            },
-        };
+                _ = window.was_reset() => (Err(true), None, false),
+                // What the peer sent before the connection ended is still delivered, within the
+                // close timeout.
+                _ = self.conn.dead_token.cancelled() => tokio::select! {
+                    r = &mut both => r,
+                    _ = tokio::time::sleep(close_timeout) => (Err(true), None, true),
+                },
+            }
+        })
+        .await;
+        let expired = ended.is_none();
+        // Cut at the deadline: not ended, so dropping the stream resets it.
+        let (first, second, cut) = ended.unwrap_or((Err(false), None, false));
         let second = second.unwrap_or(Err(false));
         self.peer_reset = matches!(first, Err(true)) || matches!(second, Err(true));
         self.ended = first.is_ok() && second.is_ok();
@@ -240,6 +249,7 @@ impl Stream {
                 .get()
                 .cloned()
                 .or_else(|| self.conn.dead().map(str::to_string).filter(|_| !self.ended)),
+            expired,
         }
     }
 }

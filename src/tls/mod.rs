@@ -546,6 +546,84 @@ impl ServerTls {
     }
 }
 
+/// The server's certificate checked by webpki (chain, name, validity, CRL), then against the
+/// `--verify-*` pins, within the handshake: a server that fails them is sent an alert and never
+/// sees a finished connection, as with ghostunnel.
+#[derive(Debug)]
+struct PinnedVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    pins: Rules,
+}
+
+impl rustls::client::danger::ServerCertVerifier for PinnedVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let verified = self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        if self.pins.is_empty() {
+            return Ok(verified);
+        }
+        let refuse = |why: String| {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+                Arc::new(PinError(why)),
+            )))
+        };
+        let id = PeerIdentity::from_der(end_entity).map_err(refuse)?;
+        if self.pins.admits(&id) {
+            Ok(verified)
+        } else {
+            Err(refuse(format!(
+                "server identity {id} does not match the --verify-* pins"
+            )))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Why the pins refused a server, as the handshake error says it.
+#[derive(Debug)]
+struct PinError(String);
+
+impl std::fmt::Display for PinError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for PinError {}
+
 /// One loaded set of TLS material for a client side.
 struct ClientSnapshot {
     connector: TlsConnector,
@@ -554,7 +632,12 @@ struct ClientSnapshot {
 }
 
 impl ClientSnapshot {
-    fn load(files: &Files, min: TlsVersions, offer_legate: bool) -> Result<ClientSnapshot, Error> {
+    fn load(
+        files: &Files,
+        min: TlsVersions,
+        offer_legate: bool,
+        pins: &Rules,
+    ) -> Result<ClientSnapshot, Error> {
         let m = Material::load(files)?;
         let (roots, path) = m
             .roots
@@ -575,7 +658,11 @@ impl ClientSnapshot {
         let builder = ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(versions(min))
             .map_err(|e| Error::Config(e.to_string()))?
-            .with_webpki_verifier(verifier);
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinnedVerifier {
+                inner: verifier,
+                pins: pins.clone(),
+            }));
         let (mut config, status, not_after) = match m.identity {
             Some((chain, key)) => {
                 let not_after = not_after(&chain);
@@ -604,6 +691,7 @@ pub struct ClientTls {
     files: Files,
     min: TlsVersions,
     offer_legate: bool,
+    pins: Rules,
     server_name: ServerName<'static>,
     current: ArcSwap<ClientSnapshot>,
     /// Counts successful reloads; pooled connections from before one are not used.
@@ -612,14 +700,17 @@ pub struct ClientTls {
 
 impl ClientTls {
     /// `server_name` is what the server's certificate must be valid for: the target's host or
-    /// `--override-server-name`. `offer_legate` adds the `legate/1` ALPN offer.
+    /// `--override-server-name`; `pins`, the `--verify-*` rules it must also pass (checked
+    /// inside certificate verification, so a server that fails them gets an alert). `offer_legate`
+    /// adds the `legate/1` ALPN offer.
     pub fn new(
         files: &Files,
         min: TlsVersions,
         server_name: &str,
+        pins: &Rules,
         offer_legate: bool,
     ) -> Result<ClientTls, Error> {
-        let snapshot = ClientSnapshot::load(files, min, offer_legate)?;
+        let snapshot = ClientSnapshot::load(files, min, offer_legate, pins)?;
         let server_name = ServerName::try_from(server_name.to_string()).map_err(|_| {
             Error::Config(format!(
                 "{server_name:?} is not a valid server name; set --override-server-name"
@@ -629,6 +720,7 @@ impl ClientTls {
             files: files.clone(),
             min,
             offer_legate,
+            pins: pins.clone(),
             server_name,
             current: ArcSwap::from_pointee(snapshot),
             generation: std::sync::atomic::AtomicU64::new(0),
@@ -637,7 +729,7 @@ impl ClientTls {
 
     /// Loads the files again; see [`ServerTls::reload`].
     pub fn reload(&self) -> Result<(), Error> {
-        let fresh = ClientSnapshot::load(&self.files, self.min, self.offer_legate)?;
+        let fresh = ClientSnapshot::load(&self.files, self.min, self.offer_legate, &self.pins)?;
         self.current.store(Arc::new(fresh));
         self.generation
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -705,6 +797,24 @@ pub fn negotiated_legate(conn: &rustls::CommonState) -> bool {
 
 /// Turns a handshake error into its most useful one-line form: what happened in words an
 /// operator can act on, with rustls's own reason (such as "invalid peer certificate: Expired").
+/// Whether a handshake failed because the server failed the `--verify-*` pins (an
+/// authorization refusal rather than a broken handshake).
+pub fn refused_by_pins(e: &std::io::Error) -> bool {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .and_then(pin_refusal)
+        .is_some()
+}
+
+fn pin_refusal(e: &rustls::Error) -> Option<&PinError> {
+    match e {
+        rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other)) => {
+            other.0.downcast_ref::<PinError>()
+        }
+        _ => None,
+    }
+}
+
 pub fn describe_handshake_error(e: &std::io::Error) -> String {
     use rustls::{Error as E, InvalidMessage, PeerIncompatible};
     let Some(tls) = e.get_ref().and_then(|inner| inner.downcast_ref::<E>()) else {
@@ -714,6 +824,9 @@ pub fn describe_handshake_error(e: &std::io::Error) -> String {
             e.to_string()
         };
     };
+    if let Some(pins) = pin_refusal(tls) {
+        return pins.to_string();
+    }
     let hint = match tls {
         E::PeerIncompatible(PeerIncompatible::SupportedVersionsExtensionRequired) => Some(
             "peer offered only TLS 1.2 or older; TLS 1.3 is required (--min-tls-version=1.2 allows 1.2)",

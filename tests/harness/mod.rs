@@ -200,9 +200,34 @@ impl Legate {
 
     /// [`Legate::start`] with extra environment variables.
     pub fn start_with_env(args: &[String], tunnels: usize, env: &[(&str, &str)]) -> Legate {
-        let mut child = Command::new(legate_bin())
-            .args(args)
-            .envs(env.iter().copied())
+        let mut cmd = Command::new(legate_bin());
+        cmd.args(args).envs(env.iter().copied());
+        Legate::spawn(cmd, tunnels)
+    }
+
+    /// [`Legate::start`] with at most `nofile` open file descriptors (RLIMIT_NOFILE).
+    pub fn start_with_fd_limit(args: &[String], tunnels: usize, nofile: u64) -> Legate {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = Command::new(legate_bin());
+        cmd.args(args);
+        // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let limit = libc::rlimit {
+                    rlim_cur: nofile,
+                    rlim_max: nofile,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Legate::spawn(cmd, tunnels)
+    }
+
+    fn spawn(mut cmd: Command, tunnels: usize) -> Legate {
+        let mut child = cmd
             .env("RUST_LOG", "info,legate=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -612,6 +637,27 @@ pub fn http_get(addr: SocketAddr, path: &str, ca: Option<&Path>) -> HttpReply {
     }
 }
 
+/// `openssl pkcs12 -export` of leaf `name`, with `extra` options; returns the file.
+pub fn pkcs12(pki: &Pki, name: &str, password: &str, extra: &[&str], file: &str) -> PathBuf {
+    let leaf = pki.leaf(name);
+    let out = pki.path(file);
+    let status = Command::new("openssl")
+        .args(["pkcs12", "-export"])
+        .args(extra)
+        .arg("-in")
+        .arg(&leaf.cert)
+        .arg("-inkey")
+        .arg(&leaf.key)
+        .arg("-passout")
+        .arg(format!("pass:{password}"))
+        .arg("-out")
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success(), "openssl pkcs12 -export {extra:?} failed");
+    out
+}
+
 /// The DER of the first certificate in a PEM file.
 pub fn cert_der(path: &Path) -> Vec<u8> {
     use rustls::pki_types::pem::PemObject;
@@ -622,11 +668,26 @@ pub fn cert_der(path: &Path) -> Vec<u8> {
 
 /// The `legate_open_connections` gauge of a legate with a plain-HTTP status listener.
 pub fn open_connections(legate: &Legate) -> i64 {
-    let body = http_get(status_addr(legate), "/_metrics", None).body;
+    let body = http_get(status_addr(legate), "/_metrics/prometheus", None).body;
     body.lines()
         .filter(|l| l.starts_with("legate_open_connections{"))
         .map(|l| l.rsplit(' ').next().unwrap().parse::<i64>().unwrap())
         .sum()
+}
+
+/// ghostunnel's metrics list (`/_metrics`, or `path`) from a plain-HTTP status listener, as
+/// name → value; every entry checked for ghostunnel's four keys.
+pub fn ghost_metrics(addr: SocketAddr, path: &str) -> std::collections::BTreeMap<String, f64> {
+    let reply = http_get(addr, path, None);
+    assert_eq!(reply.code, 200, "{}", reply.body);
+    let list: Vec<serde_json::Value> = serde_json::from_str(&reply.body).unwrap();
+    list.iter()
+        .map(|m| {
+            assert!(m["timestamp"].is_i64() && m["hostname"].is_string(), "{m}");
+            let name = m["metric"].as_str().unwrap().to_string();
+            (name, m["value"].as_f64().unwrap())
+        })
+        .collect()
 }
 
 /// The address the status listener reported in the log.
