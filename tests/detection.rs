@@ -7,12 +7,11 @@ mod harness;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use harness::{Backend, DEADLINE, Killed, Legate, Pki, Redis, Reply, connect, eventually};
+use harness::{Backend, DEADLINE, Legate, Pki, connect, eventually};
 
 /// Asserts that `f` stays true for `window`: for what must *not* happen, there is no event to
 /// wait for, only a bounded look.
@@ -190,51 +189,4 @@ fn a_client_told_its_peer_is_legate_connects_before_the_first_consumer() {
     server.log.wait_for(&["connection closed", "outcome=ok"]);
     assert_eq!(harness::stream_peers(&server.log).len(), 1);
     assert_eq!(harness::open_connections(&server), 1);
-}
-
-#[test]
-fn a_stunnel_server_carries_a_redis_round_trip() {
-    let pki = Pki::new();
-    let redis = Redis::start();
-    let port = harness::free_port();
-    let leaf = pki.leaf("server");
-    let conf = pki.path("stunnel.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "foreground = yes\npid =\n[redis]\naccept = 127.0.0.1:{port}\nconnect = {}\n\
-             cert = {}\nkey = {}\nCAfile = {}\nverifyChain = yes\nrequireCert = yes\n",
-            redis.addr(),
-            leaf.cert.display(),
-            leaf.key.display(),
-            pki.ca_cert().display()
-        ),
-    )
-    .unwrap();
-    let child = Command::new("stunnel4")
-        .arg(&conf)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("stunnel4 is needed (apt-get install stunnel4)");
-    let _stunnel = Killed(child);
-    eventually("stunnel to listen", DEADLINE, || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
-    });
-    let client = Legate::client(
-        &pki,
-        "client",
-        format!("127.0.0.1:{port}").parse().unwrap(),
-        &[],
-    );
-    let mut s = connect(client.addr());
-    assert_eq!(
-        harness::resp(&mut s, &[b"SET", b"through", b"stunnel"]).unwrap(),
-        Reply::Simple("OK".into())
-    );
-    assert_eq!(
-        harness::resp(&mut s, &[b"GET", b"through"]).unwrap(),
-        Reply::Bulk(Some(b"stunnel".to_vec()))
-    );
 }

@@ -1,5 +1,7 @@
-//! Raw mode interoperates with TLS peers that are not legate: `openssl s_server` behind a
-//! legate client, and `openssl s_client` in front of a legate server.
+//! Raw mode interoperates with TLS peers that are not legate, in both directions: `openssl
+//! s_server`, `stunnel4` and HAProxy servers behind a legate client, and `openssl s_client`,
+//! `stunnel4` and HAProxy clients in front of a legate server, with a Redis round trip through
+//! each of the real daemons.
 
 mod harness;
 
@@ -10,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use harness::{Backend, Killed, Legate, Pki, connect};
+use harness::{Backend, DEADLINE, Killed, Legate, Pki, Redis, Reply, connect, eventually};
 
 fn openssl() -> Command {
     Command::new("openssl")
@@ -139,4 +141,161 @@ fn openssl_s_client_talks_to_a_legate_server() {
     let line = server.log.wait_for(&["connection closed"]);
     assert!(line.contains("CN=client"), "{line}");
     let _ = connect(server.addr()).shutdown(Shutdown::Both);
+}
+
+/// Runs a peer daemon (`stunnel4 CONF` or `haproxy -db -f CONF`) until dropped, once it
+/// listens on `port` (neither can report a kernel-chosen port, so the port is picked free).
+fn daemon(program: &str, args: &[&std::path::Path], port: u16) -> Killed {
+    let child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{program} is needed (apt-get install {program}): {e}"));
+    let mut child = Killed(child);
+    eventually(&format!("{program} to listen on {port}"), DEADLINE, || {
+        if let Ok(Some(status)) = child.0.try_wait() {
+            panic!("{program} exited with {status}");
+        }
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    });
+    child
+}
+
+/// A stunnel4 service from `body` (its `[service]` lines), listening on `port`.
+fn stunnel(pki: &Pki, body: &str, port: u16) -> Killed {
+    let conf = pki.path(&format!("stunnel-{port}.conf"));
+    std::fs::write(&conf, format!("foreground = yes\npid =\n[service]\n{body}")).unwrap();
+    daemon("stunnel4", &[conf.as_path()], port)
+}
+
+/// HAProxy in TCP mode with `body` (its frontend and backend), listening on `port`.
+fn haproxy(pki: &Pki, body: &str, port: u16) -> Killed {
+    let conf = pki.path(&format!("haproxy-{port}.cfg"));
+    std::fs::write(
+        &conf,
+        format!(
+            "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n{body}"
+        ),
+    )
+    .unwrap();
+    let db = std::path::Path::new("-db");
+    let f = std::path::Path::new("-f");
+    daemon("haproxy", &[db, f, conf.as_path()], port)
+}
+
+/// Leaf `name`'s certificate and key in one PEM file, as HAProxy's `crt` wants.
+fn combined_pem(pki: &Pki, name: &str) -> std::path::PathBuf {
+    let leaf = pki.leaf(name);
+    let path = pki.path(&format!("{name}-combined.pem"));
+    let mut pem = std::fs::read(&leaf.cert).unwrap();
+    pem.extend(std::fs::read(&leaf.key).unwrap());
+    std::fs::write(&path, pem).unwrap();
+    path
+}
+
+/// A SET and a GET of `key` through `addr`.
+fn redis_round_trip(addr: SocketAddr, key: &str) {
+    let mut s = connect(addr);
+    assert_eq!(
+        harness::resp(&mut s, &[b"SET", key.as_bytes(), b"through"]).unwrap(),
+        Reply::Simple("OK".into())
+    );
+    assert_eq!(
+        harness::resp(&mut s, &[b"GET", key.as_bytes()]).unwrap(),
+        Reply::Bulk(Some(b"through".to_vec()))
+    );
+}
+
+fn local(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+#[test]
+fn a_legate_client_carries_redis_to_a_stunnel_server() {
+    let pki = Pki::new();
+    let redis = Redis::start();
+    let port = harness::free_port();
+    let leaf = pki.leaf("server");
+    let _stunnel = stunnel(
+        &pki,
+        &format!(
+            "accept = 127.0.0.1:{port}\nconnect = {}\ncert = {}\nkey = {}\nCAfile = {}\n\
+             verifyChain = yes\nrequireCert = yes\n",
+            redis.addr(),
+            leaf.cert.display(),
+            leaf.key.display(),
+            pki.ca_cert().display()
+        ),
+        port,
+    );
+    let client = Legate::client(&pki, "client", local(port), &[]);
+    redis_round_trip(client.addr(), "legate-to-stunnel");
+}
+
+#[test]
+fn a_legate_client_carries_redis_to_an_haproxy_server() {
+    let pki = Pki::new();
+    let redis = Redis::start();
+    let port = harness::free_port();
+    let _haproxy = haproxy(
+        &pki,
+        &format!(
+            "frontend tls\n  bind 127.0.0.1:{port} ssl crt {} ca-file {} verify required\n  default_backend redis\n\
+             backend redis\n  server redis {}\n",
+            combined_pem(&pki, "server").display(),
+            pki.ca_cert().display(),
+            redis.addr()
+        ),
+        port,
+    );
+    let client = Legate::client(&pki, "client", local(port), &[]);
+    redis_round_trip(client.addr(), "legate-to-haproxy");
+}
+
+#[test]
+fn a_stunnel_client_reaches_redis_through_a_legate_server() {
+    let pki = Pki::new();
+    let redis = Redis::start();
+    let server = Legate::server(&pki, &redis.addr(), &["--allow-cn=client"]);
+    let port = harness::free_port();
+    let leaf = pki.leaf("client");
+    let _stunnel = stunnel(
+        &pki,
+        &format!(
+            "client = yes\naccept = 127.0.0.1:{port}\nconnect = {}\ncert = {}\nkey = {}\n\
+             CAfile = {}\nverifyChain = yes\ncheckHost = localhost\n",
+            server.addr(),
+            leaf.cert.display(),
+            leaf.key.display(),
+            pki.ca_cert().display()
+        ),
+        port,
+    );
+    redis_round_trip(local(port), "stunnel-to-legate");
+    let line = server.log.wait_for(&["connection closed", "outcome=ok"]);
+    assert!(line.contains("CN=client"), "{line}");
+}
+
+#[test]
+fn an_haproxy_client_reaches_redis_through_a_legate_server() {
+    let pki = Pki::new();
+    let redis = Redis::start();
+    let server = Legate::server(&pki, &redis.addr(), &["--allow-cn=client"]);
+    let port = harness::free_port();
+    let _haproxy = haproxy(
+        &pki,
+        &format!(
+            "frontend plain\n  bind 127.0.0.1:{port}\n  default_backend legate\n\
+             backend legate\n  server legate {} ssl crt {} ca-file {} verify required sni str(localhost) verifyhost localhost\n",
+            server.addr(),
+            combined_pem(&pki, "client").display(),
+            pki.ca_cert().display()
+        ),
+        port,
+    );
+    redis_round_trip(local(port), "haproxy-to-legate");
+    let line = server.log.wait_for(&["connection closed", "outcome=ok"]);
+    assert!(line.contains("CN=client"), "{line}");
 }
