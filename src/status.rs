@@ -339,7 +339,10 @@ fn tasks_profile() -> String {
     )
 }
 
-enum Request {
+/// A request head, as far as the status listener cares.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Request {
+    /// `GET path?query`: the path and the query.
     Get(String, String),
     Other,
 }
@@ -355,7 +358,12 @@ async fn read_request<S: AsyncRead + Unpin>(s: &mut S) -> Option<Request> {
         }
         buf.extend_from_slice(&chunk[..n]);
     }
-    let head = std::str::from_utf8(&buf).ok()?;
+    parse_request(&buf)
+}
+
+/// Parses a request head's first line (bytes from the network: fuzzed, `fuzz/fuzz_targets/http.rs`).
+pub fn parse_request(head: &[u8]) -> Option<Request> {
+    let head = std::str::from_utf8(head).ok()?;
     let mut parts = head.lines().next()?.split(' ');
     let (method, target) = (parts.next()?, parts.next()?);
     if method != "GET" {
@@ -363,4 +371,23 @@ async fn read_request<S: AsyncRead + Unpin>(s: &mut S) -> Option<Request> {
     }
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     Some(Request::Get(path.to_string(), query.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_lines() {
+        assert_eq!(
+            parse_request(b"GET /_metrics?format=prometheus HTTP/1.1\r\nHost: x\r\n\r\n"),
+            Some(Request::Get("/_metrics".into(), "format=prometheus".into()))
+        );
+        assert_eq!(
+            parse_request(b"POST /_status HTTP/1.1\r\n\r\n"),
+            Some(Request::Other)
+        );
+        assert_eq!(parse_request(b"GET\r\n\r\n"), None);
+        assert_eq!(parse_request(b"\xff\xfe"), None);
+    }
 }
