@@ -1,14 +1,22 @@
-//! Metrics: counters, gauges and histograms per tunnel and side, rendered as Prometheus text
-//! exposition or JSON.
+//! Metrics: per tunnel and side, counters, gauges and histograms rendered as Prometheus text by
+//! the `prometheus-client` crate (legate's own names), plus ghostunnel's process-wide series
+//! as its JSON list.
 //!
 //! In: events from the connection pipeline (an outcome, bytes, durations). Out: `/_metrics`.
-//! Everything is a relaxed atomic, so recording costs a few uncontended adds per connection.
+//! A tunnel's handles are looked up once, when it starts, so recording is a few atomic adds per
+//! connection (and a short lock per histogram observation).
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 
 use crate::outcome::Outcome;
 
@@ -20,48 +28,6 @@ const HANDSHAKE_BUCKETS: &[f64] = &[
 const DURATION_BUCKETS: &[f64] = &[
     0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
 ];
-
-/// A fixed-bucket histogram.
-pub struct Histogram {
-    bounds: &'static [f64],
-    /// Per bucket (not cumulative); the last one is +Inf.
-    counts: Vec<AtomicU64>,
-    sum_micros: AtomicU64,
-}
-
-impl Histogram {
-    fn new(bounds: &'static [f64]) -> Histogram {
-        Histogram {
-            bounds,
-            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
-            sum_micros: AtomicU64::new(0),
-        }
-    }
-
-    pub fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        let i = self
-            .bounds
-            .iter()
-            .position(|b| secs <= *b)
-            .unwrap_or(self.bounds.len());
-        self.counts[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_micros
-            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
-    }
-
-    /// (upper bound, cumulative count) pairs, the +Inf bucket last, and the sum in seconds.
-    fn snapshot(&self) -> (Vec<(f64, u64)>, f64) {
-        let mut total = 0;
-        let mut out = Vec::with_capacity(self.counts.len());
-        for (i, c) in self.counts.iter().enumerate() {
-            total += c.load(Ordering::Relaxed);
-            out.push((self.bounds.get(i).copied().unwrap_or(f64::INFINITY), total));
-        }
-        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        (out, sum)
-    }
-}
 
 /// How many recent observations a [`Timer`] keeps for its statistics, as go-metrics' default
 /// sample does.
@@ -211,34 +177,54 @@ fn load(c: &AtomicU64) -> f64 {
     c.load(Ordering::Relaxed) as f64
 }
 
-/// The metrics of one tunnel.
+/// The metrics of one tunnel: handles into the families, taken once.
 pub struct TunnelMetrics {
     /// The process-wide ghostunnel series this tunnel also counts into.
     pub ghostunnel: Arc<Ghostunnel>,
-    outcomes: Vec<AtomicU64>,
-    open: AtomicI64,
-    bytes_up: AtomicU64,
-    bytes_down: AtomicU64,
-    pub handshake: Histogram,
-    pub duration: Histogram,
+    /// By outcome, in [`Outcome::ALL`] order.
+    outcomes: Vec<Counter>,
+    open: Gauge,
+    bytes_up: Counter,
+    bytes_down: Counter,
+    handshake: Timed,
+    duration: Timed,
 }
 
-impl TunnelMetrics {
-    fn new(ghostunnel: Arc<Ghostunnel>) -> TunnelMetrics {
-        TunnelMetrics {
-            ghostunnel,
-            outcomes: Outcome::ALL.iter().map(|_| AtomicU64::new(0)).collect(),
-            open: AtomicI64::new(0),
-            bytes_up: AtomicU64::new(0),
-            bytes_down: AtomicU64::new(0),
-            handshake: Histogram::new(HANDSHAKE_BUCKETS),
-            duration: Histogram::new(DURATION_BUCKETS),
+/// A Prometheus histogram, and the count and sum for the JSON (the crate does not expose them).
+struct Timed {
+    histogram: Histogram,
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Timed {
+    fn new(histogram: Histogram) -> Timed {
+        Timed {
+            histogram,
+            count: AtomicU64::new(0),
+            sum_micros: AtomicU64::new(0),
         }
     }
 
+    fn observe(&self, d: Duration) {
+        self.histogram.observe(d.as_secs_f64());
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "count": self.count.load(Ordering::Relaxed),
+            "sum": self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6,
+        })
+    }
+}
+
+impl TunnelMetrics {
     /// Counts an accepted connection as open until the guard drops, and then its lifetime.
     pub fn open(self: &Arc<Self>) -> OpenGuard {
-        self.open.fetch_add(1, Ordering::Relaxed);
+        self.open.inc();
         self.ghostunnel.accept_total.fetch_add(1, Ordering::Relaxed);
         self.ghostunnel.conn_open.fetch_add(1, Ordering::Relaxed);
         OpenGuard(self.clone(), std::time::Instant::now())
@@ -251,8 +237,8 @@ impl TunnelMetrics {
     }
 
     /// An accepted connection was set up (handshake and onward connection) or failed to be;
-    /// `timed_out`: its incoming handshake timed out.
-    /// A timed-out handshake counts as an error too, as in ghostunnel.
+    /// `Err(true)`: its incoming handshake timed out. A timed-out handshake counts as an error
+    /// too, as in ghostunnel.
     pub fn accepted(&self, result: Result<(), bool>) {
         let g = &self.ghostunnel;
         match result {
@@ -276,14 +262,14 @@ impl TunnelMetrics {
         if outcome == Outcome::Expired {
             self.ghostunnel.conn_timeout.fetch_add(1, Ordering::Relaxed);
         }
-        self.outcomes[outcome.index()].fetch_add(1, Ordering::Relaxed);
-        self.bytes_up.fetch_add(up, Ordering::Relaxed);
-        self.bytes_down.fetch_add(down, Ordering::Relaxed);
+        self.outcomes[outcome.index()].inc();
+        self.bytes_up.inc_by(up);
+        self.bytes_down.inc_by(down);
         self.duration.observe(elapsed);
     }
 
     pub fn open_connections(&self) -> i64 {
-        self.open.load(Ordering::Relaxed)
+        self.open.get()
     }
 }
 
@@ -293,7 +279,7 @@ pub struct OpenGuard(Arc<TunnelMetrics>, std::time::Instant);
 
 impl Drop for OpenGuard {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::Relaxed);
+        self.0.open.dec();
         let g = &self.0.ghostunnel;
         g.conn_open.fetch_sub(1, Ordering::Relaxed);
         g.lifetime.observe(self.1.elapsed());
@@ -303,34 +289,167 @@ impl Drop for OpenGuard {
 /// Identifies a tunnel's series: its name and side.
 pub type Key = (String, &'static str);
 
-/// All tunnels' metrics, plus process-wide counters.
-#[derive(Default)]
-pub struct Metrics {
-    pub ghostunnel: Arc<Ghostunnel>,
-    tunnels: Mutex<BTreeMap<Key, Arc<TunnelMetrics>>>,
-    reloads_ok: AtomicU64,
-    reloads_failed: AtomicU64,
-}
-
 /// Values computed at scrape time rather than counted: per tunnel, its certificate's expiry.
 pub type Expiries = Vec<(Key, Option<i64>)>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TunnelLabels {
+    tunnel: String,
+    side: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    tunnel: String,
+    side: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    tunnel: String,
+    side: String,
+    direction: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: String,
+}
+
+type Histograms = Family<TunnelLabels, Histogram, fn() -> Histogram>;
+
+/// The metric families, each also registered in the registry (a family is a shared handle).
+struct Families {
+    connections: Family<OutcomeLabels, Counter>,
+    open: Family<TunnelLabels, Gauge>,
+    bytes: Family<DirectionLabels, Counter>,
+    handshake: Histograms,
+    duration: Histograms,
+    expiry: Family<TunnelLabels, Gauge>,
+    reloads: Family<ResultLabels, Counter>,
+}
+
+/// All tunnels' metrics, plus process-wide ones.
+pub struct Metrics {
+    pub ghostunnel: Arc<Ghostunnel>,
+    registry: Registry,
+    families: Families,
+    tunnels: Mutex<BTreeMap<Key, Arc<TunnelMetrics>>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        let families = Families {
+            connections: Family::default(),
+            open: Family::default(),
+            bytes: Family::default(),
+            handshake: Family::new_with_constructor(|| {
+                Histogram::new(HANDSHAKE_BUCKETS.iter().copied())
+            }),
+            duration: Family::new_with_constructor(|| {
+                Histogram::new(DURATION_BUCKETS.iter().copied())
+            }),
+            expiry: Family::default(),
+            reloads: Family::default(),
+        };
+        let mut registry = Registry::default();
+        let f = &families;
+        registry.register(
+            "legate_connections",
+            "Connections (streams, over legate/1) by how they ended",
+            f.connections.clone(),
+        );
+        registry.register(
+            "legate_open_connections",
+            "Connections open now",
+            f.open.clone(),
+        );
+        registry.register(
+            "legate_bytes",
+            "Bytes relayed; up is consumer to service",
+            f.bytes.clone(),
+        );
+        registry.register(
+            "legate_handshake_duration_seconds",
+            "TLS handshake time",
+            f.handshake.clone(),
+        );
+        registry.register(
+            "legate_connection_duration_seconds",
+            "Connection lifetime",
+            f.duration.clone(),
+        );
+        registry.register(
+            "legate_certificate_expiry_timestamp_seconds",
+            "When the tunnel's current certificate expires (Unix time)",
+            f.expiry.clone(),
+        );
+        registry.register("legate_reloads", "Reloads by result", f.reloads.clone());
+        // Both results are series from startup, at 0.
+        for result in ["ok", "failed"] {
+            drop(f.reloads.get_or_create(&ResultLabels {
+                result: result.into(),
+            }));
+        }
+        Metrics {
+            ghostunnel: Arc::default(),
+            registry,
+            families,
+            tunnels: Mutex::default(),
+        }
+    }
+}
 
 impl Metrics {
     /// The series of a tunnel, created on first use and kept across reloads.
     pub fn tunnel(&self, name: &str, side: &'static str) -> Arc<TunnelMetrics> {
         let mut map = self.tunnels.lock().unwrap_or_else(|e| e.into_inner());
         map.entry((name.to_string(), side))
-            .or_insert_with(|| Arc::new(TunnelMetrics::new(self.ghostunnel.clone())))
+            .or_insert_with(|| {
+                let f = &self.families;
+                let labels = TunnelLabels {
+                    tunnel: name.into(),
+                    side: side.into(),
+                };
+                let outcomes = Outcome::ALL
+                    .iter()
+                    .map(|o| {
+                        f.connections.get_or_create_owned(&OutcomeLabels {
+                            tunnel: name.into(),
+                            side: side.into(),
+                            outcome: o.as_str().into(),
+                        })
+                    })
+                    .collect();
+                let bytes = |direction: &str| {
+                    f.bytes.get_or_create_owned(&DirectionLabels {
+                        tunnel: name.into(),
+                        side: side.into(),
+                        direction: direction.into(),
+                    })
+                };
+                Arc::new(TunnelMetrics {
+                    ghostunnel: self.ghostunnel.clone(),
+                    outcomes,
+                    open: f.open.get_or_create_owned(&labels),
+                    bytes_up: bytes("up"),
+                    bytes_down: bytes("down"),
+                    handshake: Timed::new(f.handshake.get_or_create_owned(&labels)),
+                    duration: Timed::new(f.duration.get_or_create_owned(&labels)),
+                })
+            })
             .clone()
     }
 
     pub fn reloaded(&self, ok: bool) {
-        let c = if ok {
-            &self.reloads_ok
-        } else {
-            &self.reloads_failed
-        };
-        c.fetch_add(1, Ordering::Relaxed);
+        let result = if ok { "ok" } else { "failed" };
+        self.families
+            .reloads
+            .get_or_create(&ResultLabels {
+                result: result.into(),
+            })
+            .inc();
     }
 
     fn entries(&self) -> Vec<(Key, Arc<TunnelMetrics>)> {
@@ -338,121 +457,26 @@ impl Metrics {
         map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 
-    /// Prometheus text exposition format, version 0.0.4.
+    /// The Prometheus text (OpenMetrics) of every series, with the expiries set as they are now.
     pub fn prometheus(&self, expiries: &Expiries) -> String {
-        let entries = self.entries();
+        let expiry = &self.families.expiry;
+        expiry.clear();
+        for ((tunnel, side), t) in expiries {
+            if let Some(t) = t {
+                let labels = TunnelLabels {
+                    tunnel: tunnel.clone(),
+                    side: side.to_string(),
+                };
+                expiry.get_or_create(&labels).set(*t);
+            }
+        }
         let mut out = String::new();
-        let labels = |(name, side): &Key| format!("tunnel=\"{}\",side=\"{side}\"", escape(name));
-
-        header(
-            &mut out,
-            "legate_connections_total",
-            "counter",
-            "Connections by how they ended.",
-        );
-        for (key, m) in &entries {
-            for (i, outcome) in Outcome::ALL.iter().enumerate() {
-                let n = m.outcomes[i].load(Ordering::Relaxed);
-                let _ = writeln!(
-                    out,
-                    "legate_connections_total{{{},outcome=\"{outcome}\"}} {n}",
-                    labels(key)
-                );
-            }
-        }
-        header(
-            &mut out,
-            "legate_open_connections",
-            "gauge",
-            "Connections open now.",
-        );
-        for (key, m) in &entries {
-            let _ = writeln!(
-                out,
-                "legate_open_connections{{{}}} {}",
-                labels(key),
-                m.open_connections()
-            );
-        }
-        header(
-            &mut out,
-            "legate_bytes_total",
-            "counter",
-            "Bytes relayed; up is consumer to service.",
-        );
-        for (key, m) in &entries {
-            for (dir, c) in [("up", &m.bytes_up), ("down", &m.bytes_down)] {
-                let _ = writeln!(
-                    out,
-                    "legate_bytes_total{{{},direction=\"{dir}\"}} {}",
-                    labels(key),
-                    c.load(Ordering::Relaxed)
-                );
-            }
-        }
-        for (name, help, pick) in [
-            (
-                "legate_handshake_duration_seconds",
-                "TLS handshake time.",
-                (|m: &TunnelMetrics| &m.handshake) as fn(&TunnelMetrics) -> &Histogram,
-            ),
-            (
-                "legate_connection_duration_seconds",
-                "Connection lifetime.",
-                |m: &TunnelMetrics| &m.duration,
-            ),
-        ] {
-            header(&mut out, name, "histogram", help);
-            for (key, m) in &entries {
-                let (buckets, sum) = pick(m).snapshot();
-                for (bound, count) in &buckets {
-                    let le = if bound.is_infinite() {
-                        "+Inf".to_string()
-                    } else {
-                        bound.to_string()
-                    };
-                    let _ = writeln!(out, "{name}_bucket{{{},le=\"{le}\"}} {count}", labels(key));
-                }
-                let count = buckets.last().map_or(0, |b| b.1);
-                let _ = writeln!(out, "{name}_sum{{{}}} {sum}", labels(key));
-                let _ = writeln!(out, "{name}_count{{{}}} {count}", labels(key));
-            }
-        }
-        header(
-            &mut out,
-            "legate_certificate_expiry_timestamp_seconds",
-            "gauge",
-            "When the tunnel's current certificate expires (Unix time).",
-        );
-        for (key, expiry) in expiries {
-            if let Some(t) = expiry {
-                let _ = writeln!(
-                    out,
-                    "legate_certificate_expiry_timestamp_seconds{{{}}} {t}",
-                    labels(key)
-                );
-            }
-        }
-        header(
-            &mut out,
-            "legate_reloads_total",
-            "counter",
-            "Reloads by result.",
-        );
-        let _ = writeln!(
-            out,
-            "legate_reloads_total{{result=\"ok\"}} {}",
-            self.reloads_ok.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "legate_reloads_total{{result=\"failed\"}} {}",
-            self.reloads_failed.load(Ordering::Relaxed)
-        );
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
 
-    /// The same figures as JSON.
+    /// The same figures as JSON (`/_metrics/legate`).
     pub fn json(&self, expiries: &Expiries) -> serde_json::Value {
         let expiry: BTreeMap<&Key, Option<i64>> = expiries.iter().map(|(k, v)| (k, *v)).collect();
         let tunnels: Vec<_> = self
@@ -461,58 +485,35 @@ impl Metrics {
             .map(|(key, m)| {
                 let outcomes: serde_json::Map<String, serde_json::Value> = Outcome::ALL
                     .iter()
-                    .enumerate()
-                    .map(|(i, o)| {
-                        (
-                            o.as_str().to_string(),
-                            m.outcomes[i].load(Ordering::Relaxed).into(),
-                        )
-                    })
+                    .zip(&m.outcomes)
+                    .map(|(o, c)| (o.as_str().to_string(), c.get().into()))
                     .collect();
-                let histogram = |h: &Histogram| {
-                    let (buckets, sum) = h.snapshot();
-                    serde_json::json!({
-                        "buckets": buckets.iter().map(|(b, c)| serde_json::json!({
-                            "le": if b.is_infinite() { "+Inf".to_string() } else { b.to_string() },
-                            "count": c,
-                        })).collect::<Vec<_>>(),
-                        "sum": sum,
-                        "count": buckets.last().map_or(0, |b| b.1),
-                    })
-                };
                 serde_json::json!({
                     "tunnel": key.0,
                     "side": key.1,
                     "connections": outcomes,
                     "open_connections": m.open_connections(),
-                    "bytes_up": m.bytes_up.load(Ordering::Relaxed),
-                    "bytes_down": m.bytes_down.load(Ordering::Relaxed),
-                    "handshake_duration_seconds": histogram(&m.handshake),
-                    "connection_duration_seconds": histogram(&m.duration),
+                    "bytes_up": m.bytes_up.get(),
+                    "bytes_down": m.bytes_down.get(),
+                    "handshake_duration_seconds": m.handshake.json(),
+                    "connection_duration_seconds": m.duration.json(),
                     "certificate_expiry_timestamp_seconds": expiry.get(key).copied().flatten(),
                 })
             })
             .collect();
+        let reloads = |result: &str| {
+            self.families
+                .reloads
+                .get_or_create(&ResultLabels {
+                    result: result.into(),
+                })
+                .get()
+        };
         serde_json::json!({
             "tunnels": tunnels,
-            "reloads": {
-                "ok": self.reloads_ok.load(Ordering::Relaxed),
-                "failed": self.reloads_failed.load(Ordering::Relaxed),
-            },
+            "reloads": { "ok": reloads("ok"), "failed": reloads("failed") },
         })
     }
-}
-
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-}
-
-/// Escapes a label value: backslash, double quote and newline.
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 #[cfg(test)]
@@ -520,41 +521,76 @@ mod tests {
     use super::*;
 
     #[test]
-    fn histogram_buckets_are_cumulative() {
-        let h = Histogram::new(&[0.1, 1.0]);
-        h.observe(Duration::from_millis(50));
-        h.observe(Duration::from_millis(500));
-        h.observe(Duration::from_secs(5));
-        let (b, sum) = h.snapshot();
-        assert_eq!(b.iter().map(|x| x.1).collect::<Vec<_>>(), vec![1, 2, 3]);
-        assert!((sum - 5.55).abs() < 1e-6);
-    }
-
-    #[test]
     fn prometheus_text_has_every_series() {
         let m = Metrics::default();
         let t = m.tunnel("cache\"x", "server");
         let guard = t.open();
-        t.handshake.observe(Duration::from_millis(3));
+        t.handshake_done(Duration::from_millis(3));
         t.finished(Outcome::Ok, 10, 20, Duration::from_millis(40));
         let text = m.prometheus(&vec![(("cache\"x".into(), "server"), Some(1_900_000_000))]);
+        for needle in [
+            "legate_connections_total{tunnel=\"cache\\\"x\",side=\"server\",outcome=\"ok\"} 1",
+            "legate_connections_total{tunnel=\"cache\\\"x\",side=\"server\",outcome=\"expired\"} 0",
+            "legate_open_connections{tunnel=\"cache\\\"x\",side=\"server\"} 1",
+            "direction=\"down\"} 20",
+            "legate_handshake_duration_seconds_bucket{le=\"0.005\",tunnel=\"cache\\\"x\",side=\"server\"} 1",
+            "legate_connection_duration_seconds_count{tunnel=\"cache\\\"x\",side=\"server\"} 1",
+            "legate_certificate_expiry_timestamp_seconds{tunnel=\"cache\\\"x\",side=\"server\"} 1900000000",
+            "legate_reloads_total{result=\"failed\"} 0",
+            "# TYPE legate_connections counter",
+            "# EOF",
+        ] {
+            assert!(text.contains(needle), "{needle} missing:\n{text}");
+        }
+        drop(guard);
+        let text = m.prometheus(&vec![]);
+        assert!(text.contains("legate_open_connections{tunnel=\"cache\\\"x\",side=\"server\"} 0"));
+        // A tunnel whose expiry is no longer known has no expiry series.
         assert!(
-            text.contains(
-                "legate_connections_total{tunnel=\"cache\\\"x\",side=\"server\",outcome=\"ok\"} 1"
-            ),
+            !text.contains("legate_certificate_expiry_timestamp_seconds{"),
             "{text}"
         );
-        assert!(text.contains("legate_open_connections{tunnel=\"cache\\\"x\",side=\"server\"} 1"));
-        assert!(text.contains("direction=\"down\"} 20"));
-        assert!(text.contains("legate_handshake_duration_seconds_bucket{tunnel=\"cache\\\"x\",side=\"server\",le=\"0.005\"} 1"));
-        assert!(text.contains(
-            "legate_connection_duration_seconds_count{tunnel=\"cache\\\"x\",side=\"server\"} 1"
-        ));
-        assert!(text.contains("legate_certificate_expiry_timestamp_seconds{tunnel=\"cache\\\"x\",side=\"server\"} 1900000000"));
-        drop(guard);
-        assert!(
-            m.prometheus(&vec![])
-                .contains("legate_open_connections{tunnel=\"cache\\\"x\",side=\"server\"} 0")
-        );
+    }
+
+    #[test]
+    fn timers_expand_as_go_metrics_does() {
+        let t = Timer::default();
+        assert!(t.expand().iter().all(|(_, v)| *v == 0.0));
+        for ms in 1..=100 {
+            t.observe(Duration::from_millis(ms));
+        }
+        let e: BTreeMap<_, _> = t.expand().into_iter().collect();
+        assert_eq!(e["count"], 100.0);
+        assert_eq!(e["min"], 1e6);
+        assert_eq!(e["max"], 1e8);
+        assert_eq!(e["mean"], 50.5e6);
+        // go-metrics: position p(n+1) = 50.5, between the 50th and 51st values.
+        assert_eq!(e["50-percentile"], 50.5e6);
+        assert_eq!(e["99-percentile"], 99.99e6);
+        // The statistics cover the most recent observations only; the count covers all.
+        for _ in 0..TIMER_SAMPLE {
+            t.observe(Duration::from_millis(7));
+        }
+        let e: BTreeMap<_, _> = t.expand().into_iter().collect();
+        assert_eq!(e["count"], (100 + TIMER_SAMPLE) as f64);
+        assert_eq!((e["min"], e["max"]), (7e6, 7e6));
+    }
+
+    #[test]
+    fn ghostunnel_json_names_every_series_under_the_prefix() {
+        let g = Ghostunnel::default();
+        g.accept_total.fetch_add(3, Ordering::Relaxed);
+        let list = g.json("edge", "host-1", 1_700_000_000);
+        let list = list.as_array().unwrap();
+        assert_eq!(list.len(), 6 + 2 * 8);
+        assert!(list.iter().all(|m| m["hostname"] == "host-1"
+            && m["timestamp"] == 1_700_000_000
+            && m["metric"].as_str().unwrap().starts_with("edge.")));
+        let total = list
+            .iter()
+            .find(|m| m["metric"] == "edge.accept.total")
+            .unwrap();
+        assert_eq!(total["value"], 3);
+        assert!(total["value"].is_u64(), "counters are integers: {total}");
     }
 }

@@ -1,5 +1,6 @@
-//! The status listener: `GET /_status` (JSON health) and `GET /_metrics` (Prometheus text, or
-//! JSON with `?format=json`), over HTTPS with a tunnel's live certificate or over plain HTTP.
+//! The status listener: `GET /_status` (JSON health, ghostunnel's keys), `GET /_metrics`
+//! (ghostunnel's JSON list; Prometheus text at `/_metrics/prometheus`), optionally
+//! `/debug/pprof/goroutine`, over HTTPS with a tunnel's live certificate or over plain HTTP.
 //!
 //! In: the daemon's shared [`State`]. Out: small HTTP/1.1 responses, one per connection. The
 //! HTTP handling is deliberately minimal (a request line and headers, no body, then close):
@@ -283,7 +284,8 @@ async fn respond<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, state: &State) {
 }
 
 const JSON: &str = "application/json";
-const PROMETHEUS: &str = "text/plain; version=0.0.4";
+/// What `prometheus-client` writes: the OpenMetrics text, which Prometheus asks for first.
+const PROMETHEUS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// The answer to `GET path?query`: code, content type, body.
 async fn route(state: &State, path: &str, query: &str) -> (u16, &'static str, String) {

@@ -51,6 +51,7 @@ fn status_and_metrics_over_https_with_the_live_certificate() {
         "legate_bytes_total{tunnel=\"server\",side=\"server\",direction=\"down\"} 8",
         "legate_open_connections{tunnel=\"server\",side=\"server\"} 0",
         "legate_handshake_duration_seconds_count{tunnel=\"server\",side=\"server\"} 1",
+        "legate_reloads_total{result=\"ok\"} 0",
         "legate_connection_duration_seconds_count{tunnel=\"server\",side=\"server\"} 1",
         "legate_certificate_expiry_timestamp_seconds{tunnel=\"server\",side=\"server\"} ",
         "# TYPE legate_handshake_duration_seconds histogram",
@@ -59,7 +60,7 @@ fn status_and_metrics_over_https_with_the_live_certificate() {
     }
     let again = http_get(status, "/_metrics?format=prometheus", Some(&pki.ca_cert())).body;
     assert!(
-        again.contains("# TYPE legate_connections_total counter"),
+        again.contains("# TYPE legate_connections counter"),
         "{again}"
     );
     let json = http_get(status, "/_metrics/legate", Some(&pki.ca_cert()));
