@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::certs::KeyType;
-use crate::config::{ProcessFile, Side, TunnelFile};
+use crate::config::{ProcessFile, Side, Targets, TunnelFile};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -72,8 +72,14 @@ pub struct CommonArgs {
     #[arg(long, value_name = "ADDR")]
     pub listen: String,
     /// Where to forward: the service (server side) or the legate server (client side).
+    /// Repeatable: several endpoints share the connections (see --balance), a failed connect
+    /// tries the next. Each is ADDR[,weight=N][,name=TLS-NAME].
     #[arg(long, value_name = "ADDR")]
-    pub target: Option<String>,
+    pub target: Vec<String>,
+    /// How new connections are spread over several endpoints: p2c (fewest open connections of
+    /// two drawn at random, per unit of weight; the default) or round-robin (by weight).
+    #[arg(long, value_name = "POLICY")]
+    pub balance: Option<crate::config::Balance>,
     /// Do not resolve --target (or a route) at startup: it may not exist yet.
     #[arg(long)]
     pub skip_resolve: bool,
@@ -184,7 +190,8 @@ pub struct ServerArgs {
     /// Admit clients with this IP address SAN (repeatable).
     #[arg(long, value_name = "IP", alias = "allow-ip-san")]
     pub allow_ip: Vec<String>,
-    /// A named route for legate/1 clients: NAME=ADDR (repeatable).
+    /// A named route for legate/1 clients: NAME=ADDR (repeatable; the same NAME again adds an
+    /// endpoint to that route).
     #[arg(long = "route", value_name = "NAME=ADDR", value_parser = parse_route)]
     pub routes: Vec<(String, String)>,
     /// Allow a --target (or route) that is not on loopback.
@@ -308,7 +315,11 @@ impl CommonArgs {
         TunnelFile {
             side: Some(side),
             listen: Some(self.listen),
-            target: self.target,
+            target: self.target.into_iter().fold(None, |mut t, entry| {
+                Targets::push(&mut t, entry);
+                t
+            }),
+            balance: self.balance,
             cert: self.cert,
             key: self.key,
             keystore: self.keystore,
@@ -342,7 +353,14 @@ impl ServerArgs {
         f.allow_dns = self.allow_dns;
         f.allow_uri = self.allow_uri;
         f.allow_ip = self.allow_ip;
-        f.routes = self.routes.into_iter().collect::<BTreeMap<_, _>>();
+        let mut routes: BTreeMap<String, Option<Targets>> = BTreeMap::new();
+        for (name, entry) in self.routes {
+            Targets::push(routes.entry(name).or_default(), entry);
+        }
+        f.routes = routes
+            .into_iter()
+            .filter_map(|(name, t)| Some((name, t?)))
+            .collect();
         f.unsafe_target = self.unsafe_target;
         f.proxy_protocol = self.proxy_protocol;
         f.idle_timeout = self.idle_timeout;

@@ -94,12 +94,18 @@ impl Daemon {
             .local_addr()
             .unwrap_or_else(|_| cfg.listen.to_string());
         log_start(&cfg, &listen);
+        let upstreams = tunnel.upstreams();
         let stop = CancellationToken::new();
         let server = tokio::spawn(tunnel.serve(stop.clone(), self.tracker.clone()));
         self.running.insert(
             cfg.name.clone(),
             Running {
-                view: TunnelView { cfg, listen, tls },
+                view: TunnelView {
+                    cfg,
+                    listen,
+                    tls,
+                    upstreams,
+                },
                 stop,
                 server,
             },

@@ -42,3 +42,4 @@ pub mod relay;
 pub mod status;
 pub mod tls;
 pub mod tunnel;
+pub mod upstream;

@@ -15,31 +15,26 @@ use crate::dial;
 use crate::inbound::ConnInfo;
 use crate::log::Record;
 use crate::mux::{self, Answer, Open, RefuseCode};
-use crate::net::{Address, Stream};
+use crate::net::Stream;
 use crate::outcome::{Failure, Outcome, fail};
-use crate::peer_pool::{Dialed, PeerPool};
+use crate::peer_pool::{Dialed, PeerPool, Peers};
 use crate::proxy_protocol;
 use crate::relay;
 use crate::tls::ClientStream;
+use crate::upstream::{InUse, Set};
 
-/// Server side: the target for a route name ("" is the default target).
-pub fn route<'a>(cfg: &'a TunnelConfig, route: &str) -> Option<&'a Address> {
-    if route.is_empty() {
-        cfg.target.as_ref()
-    } else {
-        cfg.routes.get(route)
-    }
-}
-
-/// Server side: connects to the service behind `target` (the route's), and sends it the PROXY
-/// header when configured. A failure carries the code to refuse the stream with.
+/// Server side: connects to the service behind `set` (the route's endpoints), and sends it the
+/// PROXY header when configured. A failed connect tries the next endpoint; each attempt has its
+/// own deadline inside `--connect-timeout` (half of what is left while others remain, so one
+/// that never answers cannot spend it all). `rec.target` names the endpoint used (or last
+/// tried). A failure carries the code to refuse the stream with.
 pub async fn service(
     cfg: &TunnelConfig,
-    target: Option<&Address>,
-    rec: &Record,
+    set: Option<&Set>,
+    rec: &mut Record,
     info: &ConnInfo,
-) -> Result<Stream, (RefuseCode, Failure)> {
-    let Some(target) = target else {
+) -> Result<(Stream, InUse), (RefuseCode, Failure)> {
+    let Some(set) = set else {
         let detail = match rec.route.as_deref() {
             None | Some("") => {
                 "no default target: this server only serves named routes".to_string()
@@ -51,9 +46,33 @@ pub async fn service(
             fail(Outcome::UnknownRoute, detail),
         ));
     };
-    let mut plain = match dial::dial(target, cfg.connect_timeout).await {
-        Ok(tcp) => tcp,
-        Err(e) => return Err((RefuseCode::DialFailed, fail(Outcome::DialFailed, e))),
+    let deadline = tokio::time::Instant::now() + cfg.connect_timeout;
+    let mut tried = Vec::new();
+    let mut errors = Vec::new();
+    let (mut plain, in_use) = loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let next = set.pick(&tried).filter(|_| !left.is_zero());
+        let Some(endpoint) = next else {
+            if errors.is_empty() {
+                errors.push(format!("no time left within {:?}", cfg.connect_timeout));
+            }
+            let detail = errors.join("; ");
+            return Err((RefuseCode::DialFailed, fail(Outcome::DialFailed, detail)));
+        };
+        tried.push(endpoint.index);
+        let others = tried.len() < set.endpoints().len();
+        let budget = if others { left / 2 } else { left };
+        rec.target = Some(endpoint.spec.addr.to_string());
+        match dial::dial(&endpoint.spec.addr, budget).await {
+            Ok(plain) => {
+                endpoint.succeeded();
+                break (plain, endpoint.begin());
+            }
+            Err(e) => {
+                endpoint.failed(&e.to_string());
+                errors.push(e.to_string());
+            }
+        }
     };
     plain.tune(None);
     if cfg.proxy_protocol {
@@ -72,7 +91,7 @@ pub async fn service(
             return Err((RefuseCode::DialFailed, fail(Outcome::DialFailed, detail)));
         }
     }
-    Ok(plain)
+    Ok((plain, in_use))
 }
 
 /// The most consumer bytes sent ahead of READY, kept to send again if the stream must be
@@ -98,24 +117,70 @@ impl Early {
     }
 }
 
-/// Client side: a carrier for one consumer connection, ready to relay. A stream the server did
-/// nothing with (its connection died before READY, or was draining) is opened again on another
-/// connection with the same early bytes, so nothing is lost or repeated (docs/protocol.md has
-/// the one window left).
+/// Client side: a carrier for one consumer connection, ready to relay, and the server
+/// ambassador it goes to (counted open while the guard lives). The balancer picks the
+/// ambassador; one that cannot be reached, or refuses the stream without having done anything
+/// with it (`dial_failed`, `unavailable`, `draining`), is passed over for the next with the
+/// same early bytes, so the consumer notices nothing.
 pub async fn peer(
+    peers: &Peers,
+    cfg: &TunnelConfig,
+    consumer: &mut Stream,
+    rec: &mut Record,
+    early: &mut Early,
+) -> Result<(Carrier<ClientStream>, InUse), Failure> {
+    let mut tried = Vec::new();
+    let mut last = None;
+    while let Some(endpoint) = peers.set.pick(&tried) {
+        tried.push(endpoint.index);
+        rec.target = Some(endpoint.spec.addr.to_string());
+        let pool = &peers.pools[endpoint.index];
+        match on_pool(pool, cfg, consumer, rec, early).await {
+            Ok(carrier) => return Ok((carrier, endpoint.begin())),
+            Err(Settled::Elsewhere(f)) => {
+                if tried.len() < peers.set.endpoints().len() {
+                    tracing::debug!(tunnel = %cfg.name, endpoint = %endpoint.spec.addr, error = %f.detail, "trying the next server");
+                }
+                last = Some(f);
+            }
+            Err(Settled::Final(f)) => return Err(f),
+            Err(Settled::Retry(why)) => return Err(fail(Outcome::ProtocolError, why)),
+        }
+    }
+    Err(last.unwrap_or_else(|| fail(Outcome::DialFailed, "no server to connect to")))
+}
+
+/// [`peer`] on one server ambassador's pool. A stream the server did nothing with (its
+/// connection died before READY, or was draining) is opened again on another connection with
+/// the same early bytes, so nothing is lost or repeated (docs/protocol.md has the one window
+/// left).
+async fn on_pool(
     pool: &Arc<PeerPool>,
     cfg: &TunnelConfig,
     consumer: &mut Stream,
     rec: &mut Record,
     early: &mut Early,
-) -> Result<Carrier<ClientStream>, Failure> {
+) -> Result<Carrier<ClientStream>, Settled> {
     let open = Open {
         route: cfg.route.clone(),
         consumer: rec.peer.socket_addr(),
     };
+    let endpoint = pool.endpoint();
     let mut tries = 0;
     loop {
-        match pool.connection().await? {
+        let dialed = match pool.connection().await {
+            Ok(d) => {
+                endpoint.succeeded();
+                d
+            }
+            Err(f) => {
+                if matches!(f.outcome, Outcome::DialFailed | Outcome::HandshakeFailed) {
+                    endpoint.failed(&f.detail);
+                }
+                return Err(Settled::Elsewhere(f));
+            }
+        };
+        match dialed {
             Dialed::Raw {
                 mut tls,
                 session,
@@ -125,13 +190,13 @@ pub async fn peer(
                 rec.identity = Some(identity);
                 if !cfg.route.is_empty() {
                     let _ = tls.shutdown().await;
-                    return Err(fail(
+                    return Err(Settled::Final(fail(
                         Outcome::ProtocolError,
                         format!(
                             "the server did not take legate/1, which --route {:?} needs",
                             cfg.route
                         ),
-                    ));
+                    )));
                 }
                 if !early.is_empty() {
                     // Bytes a failed stream had taken from the consumer.
@@ -140,10 +205,10 @@ pub async fn peer(
                         tls.flush().await
                     };
                     sent.await.map_err(|e| {
-                        fail(
+                        Settled::Final(fail(
                             Outcome::DialFailed,
                             format!("server connection failed: {e}"),
-                        )
+                        ))
                     })?;
                 }
                 return Ok(Carrier::Raw(tls));
@@ -159,12 +224,11 @@ pub async fn peer(
                 }
                 match Box::pin(answer(cfg, &mut stream, consumer, early)).await {
                     Ok(()) => return Ok(Carrier::Stream(stream)),
-                    Err(Settled::Final(f)) => return Err(f),
                     Err(Settled::Retry(why)) if tries < 3 => {
                         tries += 1;
                         tracing::debug!(tunnel = %cfg.name, error = %why, "stream was not taken; opening it on a fresh connection");
                     }
-                    Err(Settled::Retry(why)) => return Err(fail(Outcome::ProtocolError, why)),
+                    Err(other) => return Err(other),
                 }
             }
         }
@@ -175,8 +239,11 @@ pub async fn peer(
 enum Settled {
     /// Refused, or failed in a way another connection would not mend.
     Final(Failure),
-    /// Nothing was done with it: open it again elsewhere.
+    /// Nothing was done with it: open it again on another connection to the same server.
     Retry(String),
+    /// This server cannot take it (unreachable, or refused it with nothing done): try another
+    /// server ambassador, if there is one.
+    Elsewhere(Failure),
 }
 
 /// Waits for the answer to OPEN, meanwhile sending the consumer's bytes behind it (kept to send
@@ -200,10 +267,18 @@ async fn answer(
             answer = tokio::time::timeout_at(deadline, stream.answer()) => {
                 return match answer {
                     Ok(Answer::Ready) => Ok(()),
-                    Ok(Answer::Refused(code, message)) => Err(refused(format!(
-                        "server refused route {:?}: {code}: {message}",
-                        cfg.route
-                    ))),
+                    Ok(Answer::Refused(code, message)) => {
+                        let why = format!("server refused route {:?}: {code}: {message}", cfg.route);
+                        match code {
+                            // Nothing reached the service: another server may do better.
+                            RefuseCode::DialFailed
+                            | RefuseCode::Unavailable
+                            | RefuseCode::Draining => {
+                                Err(Settled::Elsewhere(fail(Outcome::Refused, why)))
+                            }
+                            _ => Err(refused(why)),
+                        }
+                    }
                     Ok(Answer::Gone { why, retry: true }) => Err(Settled::Retry(why)),
                     Ok(Answer::Gone { why, retry: false }) => {
                         Err(Settled::Final(fail(Outcome::ProtocolError, why)))

@@ -30,13 +30,60 @@ use crate::config::TunnelConfig;
 use crate::dial;
 use crate::metrics::TunnelMetrics;
 use crate::mux::{Conn, Role};
+use crate::net::Address;
 use crate::outcome::{Failure, Outcome, fail};
 use crate::tls::{self, ClientStream, ClientTls, PeerIdentity};
+use crate::upstream::{Endpoint, Set};
+use rustls::pki_types::ServerName;
 
 /// How long a server keeps an idle connection when its HELLO does not say.
 const ASSUMED_IDLE: Duration = Duration::from_secs(30);
 /// How often a kept connection is asked to prove itself live (or `--keepalive`, if shorter).
 const PING_EVERY: Duration = Duration::from_secs(5);
+
+/// A client tunnel's server ambassadors: the set the balancer picks from, and a pool per
+/// endpoint (by index).
+pub struct Peers {
+    pub set: Set,
+    pub pools: Vec<Arc<PeerPool>>,
+}
+
+impl Peers {
+    /// `names`: per endpoint, the name its certificate must carry (checked at startup).
+    pub fn new(
+        cfg: Arc<TunnelConfig>,
+        tls: Arc<ClientTls>,
+        names: Vec<ServerName<'static>>,
+        metrics: Arc<TunnelMetrics>,
+        stop: CancellationToken,
+    ) -> Arc<Peers> {
+        let upstream = cfg.target.clone().expect("a client side has a target");
+        let set = Set::new(&upstream, cfg.balance);
+        let pools = set
+            .endpoints()
+            .iter()
+            .zip(names)
+            .map(|(e, name)| {
+                let endpoint = (e.clone(), name);
+                PeerPool::new(
+                    cfg.clone(),
+                    tls.clone(),
+                    endpoint,
+                    metrics.clone(),
+                    stop.clone(),
+                )
+            })
+            .collect();
+        Arc::new(Peers { set, pools })
+    }
+
+    /// Starts each pool (see [`PeerPool::start`]).
+    pub fn start(&self) {
+        for pool in &self.pools {
+            pool.start();
+        }
+    }
+}
 
 /// What a consumer connection is carried on.
 pub enum Dialed {
@@ -97,6 +144,9 @@ struct State {
 pub struct PeerPool {
     cfg: Arc<TunnelConfig>,
     tls: Arc<ClientTls>,
+    /// The server ambassador this pool connects to, and the name its certificate must carry.
+    endpoint: Arc<Endpoint>,
+    server_name: ServerName<'static>,
     metrics: Arc<TunnelMetrics>,
     state: Mutex<State>,
     /// While the kind is being learned (or the first kept connection made), one dial at a
@@ -109,10 +159,11 @@ pub struct PeerPool {
 }
 
 impl PeerPool {
-    /// A pool that has opened nothing yet. `stop` ends its keeper.
-    pub fn new(
+    /// A pool for `endpoint` that has opened nothing yet. `stop` ends its keeper.
+    fn new(
         cfg: Arc<TunnelConfig>,
         tls: Arc<ClientTls>,
+        endpoint: (Arc<Endpoint>, ServerName<'static>),
         metrics: Arc<TunnelMetrics>,
         stop: CancellationToken,
     ) -> Arc<PeerPool> {
@@ -120,6 +171,8 @@ impl PeerPool {
         Arc::new(PeerPool {
             cfg,
             tls,
+            endpoint: endpoint.0,
+            server_name: endpoint.1,
             metrics,
             state: Mutex::new(State {
                 kind: Kind::Unknown,
@@ -199,7 +252,7 @@ impl PeerPool {
 
     /// A new connection for a consumer: it becomes the pool's if the peer takes `legate/1`.
     async fn dial(self: &Arc<Self>, generation: u64) -> Result<Dialed, Failure> {
-        let (tls, identity) = match dial_peer(&self.cfg, &self.tls, Some(&self.metrics)).await {
+        let (tls, identity) = match self.dial_peer(Some(&self.metrics)).await {
             Ok(dialed) => dialed,
             Err(f) => {
                 // What was learned of a peer that cannot be reached now is stale.
@@ -265,10 +318,28 @@ impl PeerPool {
     }
 
     fn target(&self) -> String {
-        self.cfg
-            .target
-            .as_ref()
-            .map_or_else(String::new, ToString::to_string)
+        self.endpoint.spec.addr.to_string()
+    }
+
+    /// The server ambassador this pool connects to.
+    pub fn endpoint(&self) -> &Arc<Endpoint> {
+        &self.endpoint
+    }
+
+    /// A new TLS connection to this pool's server, outside the pool (`/_status` probes).
+    pub async fn dial_peer(
+        &self,
+        metrics: Option<&TunnelMetrics>,
+    ) -> Result<(ClientStream, PeerIdentity), Failure> {
+        let target = &self.endpoint.spec.addr;
+        dial_peer(
+            &self.cfg,
+            target,
+            &self.tls,
+            self.server_name.clone(),
+            metrics,
+        )
+        .await
     }
 
     /// Starts the keeper, once.
@@ -357,9 +428,12 @@ impl PeerPool {
     async fn open_kept(self: &Arc<Self>, generation: u64) -> Result<(), Option<String>> {
         // Consumers that arrive meanwhile wait for this connection rather than dial their own.
         let one = self.opening.lock().await;
-        let (mut tls, identity) = dial_peer(&self.cfg, &self.tls, None)
-            .await
-            .map_err(|f| Some(f.detail))?;
+        let dialed = self.dial_peer(None).await;
+        match &dialed {
+            Ok(_) => self.endpoint.succeeded(),
+            Err(f) => self.endpoint.failed(&f.detail),
+        }
+        let (mut tls, identity) = dialed.map_err(|f| Some(f.detail))?;
         if !tls::negotiated_legate(tls.get_ref().1) {
             tracing::warn!(tunnel = %self.cfg.name, target = %self.target(), "server did not take legate/1 although this tunnel expects a legate server (--peer-is-legate or --route); keeping no connections, each consumer gets its own");
             self.set_kind(Kind::Raw, generation);
@@ -385,23 +459,23 @@ impl PeerPool {
     }
 }
 
-/// Connects to the server ambassador and completes the handshake, both within the connect
-/// timeout (the handshake checks the server against the `--verify-*` pins).
-pub async fn dial_peer(
+/// Connects to the server ambassador at `target` and completes the handshake (checking its
+/// certificate for `name`), both within the connect timeout (the handshake checks the server
+/// against the `--verify-*` pins).
+async fn dial_peer(
     cfg: &TunnelConfig,
+    target: &Address,
     client: &ClientTls,
+    name: ServerName<'static>,
     metrics: Option<&TunnelMetrics>,
 ) -> Result<(ClientStream, PeerIdentity), Failure> {
-    let Some(target) = cfg.target.as_ref() else {
-        return Err(fail(Outcome::DialFailed, "no server to connect to"));
-    };
     let deadline = Instant::now() + cfg.connect_timeout;
     let tcp = dial::dial(target, cfg.connect_timeout)
         .await
         .map_err(|e| fail(Outcome::DialFailed, e))?;
     tcp.tune(Some(cfg.keepalive));
     let handshake = Instant::now();
-    let tls = match tokio::time::timeout_at(deadline.into(), client.connect(tcp)).await {
+    let tls = match tokio::time::timeout_at(deadline.into(), client.connect_as(tcp, name)).await {
         Ok(Ok(tls)) => {
             if let Some(m) = metrics {
                 m.handshake_done(handshake.elapsed());

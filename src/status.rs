@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::TunnelConfig;
 use crate::metrics::{Expiries, Metrics};
 use crate::net::Listener;
-use crate::tunnel::{self, TlsEnd};
+use crate::tunnel::{self, TlsEnd, Upstreams};
 
 /// How long a status client gets to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -47,6 +47,7 @@ pub struct TunnelView {
     pub cfg: Arc<TunnelConfig>,
     pub listen: String,
     pub tls: TlsEnd,
+    pub upstreams: Upstreams,
 }
 
 struct Inner {
@@ -143,8 +144,8 @@ impl State {
         // Probe every backend at once: the slowest decides how long /_status takes.
         let mut probes = tokio::task::JoinSet::new();
         for (i, t) in tunnels.iter().enumerate() {
-            let (cfg, tls) = (t.cfg.clone(), t.tls.clone());
-            probes.spawn(async move { (i, tunnel::probe_backend(&cfg, &tls).await) });
+            let (cfg, upstreams) = (t.cfg.clone(), t.upstreams.clone());
+            probes.spawn(async move { (i, tunnel::probe_backend(&cfg, &upstreams).await) });
         }
         let mut results: Vec<Result<(), String>> =
             vec![Err("probe did not finish".to_string()); tunnels.len()];
@@ -170,6 +171,7 @@ impl State {
                 "forward_address": forward(&t.cfg),
                 "backend_ok": result.is_ok(),
                 "backend_error": result.err(),
+                "endpoints": endpoints(t),
             }));
         }
         let backend_ok = errors.is_empty();
@@ -203,6 +205,23 @@ impl State {
         doc["forward_address"] = join(&tunnels, |t| forward(&t.cfg)).into();
         (ok, doc)
     }
+}
+
+/// Each endpoint of a tunnel: its route, address, passive health and open connections.
+fn endpoints(t: &TunnelView) -> Vec<serde_json::Value> {
+    t.upstreams
+        .endpoints(&t.cfg)
+        .iter()
+        .map(|(route, e)| {
+            serde_json::json!({
+                "route": route,
+                "address": e.spec.addr.to_string(),
+                "weight": e.spec.weight,
+                "state": e.state().as_str(),
+                "open": e.open(),
+            })
+        })
+        .collect()
 }
 
 fn join(tunnels: &[TunnelView], f: impl Fn(&TunnelView) -> String) -> String {

@@ -32,10 +32,12 @@ use crate::mux::{self, Open, RefuseCode};
 use crate::net::{Address, Listener, PeerAddr, Stream};
 use crate::outbound::{self, Early};
 use crate::outcome::{Failure, Outcome, fail};
-use crate::peer_pool::{self, PeerPool};
+use crate::peer_pool::{PeerPool, Peers};
 use crate::relay;
 use crate::tls::{self, ClientTls, ServerStream, ServerTls};
+use crate::upstream::{Endpoint, Routes};
 use crate::{dial, health};
+use rustls::pki_types::ServerName;
 
 /// Why a tunnel could not start.
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +106,8 @@ impl TlsEnd {
 pub struct Prepared {
     cfg: Arc<TunnelConfig>,
     tls: TlsEnd,
+    /// Client side: per server ambassador, the name its certificate must carry.
+    names: Vec<ServerName<'static>>,
 }
 
 impl Prepared {
@@ -127,16 +131,24 @@ impl Prepared {
             tunnel: cfg.name.clone(),
             source,
         })?;
+        let names = match (cfg.side, &cfg.target) {
+            (Side::Client, Some(target)) => target
+                .endpoints
+                .iter()
+                .map(|e| tls::server_name(&cfg.server_name_of(e)))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|source| Error::Tls {
+                    tunnel: cfg.name.clone(),
+                    source,
+                })?,
+            _ => Vec::new(),
+        };
         // A name that does not resolve now is a typo far more often than a service not yet
         // up; say so at startup rather than at the first connection (unless told it may not
         // exist yet, with --skip-resolve).
-        let checked = if cfg.skip_resolve {
-            None
-        } else {
-            cfg.target.as_ref()
-        };
-        let routes = cfg.routes.values().filter(|_| !cfg.skip_resolve);
-        for target in checked.into_iter().chain(routes) {
+        let upstreams = cfg.target.iter().chain(cfg.routes.values());
+        let checked = upstreams.filter(|_| !cfg.skip_resolve);
+        for target in checked.flat_map(|u| u.addresses()) {
             let Address::Tcp(hp) = target else { continue };
             if let Err(source) =
                 std::net::ToSocketAddrs::to_socket_addrs(&(hp.host.as_str(), hp.port))
@@ -151,6 +163,7 @@ impl Prepared {
         Ok(Prepared {
             cfg: Arc::new(cfg),
             tls,
+            names,
         })
     }
 
@@ -179,19 +192,22 @@ impl Prepared {
         });
         let stop = CancellationToken::new();
         let peers = match &self.tls {
-            TlsEnd::Client(client) => Some(PeerPool::new(
+            TlsEnd::Client(client) => Some(Peers::new(
                 self.cfg.clone(),
                 client.clone(),
+                self.names,
                 metrics.clone(),
                 stop.clone(),
             )),
             TlsEnd::Server(_) => None,
         };
+        let routes = Arc::new(Routes::new(&self.cfg));
         Ok(Tunnel {
             shared: Arc::new(Shared {
                 limit: (self.cfg.max_concurrent_conns > 0)
                     .then(|| Arc::new(tokio::sync::Semaphore::new(self.cfg.max_concurrent_conns))),
                 peers,
+                routes,
                 cfg: self.cfg,
                 tls: self.tls,
                 metrics,
@@ -207,8 +223,10 @@ struct Shared {
     cfg: Arc<TunnelConfig>,
     tls: TlsEnd,
     metrics: Arc<TunnelMetrics>,
-    /// Client side: the connections to the server ambassador.
-    peers: Option<Arc<PeerPool>>,
+    /// Client side: the server ambassadors and the connections to each.
+    peers: Option<Arc<Peers>>,
+    /// Server side: the default target's endpoints and each route's.
+    routes: Arc<Routes>,
     /// Server side, `--max-concurrent-conns` for multiplexed streams: each counts as one
     /// connection (the TLS connections are capped by the acceptor).
     limit: Option<Arc<tokio::sync::Semaphore>>,
@@ -266,12 +284,11 @@ async fn serve_conn(t: &Arc<Shared>, tcp: Stream, peer: PeerAddr, stop: &Cancell
 
 /// Client side: one consumer connection: a carrier to the server ambassador (the consumer's
 /// first bytes go with the stream's OPEN), then the relay.
-async fn serve_consumer(t: &Shared, peers: &Arc<PeerPool>, mut tcp: Stream, peer: PeerAddr) {
+async fn serve_consumer(t: &Shared, peers: &Peers, mut tcp: Stream, peer: PeerAddr) {
     let cfg = &t.cfg;
     let started = Instant::now();
     let mut rec = Record::new(peer);
     tcp.tune(None);
-    rec.target = cfg.target.as_ref().map(ToString::to_string);
     let result = async {
         let mut early = Early::default();
         let carrier = Box::pin(outbound::peer(peers, cfg, &mut tcp, &mut rec, &mut early))
@@ -279,7 +296,7 @@ async fn serve_consumer(t: &Shared, peers: &Arc<PeerPool>, mut tcp: Stream, peer
             .inspect_err(|_| rec.totals.up = early.len());
         t.metrics
             .accepted(carrier.as_ref().map(|_| ()).map_err(|_| false));
-        let mut carrier = carrier?;
+        let (mut carrier, _in_use) = carrier?;
         // The early bytes will not be sent again: do not hold them for the connection's life.
         let (early_len, sent_end) = (early.len(), early.done);
         drop(early);
@@ -360,9 +377,8 @@ async fn serve_stream(
     let route = open.as_ref().map_or("", |o| o.route.as_str());
     rec.route = open.as_ref().map(|o| o.route.clone());
     rec.consumer = open.as_ref().and_then(|o| o.consumer);
-    let target = outbound::route(cfg, route);
-    rec.target = target.map(ToString::to_string);
-    let service = Box::pin(outbound::service(cfg, target, &rec, info)).await;
+    let set = t.routes.get(route).map(|s| &**s);
+    let service = Box::pin(outbound::service(cfg, set, &mut rec, info)).await;
     // A raw connection is its one stream: its onward connection decides whether it was set up.
     if matches!(carrier, Carrier::Raw(_)) {
         t.metrics
@@ -373,7 +389,7 @@ async fn serve_stream(
             carrier.refuse(code, &f.detail).await;
             Err(f)
         }
-        Ok(plain) => {
+        Ok((plain, _in_use)) => {
             carrier.ready();
             let totals = carrier
                 .relay(plain, cfg.close_timeout, false, cfg.max_conn_lifetime)
@@ -503,35 +519,126 @@ fn finish(t: &Shared, rec: &Record, started: Instant, result: Result<(), Failure
     log::log_end(&t.cfg, rec, elapsed, result);
 }
 
-/// Checks that this tunnel could serve a connection now, for `/_status`: the server side
-/// connects to each target; the client side completes a TLS handshake with its server and,
-/// over `legate/1`, waits for the greeting that says it was admitted.
-pub async fn probe_backend(cfg: &TunnelConfig, tls: &TlsEnd) -> Result<(), String> {
-    let timeout = cfg.connect_timeout.min(Duration::from_secs(5));
-    match tls {
-        TlsEnd::Server(_) => {
-            if let (Some(url), Some(target)) = (&cfg.target_status, &cfg.target) {
-                return health::http_status(target, url, cfg.connect_timeout).await;
+/// A running tunnel's endpoints, for `/_status`.
+#[derive(Clone)]
+pub enum Upstreams {
+    Server(Arc<Routes>),
+    Client(Arc<Peers>),
+}
+
+impl Upstreams {
+    /// Every endpoint with its route ("" for the default target; client side: the route it
+    /// asks for).
+    pub fn endpoints(&self, cfg: &TunnelConfig) -> Vec<(String, Arc<Endpoint>)> {
+        match self {
+            Upstreams::Server(routes) => {
+                let default = routes.default.iter().map(|s| (String::new(), s));
+                let named = routes.named.iter().map(|(n, s)| (n.clone(), s));
+                default
+                    .chain(named)
+                    .flat_map(|(route, set)| {
+                        set.endpoints()
+                            .iter()
+                            .map(move |e| (route.clone(), e.clone()))
+                    })
+                    .collect()
             }
-            for target in cfg.target.iter().chain(cfg.routes.values()) {
-                dial::dial(target, timeout)
-                    .await
-                    .map_err(|e| e.to_string())?;
-            }
-            Ok(())
+            Upstreams::Client(peers) => peers
+                .set
+                .endpoints()
+                .iter()
+                .map(|e| (cfg.route.clone(), e.clone()))
+                .collect(),
         }
-        TlsEnd::Client(client) => probe_peer(cfg, client, timeout).await,
     }
 }
 
-async fn probe_peer(
-    cfg: &TunnelConfig,
-    client: &ClientTls,
-    timeout: Duration,
-) -> Result<(), String> {
-    let (mut tls, _) = peer_pool::dial_peer(cfg, client, None)
-        .await
-        .map_err(|f| f.detail)?;
+impl Tunnel {
+    pub fn upstreams(&self) -> Upstreams {
+        match &self.shared.peers {
+            Some(peers) => Upstreams::Client(peers.clone()),
+            None => Upstreams::Server(self.shared.routes.clone()),
+        }
+    }
+}
+
+/// Checks that this tunnel could serve a connection now, for `/_status`: the server side
+/// connects to each target (or GETs `--target-status` through it); the client side completes a
+/// TLS handshake with its server and, over `legate/1`, waits for the greeting that says it was
+/// admitted. A route (or the client's set of servers) is healthy when one of its endpoints is.
+pub async fn probe_backend(cfg: &TunnelConfig, upstreams: &Upstreams) -> Result<(), String> {
+    let timeout = cfg.connect_timeout.min(Duration::from_secs(5));
+    match upstreams {
+        Upstreams::Server(routes) => {
+            if let (Some(url), Some(set)) = (&cfg.target_status, &routes.default) {
+                let checks = set
+                    .endpoints()
+                    .iter()
+                    .map(|e| health::http_status(&e.spec.addr, url, cfg.connect_timeout));
+                return any_ok(futures_all(checks).await);
+            }
+            let sets = routes.default.iter().chain(routes.named.values());
+            for set in sets {
+                let dials = set.endpoints().iter().map(|e| async move {
+                    dial::dial(&e.spec.addr, timeout)
+                        .await
+                        .map(drop)
+                        .map_err(|e| e.to_string())
+                });
+                any_ok(futures_all(dials).await)?;
+            }
+            Ok(())
+        }
+        Upstreams::Client(peers) => {
+            let probes = peers.pools.iter().map(|p| probe_peer(p, timeout));
+            any_ok(futures_all(probes).await)
+        }
+    }
+}
+
+/// Runs the futures at once and collects their results in order.
+async fn futures_all<T: Send + 'static>(
+    futures: impl Iterator<Item = impl Future<Output = T>>,
+) -> Vec<T> {
+    let mut out = Vec::new();
+    // Few endpoints per route: joined in one task rather than spawned.
+    let mut pending: Vec<_> = futures.map(Box::pin).collect();
+    let mut results: Vec<Option<T>> = pending.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut done = true;
+        for (i, f) in pending.iter_mut().enumerate() {
+            if results[i].is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => results[i] = Some(v),
+                    std::task::Poll::Pending => done = false,
+                }
+            }
+        }
+        if done {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    out.extend(results.into_iter().flatten());
+    out
+}
+
+/// Ok if any is; otherwise every error, joined.
+fn any_ok(results: Vec<Result<(), String>>) -> Result<(), String> {
+    if results.iter().any(Result::is_ok) {
+        return Ok(());
+    }
+    Err(results
+        .into_iter()
+        .filter_map(Result::err)
+        .collect::<Vec<_>>()
+        .join("; "))
+}
+
+async fn probe_peer(pool: &PeerPool, timeout: Duration) -> Result<(), String> {
+    let (mut tls, _) = pool.dial_peer(None).await.map_err(|f| f.detail)?;
     if !tls::negotiated_legate(tls.get_ref().1) {
         let _ = tokio::io::AsyncWriteExt::shutdown(&mut tls).await;
         return Ok(());

@@ -15,6 +15,9 @@ use crate::mux::frame as protocol;
 pub use crate::net::{Address, HostPort};
 use crate::tls::{self, Rules, TlsVersions};
 
+mod upstream;
+pub use upstream::{Balance, EndpointSpec, Targets, Upstream};
+
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -57,10 +60,13 @@ impl fmt::Display for Side {
 pub struct TunnelFile {
     pub side: Option<Side>,
     pub listen: Option<String>,
-    pub target: Option<String>,
-    /// Server side: route name → target, for `legate/1` clients that name a route.
+    /// One endpoint, or a list: `ADDRESS[,weight=N][,name=TLS-NAME]` each.
+    pub target: Option<Targets>,
+    /// Server side: route name → target(s), for `legate/1` clients that name a route.
     #[serde(default)]
-    pub routes: BTreeMap<String, String>,
+    pub routes: BTreeMap<String, Targets>,
+    /// How new connections are spread over several endpoints (`p2c` or `round-robin`).
+    pub balance: Option<Balance>,
     /// Client side: the route to ask the server for.
     pub route: Option<String>,
     pub cert: Option<PathBuf>,
@@ -144,10 +150,12 @@ pub struct TunnelConfig {
     pub name: String,
     pub side: Side,
     pub listen: Address,
-    /// Client side: the server ambassador. Server side: the default target, if any.
-    pub target: Option<Address>,
+    /// Client side: the server ambassador(s). Server side: the default target, if any.
+    pub target: Option<Upstream>,
     /// Server side: named routes.
-    pub routes: BTreeMap<String, Address>,
+    pub routes: BTreeMap<String, Upstream>,
+    /// How new connections are spread over an upstream's endpoints.
+    pub balance: Balance,
     /// Client side: the route it asks for ("" for the server's default target).
     pub route: String,
     pub tls: tls::Files,
@@ -156,8 +164,10 @@ pub struct TunnelConfig {
     pub allow: Rules,
     /// Client side: what the server's certificate must also carry.
     pub verify: Rules,
-    /// Client side: the name the server's certificate must be valid for.
+    /// Client side: the name the first server's certificate must be valid for.
     pub server_name: String,
+    /// Client side: `--override-server-name`, for endpoints without a `name=` of their own.
+    pub override_server_name: Option<String>,
     pub connect_timeout: Duration,
     pub close_timeout: Duration,
     pub handshake_timeout: Duration,
@@ -451,12 +461,14 @@ impl TunnelFile {
             listen: listen.expect("checked above"),
             target,
             routes,
+            balance: self.balance.unwrap_or_default(),
             route,
             tls: tls_files,
             tls_versions,
             allow,
             verify,
             server_name,
+            override_server_name: self.override_server_name.clone(),
             connect_timeout: t.connect,
             close_timeout: t.close,
             handshake_timeout: t.handshake,
@@ -479,7 +491,11 @@ impl TunnelFile {
         &self,
         p: &mut Vec<String>,
         base: Option<&Path>,
-    ) -> (Option<Address>, Option<Address>, BTreeMap<String, Address>) {
+    ) -> (
+        Option<Address>,
+        Option<Upstream>,
+        BTreeMap<String, Upstream>,
+    ) {
         let listen = match &self.listen {
             Some(l) => address(p, "--listen", l, base),
             None => {
@@ -487,10 +503,11 @@ impl TunnelFile {
                 None
             }
         };
-        let target = self
-            .target
-            .as_ref()
-            .and_then(|t| address(p, "--target", t, base));
+        let target = self.target.as_ref().and_then(|t| {
+            Upstream::parse("--target", t, base)
+                .map_err(|e| p.push(e))
+                .ok()
+        });
         let mut routes = BTreeMap::new();
         for (route, t) in &self.routes {
             if route.is_empty() || !protocol::valid_route(route) {
@@ -499,8 +516,11 @@ impl TunnelFile {
                     protocol::MAX_ROUTE
                 ));
             }
-            if let Some(a) = address(p, &format!("route {route:?}"), t, base) {
-                routes.insert(route.clone(), a);
+            match Upstream::parse(&format!("route {route:?}"), t, base) {
+                Ok(u) => {
+                    routes.insert(route.clone(), u);
+                }
+                Err(e) => p.push(e),
             }
         }
         (listen, target, routes)
@@ -683,8 +703,8 @@ impl TunnelFile {
         p: &mut Vec<String>,
         allow: &Rules,
         verify: &Rules,
-        target: Option<&Address>,
-        routes: &BTreeMap<String, Address>,
+        target: Option<&Upstream>,
+        routes: &BTreeMap<String, Upstream>,
     ) {
         if self.disable_authentication {
             if !allow.is_empty() {
@@ -712,7 +732,8 @@ impl TunnelFile {
             p.push("--target is required (host:port of the service), or at least one route".into());
         }
         if !self.unsafe_target {
-            for t in target.into_iter().chain(routes.values()) {
+            let all = target.into_iter().chain(routes.values());
+            for t in all.flat_map(Upstream::addresses) {
                 if !t.is_local() {
                     p.push(format!(
                         "target {t} is not a loopback address: the plaintext would cross the network; pass --unsafe-target if that is intended"
@@ -727,7 +748,7 @@ impl TunnelFile {
         &self,
         p: &mut Vec<String>,
         allow: &Rules,
-        routes: &BTreeMap<String, Address>,
+        routes: &BTreeMap<String, Upstream>,
         listen: Option<&Address>,
     ) -> String {
         if !allow.is_empty() {
@@ -777,17 +798,20 @@ impl TunnelFile {
         route
     }
 
-    /// The name the server's certificate is checked against (client side).
-    fn server_name(&self, p: &mut Vec<String>, side: Side, target: Option<&Address>) -> String {
-        let name = self
-            .override_server_name
-            .clone()
-            .or_else(|| target.and_then(|t| t.host()).map(str::to_string))
-            .unwrap_or_default();
-        if side == Side::Client && name.is_empty() && matches!(target, Some(Address::Unix(_))) {
-            p.push("a unix: target has no host name to check the server's certificate against; set --override-server-name".into());
+    /// The name the server's certificate is checked against (client side), for the first
+    /// endpoint; each endpoint has its own ([`TunnelConfig::server_name_of`]).
+    fn server_name(&self, p: &mut Vec<String>, side: Side, target: Option<&Upstream>) -> String {
+        let Some(target) = target else {
+            return self.override_server_name.clone().unwrap_or_default();
+        };
+        if side == Side::Client && self.override_server_name.is_none() {
+            for e in &target.endpoints {
+                if e.name.is_none() && matches!(e.addr, Address::Unix(_)) {
+                    p.push(format!("a unix: target ({}) has no host name to check the server's certificate against; set --override-server-name or ,name=NAME", e.addr));
+                }
+            }
         }
-        name
+        server_name_of(self.override_server_name.as_deref(), &target.endpoints[0])
     }
 
     /// `--target-status`: an `http://` or `https://` URL, server side only.
@@ -800,6 +824,24 @@ impl TunnelFile {
         TargetStatus::parse(url)
             .map_err(|e| p.push(format!("--target-status {url:?}: {e}")))
             .ok()
+    }
+}
+
+/// The name endpoint `e`'s certificate must be valid for: its own `name=`, else
+/// `--override-server-name`, else its host.
+fn server_name_of(override_name: Option<&str>, e: &EndpointSpec) -> String {
+    e.name
+        .as_deref()
+        .or(override_name)
+        .or(e.addr.host())
+        .unwrap_or_default()
+        .to_string()
+}
+
+impl TunnelConfig {
+    /// Client side: the name endpoint `e`'s certificate must be valid for.
+    pub fn server_name_of(&self, e: &EndpointSpec) -> String {
+        server_name_of(self.override_server_name.as_deref(), e)
     }
 }
 
@@ -1108,7 +1150,7 @@ colour = "blue"
         let f = TunnelFile {
             side: Some(Side::Server),
             listen: Some("0.0.0.0:8443".into()),
-            target: Some("10.0.0.5:6379".into()),
+            target: Some(Targets::One("10.0.0.5:6379".into())),
             cert: Some("c".into()),
             key: Some("k".into()),
             cacert: Some("ca".into()),

@@ -711,11 +711,7 @@ impl ClientTls {
         offer_legate: bool,
     ) -> Result<ClientTls, Error> {
         let snapshot = ClientSnapshot::load(files, min, offer_legate, pins)?;
-        let server_name = ServerName::try_from(server_name.to_string()).map_err(|_| {
-            Error::Config(format!(
-                "{server_name:?} is not a valid server name; set --override-server-name"
-            ))
-        })?;
+        let server_name = self::server_name(server_name)?;
         Ok(ClientTls {
             files: files.clone(),
             min,
@@ -753,11 +749,28 @@ impl ClientTls {
 
     /// Runs the client handshake on `tcp`. The caller bounds it with a timeout.
     pub async fn connect(&self, tcp: Stream) -> std::io::Result<ClientStream> {
-        let connector = self.current.load().connector.clone();
-        connector
-            .connect(self.server_name.clone(), ReadAhead::new(tcp))
-            .await
+        self.connect_as(tcp, self.server_name.clone()).await
     }
+
+    /// [`ClientTls::connect`], checking the server's certificate against `name` (an endpoint's
+    /// own name).
+    pub async fn connect_as(
+        &self,
+        tcp: Stream,
+        name: ServerName<'static>,
+    ) -> std::io::Result<ClientStream> {
+        let connector = self.current.load().connector.clone();
+        connector.connect(name, ReadAhead::new(tcp)).await
+    }
+}
+
+/// A name a server's certificate is checked against, or what is wrong with it.
+pub fn server_name(name: &str) -> Result<ServerName<'static>, Error> {
+    ServerName::try_from(name.to_string()).map_err(|_| {
+        Error::Config(format!(
+            "{name:?} is not a valid server name; set --override-server-name or ,name=NAME"
+        ))
+    })
 }
 
 /// The verified identity of the peer on an established connection.

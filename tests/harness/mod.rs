@@ -500,7 +500,14 @@ pub struct Backend {
 impl Backend {
     /// Runs `handler` on each accepted connection in its own thread.
     pub fn start(handler: impl Fn(TcpStream) + Send + Sync + 'static) -> Backend {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        Backend::start_on(TcpListener::bind("127.0.0.1:0").unwrap(), handler)
+    }
+
+    /// [`Backend::start`] on a listener bound already (a port chosen before).
+    pub fn start_on(
+        listener: TcpListener,
+        handler: impl Fn(TcpStream) + Send + Sync + 'static,
+    ) -> Backend {
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let count = accepted.clone();
@@ -518,7 +525,12 @@ impl Backend {
 
     /// A backend that writes `tag` followed by everything it receives (an echo).
     pub fn echo(tag: &'static [u8]) -> Backend {
-        Backend::start(move |mut s| {
+        Backend::echo_on(TcpListener::bind("127.0.0.1:0").unwrap(), tag)
+    }
+
+    /// [`Backend::echo`] on a listener bound already.
+    pub fn echo_on(listener: TcpListener, tag: &'static [u8]) -> Backend {
+        Backend::start_on(listener, move |mut s| {
             if s.write_all(tag).is_err() {
                 return;
             }

@@ -1,0 +1,316 @@
+//! Upstreams: a route's endpoints (server side: service instances; client side: server
+//! ambassadors), which one takes a new connection, and what each one's connects say about it.
+//!
+//! In: an [`Upstream`] from the config and the balance policy. Out: [`Set::pick`], an endpoint
+//! for the next attempt (never one already tried for this connection), and per endpoint its
+//! passive health and open connections. When every endpoint is ejected, they are all tried
+//! anyway (panic mode): a route with no healthy endpoint would refuse everyone, while one that
+//! is merely believed down may have come back.
+
+pub mod passive;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use std::collections::BTreeMap;
+
+use crate::config::{Balance, EndpointSpec, TunnelConfig, Upstream};
+
+pub use passive::State;
+
+/// One endpoint and what is known of it.
+#[derive(Debug)]
+pub struct Endpoint {
+    pub spec: EndpointSpec,
+    /// Its place in its set.
+    pub index: usize,
+    health: Mutex<passive::Passive>,
+    open: AtomicUsize,
+}
+
+impl Endpoint {
+    fn health(&self) -> std::sync::MutexGuard<'_, passive::Passive> {
+        self.health.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn state(&self) -> State {
+        self.health().state(Instant::now())
+    }
+
+    /// Connections open to it now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// A connect to it worked.
+    pub fn succeeded(&self) {
+        if self.health().succeeded(Instant::now()) {
+            tracing::info!(endpoint = %self.spec.addr, "endpoint readmitted");
+        }
+    }
+
+    /// A connect to it failed.
+    pub fn failed(&self, why: &str) {
+        if self.health().failed(Instant::now()) {
+            tracing::warn!(endpoint = %self.spec.addr, error = %why, "endpoint ejected after failed connects; retried after a back-off");
+        }
+    }
+
+    /// Counts a connection to it as open until the guard drops (what the balancer weighs).
+    pub fn begin(self: &Arc<Self>) -> InUse {
+        self.open.fetch_add(1, Ordering::Relaxed);
+        InUse(self.clone())
+    }
+}
+
+/// An open connection to an endpoint; the count falls when it drops.
+#[derive(Debug)]
+pub struct InUse(pub Arc<Endpoint>);
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A route's endpoints.
+#[derive(Debug)]
+pub struct Set {
+    endpoints: Vec<Arc<Endpoint>>,
+    balance: Balance,
+    /// Smooth weighted round robin's current weights, by endpoint index.
+    current: Mutex<Vec<i64>>,
+}
+
+impl Set {
+    pub fn new(upstream: &Upstream, balance: Balance) -> Set {
+        let endpoints: Vec<_> = upstream
+            .endpoints
+            .iter()
+            .enumerate()
+            .map(|(index, spec)| {
+                Arc::new(Endpoint {
+                    spec: spec.clone(),
+                    index,
+                    health: Mutex::default(),
+                    open: AtomicUsize::new(0),
+                })
+            })
+            .collect();
+        let current = Mutex::new(vec![0; endpoints.len()]);
+        Set {
+            endpoints,
+            balance,
+            current,
+        }
+    }
+
+    pub fn endpoints(&self) -> &[Arc<Endpoint>] {
+        &self.endpoints
+    }
+
+    /// The endpoint for the next attempt, not one in `tried`; `None` when all were tried.
+    pub fn pick(&self, tried: &[usize]) -> Option<Arc<Endpoint>> {
+        let now = Instant::now();
+        let untried: Vec<&Arc<Endpoint>> = self
+            .endpoints
+            .iter()
+            .filter(|e| !tried.contains(&e.index))
+            .collect();
+        let healthy: Vec<Candidate> = untried
+            .iter()
+            .filter(|e| e.health().available(now))
+            .map(|e| candidate(e))
+            .collect();
+        // Panic mode: every untried endpoint is ejected, so try them anyway.
+        let candidates = if healthy.is_empty() {
+            untried.iter().map(|e| candidate(e)).collect()
+        } else {
+            healthy
+        };
+        let chosen = match self.balance {
+            Balance::P2c => p2c(&candidates, |n| fastrand::usize(..n)),
+            Balance::RoundRobin => {
+                let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+                round_robin(&candidates, &mut current)
+            }
+        }?;
+        Some(self.endpoints[chosen].clone())
+    }
+}
+
+/// Server side: the default target's set and each route's.
+#[derive(Debug, Default)]
+pub struct Routes {
+    pub default: Option<Arc<Set>>,
+    pub named: BTreeMap<String, Arc<Set>>,
+}
+
+impl Routes {
+    pub fn new(cfg: &TunnelConfig) -> Routes {
+        let set = |u: &Upstream| Arc::new(Set::new(u, cfg.balance));
+        Routes {
+            default: cfg.target.as_ref().map(set),
+            named: cfg
+                .routes
+                .iter()
+                .map(|(name, u)| (name.clone(), set(u)))
+                .collect(),
+        }
+    }
+
+    /// The set for a route name ("" is the default target).
+    pub fn get(&self, route: &str) -> Option<&Arc<Set>> {
+        if route.is_empty() {
+            self.default.as_ref()
+        } else {
+            self.named.get(route)
+        }
+    }
+}
+
+fn candidate(e: &Endpoint) -> Candidate {
+    Candidate {
+        index: e.index,
+        weight: e.spec.weight,
+        open: e.open(),
+    }
+}
+
+/// What the pickers see of an endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Candidate {
+    pub index: usize,
+    pub weight: u32,
+    pub open: usize,
+}
+
+/// Power of two random choices: two distinct candidates drawn with `random(n)` (uniform in
+/// `0..n`), and of those the one with fewer open connections per unit of weight.
+pub fn p2c(candidates: &[Candidate], mut random: impl FnMut(usize) -> usize) -> Option<usize> {
+    match candidates.len() {
+        0 => None,
+        1 => Some(candidates[0].index),
+        n => {
+            let a = random(n);
+            let b = (a + 1 + random(n - 1)) % n;
+            let (x, y) = (candidates[a], candidates[b]);
+            // open / weight compared without division.
+            let load = |c: Candidate, other: Candidate| c.open as u64 * u64::from(other.weight);
+            Some(if load(y, x) < load(x, y) {
+                y.index
+            } else {
+                x.index
+            })
+        }
+    }
+}
+
+/// Smooth weighted round robin (nginx's): each candidate's current weight grows by its weight;
+/// the largest is chosen and pays back the total. `current` is by endpoint index.
+pub fn round_robin(candidates: &[Candidate], current: &mut [i64]) -> Option<usize> {
+    let total: i64 = candidates.iter().map(|c| i64::from(c.weight)).sum();
+    let mut best: Option<usize> = None;
+    for c in candidates {
+        current[c.index] += i64::from(c.weight);
+        if best.is_none_or(|b| current[c.index] > current[b]) {
+            best = Some(c.index);
+        }
+    }
+    let b = best?;
+    current[b] -= total;
+    Some(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cands(spec: &[(u32, usize)]) -> Vec<Candidate> {
+        spec.iter()
+            .enumerate()
+            .map(|(index, &(weight, open))| Candidate {
+                index,
+                weight,
+                open,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn round_robin_follows_the_weights_smoothly() {
+        let c = cands(&[(1, 0), (3, 0)]);
+        let mut current = vec![0; 2];
+        let picks: Vec<_> = (0..8)
+            .map(|_| round_robin(&c, &mut current).unwrap())
+            .collect();
+        // 1:3, interleaved rather than in runs.
+        assert_eq!(picks, [1, 0, 1, 1, 1, 0, 1, 1]);
+        assert_eq!(round_robin(&[], &mut current), None);
+    }
+
+    #[test]
+    fn round_robin_over_a_subset_skips_the_others() {
+        let all = cands(&[(1, 0), (1, 0), (1, 0)]);
+        let without_middle = [all[0], all[2]];
+        let mut current = vec![0; 3];
+        let picks: Vec<_> = (0..4)
+            .map(|_| round_robin(&without_middle, &mut current).unwrap())
+            .collect();
+        assert_eq!(picks, [0, 2, 0, 2]);
+    }
+
+    #[test]
+    fn p2c_takes_the_less_loaded_of_two_per_weight() {
+        // Draws 0 then 0 (which becomes the next one along): candidates 0 and 1.
+        let zero = |_| 0;
+        assert_eq!(p2c(&cands(&[(1, 5), (1, 2)]), zero), Some(1));
+        assert_eq!(p2c(&cands(&[(1, 2), (1, 5)]), zero), Some(0));
+        // Weight 4 with 6 open is less loaded (1.5) than weight 1 with 2 open.
+        assert_eq!(p2c(&cands(&[(1, 2), (4, 6)]), zero), Some(1));
+        assert_eq!(p2c(&cands(&[(1, 9)]), zero), Some(0));
+        assert_eq!(p2c(&[], zero), None);
+    }
+
+    #[test]
+    fn p2c_never_draws_the_same_candidate_twice() {
+        let c = cands(&[(1, 0), (1, 0), (1, 0)]);
+        for a in 0..3 {
+            for b in 0..2 {
+                let mut draws = [a, b].into_iter();
+                let chosen = p2c(&c, |_| draws.next().unwrap()).unwrap();
+                assert!(chosen < 3);
+            }
+        }
+    }
+
+    #[test]
+    fn a_set_skips_tried_and_ejected_endpoints_and_panics_when_all_are_out() {
+        let upstream = Upstream::parse(
+            "t",
+            &crate::config::Targets::Many(vec!["a:1".into(), "b:2".into(), "c:3".into()]),
+            None,
+        )
+        .unwrap();
+        let set = Set::new(&upstream, Balance::RoundRobin);
+        for _ in 0..passive::FALL {
+            set.endpoints()[0].failed("refused");
+        }
+        assert_eq!(set.endpoints()[0].state(), State::Ejected);
+        for _ in 0..10 {
+            let e = set.pick(&[]).unwrap();
+            assert_ne!(e.index, 0, "an ejected endpoint is skipped");
+        }
+        assert_eq!(set.pick(&[1]).unwrap().index, 2);
+        // Only the ejected one left untried: panic mode tries it.
+        assert_eq!(set.pick(&[1, 2]).unwrap().index, 0);
+        assert!(set.pick(&[0, 1, 2]).is_none());
+        // Open connections are counted while in use.
+        let e = set.pick(&[]).unwrap();
+        let guard = e.begin();
+        assert_eq!(e.open(), 1);
+        drop(guard);
+        assert_eq!(e.open(), 0);
+    }
+}

@@ -1,0 +1,296 @@
+//! Upstreams with several endpoints, on both sides: weighted round robin and power of two
+//! choices, failover on a failed connect (server side: to the next service instance; client
+//! side: to the next server ambassador, with the consumer's early bytes), passive health
+//! ejecting a dead endpoint and readmitting it once it answers, and `/_status` listing each
+//! endpoint.
+
+mod harness;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use harness::{
+    Backend, DEADLINE, Legate, Pki, Redis, Reply, connect, eventually, free_port, http_get,
+    read_all, status_addr,
+};
+
+/// Sends `msg` through `addr`, half-closes, and returns the whole answer.
+fn round_trip(addr: SocketAddr, msg: &[u8]) -> Vec<u8> {
+    let mut s = connect(addr);
+    s.write_all(msg).unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    read_all(&mut s)
+}
+
+/// The first tunnel's endpoints in `/_status`, as (address, state, open).
+fn endpoints(legate: &Legate) -> Vec<(String, String, u64)> {
+    let reply = http_get(status_addr(legate), "/_status", None);
+    let doc: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+    doc["tunnels"][0]["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["address"].as_str().unwrap().to_string(),
+                e["state"].as_str().unwrap().to_string(),
+                e["open"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn state_of(legate: &Legate, addr: &str) -> String {
+    endpoints(legate)
+        .into_iter()
+        .find(|e| e.0 == addr)
+        .unwrap_or_else(|| panic!("{addr} not listed"))
+        .1
+}
+
+#[test]
+fn weighted_round_robin_splits_one_to_three() {
+    let pki = Pki::new();
+    let (a, b) = (Backend::echo(b"a"), Backend::echo(b"b"));
+    let server = Legate::server(
+        &pki,
+        &a.target(),
+        &[
+            "--allow-cn=client",
+            &format!("--target={},weight=3", b.target()),
+            "--balance=round-robin",
+        ],
+    );
+    let client = Legate::client(&pki, "client", server.addr(), &[]);
+    let mut counts = BTreeMap::new();
+    for _ in 0..400 {
+        let tag = round_trip(client.addr(), b"")[0];
+        *counts.entry(tag).or_insert(0) += 1;
+    }
+    let share_a = f64::from(counts[&b'a']) / 400.0;
+    assert!((share_a - 0.25).abs() <= 0.07, "{counts:?}");
+    assert_eq!(counts[&b'a'] + counts[&b'b'], 400);
+}
+
+#[test]
+fn power_of_two_choices_spreads_held_connections_evenly() {
+    let pki = Pki::new();
+    let backends = [
+        Backend::echo(b"0"),
+        Backend::echo(b"1"),
+        Backend::echo(b"2"),
+    ];
+    let flags: Vec<String> = backends[1..]
+        .iter()
+        .map(|b| format!("--target={}", b.target()))
+        .chain([
+            "--allow-cn=client".into(),
+            "--status=http://127.0.0.1:0".into(),
+        ])
+        .collect();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let server = Legate::server(&pki, &backends[0].target(), &flags);
+    let client = Legate::client(&pki, "client", server.addr(), &[]);
+    let mut held = Vec::new();
+    for _ in 0..10 {
+        let mut s = connect(client.addr());
+        let mut tag = [0u8; 1];
+        s.read_exact(&mut tag).unwrap();
+        held.push(s);
+    }
+    let open: Vec<u64> = endpoints(&server).iter().map(|e| e.2).collect();
+    assert_eq!(open.iter().sum::<u64>(), 10, "{open:?}");
+    let (min, max) = (open.iter().min().unwrap(), open.iter().max().unwrap());
+    assert!(max - min <= 2, "{open:?}");
+    drop(held);
+    eventually("the open counts to fall", DEADLINE, || {
+        endpoints(&server).iter().all(|e| e.2 == 0).then_some(())
+    });
+}
+
+#[test]
+fn a_dead_service_endpoint_is_skipped_ejected_and_readmitted_when_it_answers() {
+    let pki = Pki::new();
+    let live = Backend::echo(b"live:");
+    let dead_port = free_port();
+    let dead = format!("127.0.0.1:{dead_port}");
+    let server = Legate::server(
+        &pki,
+        &dead,
+        &[
+            "--allow-cn=client",
+            &format!("--target={}", live.target()),
+            "--balance=round-robin",
+            "--status=http://127.0.0.1:0",
+            "--connect-timeout=2s",
+        ],
+    );
+    let client = Legate::client(&pki, "client", server.addr(), &[]);
+    // Every consumer gets through, whichever endpoint the balancer tried first.
+    for i in 0..10 {
+        let msg = format!("m{i}");
+        let reply = round_trip(client.addr(), msg.as_bytes());
+        assert_eq!(reply, format!("live:{msg}").as_bytes());
+    }
+    assert_eq!(state_of(&server, &dead), "ejected");
+    server
+        .log
+        .wait_for(&["endpoint ejected after failed connects", &dead]);
+
+    // It comes back: after the back-off it is tried on probation and readmitted.
+    let revived = Backend::echo_on(TcpListener::bind(&dead).unwrap(), b"back:");
+    let started = Instant::now();
+    eventually("the revived endpoint to be readmitted", DEADLINE, || {
+        let reply = round_trip(client.addr(), b"x");
+        assert!(reply == b"live:x" || reply == b"back:x", "{reply:?}");
+        (state_of(&server, &dead) == "healthy" && revived.accepted() >= 2).then_some(())
+    });
+    assert!(started.elapsed() < Duration::from_secs(15));
+    server.log.wait_for(&["endpoint readmitted", &dead]);
+}
+
+#[test]
+fn routes_take_several_endpoints_from_repeated_flags_and_toml_lists() {
+    let pki = Pki::new();
+    let (a, b) = (Backend::echo(b"a"), Backend::echo(b"b"));
+    let dir = tempfile::tempdir().unwrap();
+    let config = harness::write_config(
+        dir.path(),
+        &format!(
+            "[tunnels.cache]\nside = \"server\"\nlisten = \"127.0.0.1:0\"\nallow_all = true\n\
+             balance = \"round-robin\"\n{}\
+             [tunnels.cache.routes]\nboth = [\"{}\", \"{},weight=1\"]\n",
+            pki.toml_files("server"),
+            a.target(),
+            b.target()
+        ),
+    );
+    let server = Legate::start(&["run".into(), format!("--config={}", config.display())], 1);
+    let client = Legate::client(&pki, "client", server.addr(), &["--route=both"]);
+    let tags: Vec<u8> = (0..4).map(|_| round_trip(client.addr(), b"")[0]).collect();
+    assert_eq!(tags.iter().filter(|t| **t == b'a').count(), 2, "{tags:?}");
+
+    // Flags: the same route name twice is one route with two endpoints.
+    let server = Legate::server(
+        &pki,
+        &a.target(),
+        &[
+            "--allow-all",
+            &format!("--route=both={}", a.target()),
+            &format!("--route=both={}", b.target()),
+            "--balance=round-robin",
+        ],
+    );
+    let client = Legate::client(&pki, "client", server.addr(), &["--route=both"]);
+    let tags: Vec<u8> = (0..4).map(|_| round_trip(client.addr(), b"")[0]).collect();
+    assert_eq!(tags.iter().filter(|t| **t == b'b').count(), 2, "{tags:?}");
+}
+
+#[test]
+fn a_killed_server_ambassador_costs_no_consumer_an_error() {
+    let pki = Pki::new();
+    let redis = Redis::start();
+    let mut servers: Vec<Legate> = (0..3)
+        .map(|_| Legate::server(&pki, &redis.addr(), &["--allow-cn=client"]))
+        .collect();
+    let targets: Vec<String> = servers
+        .iter()
+        .skip(1)
+        .map(|s| format!("--target=localhost:{}", s.addr().port()))
+        .chain(["--status=http://127.0.0.1:0".into()])
+        .collect();
+    let targets: Vec<&str> = targets.iter().map(String::as_str).collect();
+    let client = Legate::client(&pki, "client", servers[0].addr(), &targets);
+    let incr = |n: usize| {
+        for _ in 0..n {
+            let mut s = connect(client.addr());
+            let reply = harness::resp(&mut s, &[b"INCR", b"counter"]).unwrap();
+            assert!(matches!(reply, Reply::Int(_)), "{reply:?}");
+        }
+    };
+    incr(30);
+    // Every server ambassador took some.
+    for s in &servers {
+        assert!(s.log.count(&["outcome=ok"]) > 0, "{}", s.log.text());
+    }
+    let victim = servers.remove(1);
+    victim.signal(libc::SIGKILL);
+    let mut victim = victim;
+    victim.wait_exit(DEADLINE);
+    // Connections opened after the kill: none fails.
+    incr(60);
+    let mut s = connect(client.addr());
+    assert_eq!(
+        harness::resp(&mut s, &[b"GET", b"counter"]).unwrap(),
+        Reply::Bulk(Some(b"90".to_vec()))
+    );
+    assert_eq!(
+        client.log.count(&["WARN connection failed"]),
+        0,
+        "{}",
+        client.log.text()
+    );
+}
+
+#[test]
+fn client_failover_carries_the_early_bytes_to_the_next_server() {
+    let pki = Pki::new();
+    let backend = Backend::echo(b"ok:");
+    let server = Legate::server(&pki, &backend.target(), &["--allow-cn=client"]);
+    // The first server in the list is not there at all.
+    let nowhere = free_port();
+    let client = Legate::client(
+        &pki,
+        "client",
+        format!("127.0.0.1:{nowhere}").parse().unwrap(),
+        &[
+            &format!("--target=localhost:{}", server.addr().port()),
+            "--balance=round-robin",
+        ],
+    );
+    for i in 0..6 {
+        // Sent at once: these bytes travel with the stream's OPEN (or the raw connection) and
+        // must reach the service exactly once, whichever server was tried first.
+        let msg = format!("early bytes {i}");
+        assert_eq!(
+            round_trip(client.addr(), msg.as_bytes()),
+            format!("ok:{msg}").as_bytes()
+        );
+    }
+    assert_eq!(
+        client.log.count(&["WARN connection failed"]),
+        0,
+        "{}",
+        client.log.text()
+    );
+}
+
+#[test]
+fn status_lists_every_endpoint_and_a_route_is_up_while_one_endpoint_is() {
+    let pki = Pki::new();
+    let live = Backend::echo(b"");
+    let dead = format!("127.0.0.1:{}", free_port());
+    let server = Legate::server(
+        &pki,
+        &live.target(),
+        &[
+            "--allow-all",
+            &format!("--target={dead},weight=2"),
+            "--status=http://127.0.0.1:0",
+        ],
+    );
+    let reply = http_get(status_addr(&server), "/_status", None);
+    assert_eq!(reply.code, 200, "{}", reply.body);
+    let doc: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+    let listed = &doc["tunnels"][0]["endpoints"];
+    assert_eq!(listed[0]["address"], live.target());
+    assert_eq!(listed[1]["address"], dead);
+    assert_eq!(listed[1]["weight"], 2);
+    assert_eq!(
+        doc["forward_address"],
+        format!("{} {dead},weight=2", live.target())
+    );
+    let _ = TcpStream::connect(server.addr());
+}
