@@ -50,7 +50,8 @@ impl Acceptor {
         loop {
             match self.listener.accept().await {
                 Ok((stream, peer)) => return (stream, peer, permit),
-                Err(e) if is_per_connection(&e) => continue,
+                // The connection is gone before it was accepted: still a failed accept().
+                Err(e) if is_per_connection(&e) => (self.on_error)(),
                 Err(e) => {
                     (self.on_error)();
                     tracing::warn!(error = %e, pause_ms = pause.as_millis() as u64, "accept failed; pausing");

@@ -104,7 +104,8 @@ pub enum Usage {
     Server,
     Client,
     /// A client ambassador's: client authentication, and server authentication for its own
-    /// HTTPS status port (`curl --cacert ca.crt https://localhost:PORT/_status`).
+    /// HTTPS status port under its own name (`curl --cacert ca.crt --resolve
+    /// client:PORT:127.0.0.1 https://client:PORT/_status`).
     ClientAndStatus,
 }
 
@@ -461,9 +462,11 @@ pub fn generate(request: &GenRequest) -> Result<GenReport, Error> {
         report.server = Some(server_files);
     }
     for (name, crt, key) in client_files {
-        // Also valid for serving the client side's HTTPS status port on this host.
+        // Also serves the client side's HTTPS status port, under the client's own name only
+        // (curl --resolve NAME:PORT:127.0.0.1): a host name such as localhost here would let
+        // any client key holder pass as a server for it, and match --allow-dns rules.
         let mut spec = LeafSpec::new(&name, Usage::ClientAndStatus);
-        spec.names = vec!["localhost".into(), "127.0.0.1".into()];
+        spec.names = vec![name.clone()];
         spec.uris.extend(spiffe(&name));
         spec.key_type = request.key_type;
         spec.validity = Validity::days(request.days);

@@ -236,6 +236,12 @@ impl TunnelMetrics {
         self.ghostunnel.handshake.observe(d);
     }
 
+    /// A TLS handshake failed after `d`: ghostunnel's timer counts it (its `conn.handshake`
+    /// times every handshake); legate's histogram times those that worked.
+    pub fn handshake_failed(&self, d: Duration) {
+        self.ghostunnel.handshake.observe(d);
+    }
+
     /// An accepted connection was set up (handshake and onward connection) or failed to be;
     /// `Err(true)`: its incoming handshake timed out. A timed-out handshake counts as an error
     /// too, as in ghostunnel.
@@ -333,7 +339,9 @@ struct Families {
 /// All tunnels' metrics, plus process-wide ones.
 pub struct Metrics {
     pub ghostunnel: Arc<Ghostunnel>,
-    registry: Registry,
+    /// Held across a scrape: the expiry series are set then encoded, and two scrapes at once
+    /// must not clear each other's.
+    registry: Mutex<Registry>,
     families: Families,
     tunnels: Mutex<BTreeMap<Key, Arc<TunnelMetrics>>>,
 }
@@ -394,7 +402,7 @@ impl Default for Metrics {
         }
         Metrics {
             ghostunnel: Arc::default(),
-            registry,
+            registry: Mutex::new(registry),
             families,
             tunnels: Mutex::default(),
         }
@@ -459,6 +467,7 @@ impl Metrics {
 
     /// The Prometheus text (OpenMetrics) of every series, with the expiries set as they are now.
     pub fn prometheus(&self, expiries: &Expiries) -> String {
+        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
         let expiry = &self.families.expiry;
         expiry.clear();
         for ((tunnel, side), t) in expiries {
@@ -472,7 +481,7 @@ impl Metrics {
         }
         let mut out = String::new();
         // Writing to a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
         out
     }
 

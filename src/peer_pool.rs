@@ -475,13 +475,15 @@ async fn dial_peer(
         .map_err(|e| fail(Outcome::DialFailed, e))?;
     tcp.tune(Some(cfg.keepalive));
     let handshake = Instant::now();
-    let tls = match tokio::time::timeout_at(deadline.into(), client.connect_as(tcp, name)).await {
-        Ok(Ok(tls)) => {
-            if let Some(m) = metrics {
-                m.handshake_done(handshake.elapsed());
-            }
-            tls
+    let handshaken = tokio::time::timeout_at(deadline.into(), client.connect_as(tcp, name)).await;
+    if let Some(m) = metrics {
+        match &handshaken {
+            Ok(Ok(_)) => m.handshake_done(handshake.elapsed()),
+            _ => m.handshake_failed(handshake.elapsed()),
         }
+    }
+    let tls = match handshaken {
+        Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             // A server the --verify-* pins refuse is an authorization failure, as on the
             // server side, though the handshake is what stopped it.

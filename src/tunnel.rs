@@ -334,6 +334,7 @@ async fn serve_peer(
         // Boxed: the connection state stays put while the future around it stays small.
         Ok(tls) => Box::new(tls),
         Err(f) => {
+            t.metrics.handshake_failed(started.elapsed());
             t.metrics
                 .accepted(Err(started.elapsed() >= cfg.handshake_timeout));
             return finish(t, &rec, started, Err(f));
@@ -574,7 +575,7 @@ pub async fn probe_backend(cfg: &TunnelConfig, upstreams: &Upstreams) -> Result<
                 let checks = set
                     .endpoints()
                     .iter()
-                    .map(|e| health::http_status(&e.spec.addr, url, cfg.connect_timeout));
+                    .map(|e| health::http_status(&e.spec.addr, url, timeout));
                 return any_ok(futures_all(checks).await);
             }
             let sets = routes.default.iter().chain(routes.named.values());

@@ -61,6 +61,13 @@ fn writes_a_ca_and_leaves_with_private_keys_0600_and_prints_both_commands() {
     assert!(server.contains("TLS Web Server Authentication"), "{server}");
     let client = text_of(&dir.path().join("client.crt"));
     assert!(client.contains("TLS Web Client Authentication"), "{client}");
+    // It serves the client's status port under its own name, and no host's: a client key must
+    // not pass as a server for localhost, nor match --allow-dns=localhost.
+    assert!(client.contains("DNS:client"), "{client}");
+    assert!(
+        !client.contains("DNS:localhost") && !client.contains("IP Address:127.0.0.1"),
+        "{client}"
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let commands: Vec<_> = stdout
         .lines()

@@ -173,11 +173,20 @@ fn metrics_move_under_churn_a_handshake_flood_and_stalled_handshakes() {
         );
     }
 
-    // A flood of connections that are not TLS: each an accept and a handshake error.
-    for _ in 0..40 {
-        let mut s = connect(server.addr());
-        let _ = s.write_all(b"GET / HTTP/1.0\r\n\r\n");
-        read_until_closed(&mut s);
+    // A flood of connections that are not TLS, all at once: each an accept and a handshake
+    // error.
+    let flood: Vec<_> = (0..40)
+        .map(|_| {
+            let addr = server.addr();
+            std::thread::spawn(move || {
+                let mut s = connect(addr);
+                let _ = s.write_all(b"GET / HTTP/1.0\r\n\r\n");
+                read_until_closed(&mut s);
+            })
+        })
+        .collect();
+    for t in flood {
+        t.join().unwrap();
     }
     metric_becomes(s_status, "accept.error", 40.0);
 
@@ -411,11 +420,13 @@ fn curl_reads_the_status_over_https_on_both_sides_with_gen_certs_files() {
         1,
     );
     assert_eq!(round_trip(client.addr(), b"hi"), b"ok:hi");
-    for side in [&server, &client] {
+    // The server's certificate is for localhost; the client's for its own name, "client".
+    for (side, name) in [(&server, "localhost"), (&client, "client")] {
         let (scheme, port) = status_url(side);
         assert_eq!(scheme, "https");
-        let url = format!("https://localhost:{port}/_status");
-        let body = curl(&["--cacert", &file("ca.crt"), &url]);
+        let resolve = format!("{name}:{port}:127.0.0.1");
+        let url = format!("https://{name}:{port}/_status");
+        let body = curl(&["--cacert", &file("ca.crt"), "--resolve", &resolve, &url]);
         let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(doc["ok"], true, "{doc}");
         for key in [
@@ -433,9 +444,15 @@ fn curl_reads_the_status_over_https_on_both_sides_with_gen_certs_files() {
         ] {
             assert!(doc.get(key).is_some(), "{key} missing: {doc}");
         }
-        let url = format!("https://localhost:{port}/_metrics");
-        let list: serde_json::Value =
-            serde_json::from_str(&curl(&["--cacert", &file("ca.crt"), &url])).unwrap();
+        let url = format!("https://{name}:{port}/_metrics");
+        let list: serde_json::Value = serde_json::from_str(&curl(&[
+            "--cacert",
+            &file("ca.crt"),
+            "--resolve",
+            &resolve,
+            &url,
+        ]))
+        .unwrap();
         assert!(list.as_array().unwrap().len() >= 22, "{list}");
     }
 }
@@ -647,4 +664,30 @@ fn status_json_matches_ghostunnels_fields() {
     assert!(!doc["hostname"].as_str().unwrap().is_empty());
     let time = doc["time"].as_str().unwrap();
     assert!(time.len() > 20 && time.ends_with('Z'), "{time}");
+}
+
+#[test]
+fn handshake_timeout_overrides_connect_timeout_for_the_incoming_handshake() {
+    let pki = Pki::new();
+    let backend = Backend::echo(b"");
+    let server = Legate::server(
+        &pki,
+        &backend.target(),
+        &[
+            "--allow-all",
+            "--connect-timeout=1s",
+            "--handshake-timeout=3s",
+        ],
+    );
+    let started = Instant::now();
+    let mut s = connect(server.addr());
+    assert!(read_until_closed(&mut s).is_empty());
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(2900) && waited < Duration::from_secs(10),
+        "{waited:?}"
+    );
+    server
+        .log
+        .wait_for(&["outcome=handshake_failed", "timed out after 3s"]);
 }

@@ -867,6 +867,8 @@ impl TargetStatus {
         } else {
             return Err("only http:// and https:// URLs can be checked".into());
         };
+        // A fragment is not sent.
+        let rest = rest.split('#').next().unwrap_or_default();
         let (authority, path) = match rest.find(['/', '?']) {
             Some(i) if rest[i..].starts_with('?') => (&rest[..i], format!("/{}", &rest[i..])),
             Some(i) => (&rest[..i], rest[i..].to_string()),
@@ -878,6 +880,19 @@ impl TargetStatus {
         };
         if host.is_empty() || authority.contains('@') {
             return Err("the URL needs a host (and no user:password@)".into());
+        }
+        if authority
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '"' | '\\'))
+        {
+            return Err("the URL's host has spaces, quotes or control characters".into());
+        }
+        let port = match authority.strip_prefix('[') {
+            Some(v6) => v6.split_once("]:").map(|(_, p)| p),
+            None => authority.rsplit_once(':').map(|(_, p)| p),
+        };
+        if port.is_some_and(|p| p.parse::<u16>().is_err()) {
+            return Err("the URL's port is not a number from 0 to 65535".into());
         }
         if path
             .bytes()
@@ -987,12 +1002,16 @@ mod tests {
             TargetStatus::parse("http://h?ready").unwrap().path,
             "/?ready"
         );
+        assert_eq!(TargetStatus::parse("http://h/x#frag").unwrap().path, "/x");
         for bad in [
             "ftp://h/",
             "h:80/x",
             "http:///x",
             "http://u:p@h/",
             "http://h/a b",
+            "http://h\r\nX-Evil: 1:80/x",
+            "http://h:abc/",
+            "http://[::1]:99999/",
         ] {
             assert!(TargetStatus::parse(bad).is_err(), "{bad}");
         }
