@@ -161,7 +161,35 @@ impl Daemon {
             .cloned()
             .collect();
         let prepared = prepare(incoming).map_err(|e| joined(&e).replace('\n', "; "))?;
-        self.reload_tls(Some(&diff.unchanged))?;
+        // Tunnels whose targets alone changed keep their listener and connections; their TLS
+        // material reloads like that of unchanged ones.
+        let kept: Vec<String> = diff
+            .unchanged
+            .iter()
+            .chain(&diff.retargeted)
+            .cloned()
+            .collect();
+        self.reload_tls(Some(&kept))?;
+        // Every new target checked before any is taken, so a failed reload changes nothing.
+        let mut retargets = Vec::new();
+        for cfg in new
+            .tunnels
+            .iter()
+            .filter(|t| diff.retargeted.contains(&t.name))
+        {
+            let names =
+                tunnel::check_targets(cfg).map_err(|e| e.to_string().replace('\n', "; "))?;
+            retargets.push((cfg, names));
+        }
+        for (cfg, names) in retargets {
+            let Some(r) = self.running.get_mut(&cfg.name) else {
+                continue;
+            };
+            r.view.upstreams.retarget(cfg, names);
+            r.view.cfg = Arc::new(cfg.clone());
+            let (target, routes) = targets(cfg);
+            tracing::info!(tunnel = %cfg.name, %target, %routes, "targets updated in place");
+        }
         if new.status != self.config.status
             || new.timed_reload != self.config.timed_reload
             || new.metrics_prefix != self.config.metrics_prefix
@@ -186,7 +214,7 @@ impl Daemon {
         self.publish();
         tracing::info!(
             added = ?diff.added, removed = ?diff.removed, changed = ?diff.changed,
-            unchanged = diff.unchanged.len(), "config reloaded"
+            retargeted = ?diff.retargeted, unchanged = diff.unchanged.len(), "config reloaded"
         );
         if errors.is_empty() {
             Ok(())
@@ -194,6 +222,21 @@ impl Daemon {
             Err(errors.join("; "))
         }
     }
+}
+
+/// A tunnel's target and routes, as the log shows them.
+fn targets(cfg: &TunnelConfig) -> (String, String) {
+    let target = cfg
+        .target
+        .as_ref()
+        .map_or_else(|| "-".to_string(), ToString::to_string);
+    let routes = cfg
+        .routes
+        .iter()
+        .map(|(name, addr)| format!("{name}={addr}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    (target, routes)
 }
 
 fn log_start(cfg: &TunnelConfig, listen: &str) {
@@ -210,16 +253,7 @@ fn log_start(cfg: &TunnelConfig, listen: &str) {
             ),
         }
     }
-    let target = cfg
-        .target
-        .as_ref()
-        .map_or_else(|| "-".to_string(), ToString::to_string);
-    let routes = cfg
-        .routes
-        .iter()
-        .map(|(name, addr)| format!("{name}={addr}"))
-        .collect::<Vec<_>>()
-        .join(",");
+    let (target, routes) = targets(cfg);
     tracing::info!(
         tunnel = %cfg.name,
         side = %cfg.side,

@@ -59,7 +59,7 @@ pub async fn service(
             let detail = errors.join("; ");
             return Err((RefuseCode::DialFailed, fail(Outcome::DialFailed, detail)));
         };
-        tried.push(endpoint.index);
+        tried.push(endpoint.id);
         let others = tried.len() < set.endpoints().len();
         let budget = if others { left / 2 } else { left };
         rec.target = Some(endpoint.spec.addr.to_string());
@@ -132,10 +132,13 @@ pub async fn peer(
     let mut tried = Vec::new();
     let mut last = None;
     while let Some(endpoint) = peers.set.pick(&tried) {
-        tried.push(endpoint.index);
+        tried.push(endpoint.id);
         rec.target = Some(endpoint.spec.addr.to_string());
-        let pool = &peers.pools[endpoint.index];
-        match on_pool(pool, cfg, consumer, rec, early).await {
+        // Removed by a reload since it was picked: pick again.
+        let Some(pool) = peers.pool_for(&endpoint) else {
+            continue;
+        };
+        match on_pool(&pool, cfg, consumer, rec, early).await {
             Ok(carrier) => return Ok((carrier, endpoint.begin())),
             Err(Settled::Elsewhere(f)) => {
                 if tried.len() < peers.set.endpoints().len() {

@@ -34,6 +34,7 @@ use crate::net::Address;
 use crate::outcome::{Failure, Outcome, fail};
 use crate::tls::{self, ClientStream, ClientTls, PeerIdentity};
 use crate::upstream::{Endpoint, Set};
+use arc_swap::ArcSwap;
 use rustls::pki_types::ServerName;
 
 /// How long a server keeps an idle connection when its HELLO does not say.
@@ -42,10 +43,16 @@ const ASSUMED_IDLE: Duration = Duration::from_secs(30);
 const PING_EVERY: Duration = Duration::from_secs(5);
 
 /// A client tunnel's server ambassadors: the set the balancer picks from, and a pool per
-/// endpoint (by index).
+/// endpoint. Both can be replaced by a reload that changes only the targets
+/// ([`Peers::update`]).
 pub struct Peers {
     pub set: Set,
-    pub pools: Vec<Arc<PeerPool>>,
+    pools: ArcSwap<Vec<Arc<PeerPool>>>,
+    cfg: Arc<TunnelConfig>,
+    tls: Arc<ClientTls>,
+    metrics: Arc<TunnelMetrics>,
+    stop: CancellationToken,
+    started: AtomicBool,
 }
 
 impl Peers {
@@ -58,30 +65,85 @@ impl Peers {
         stop: CancellationToken,
     ) -> Arc<Peers> {
         let upstream = cfg.target.clone().expect("a client side has a target");
-        let set = Set::new(&upstream, cfg.balance);
-        let pools = set
+        let peers = Peers {
+            set: Set::new(&upstream, cfg.balance),
+            pools: ArcSwap::from_pointee(Vec::new()),
+            cfg,
+            tls,
+            metrics,
+            stop,
+            started: AtomicBool::new(false),
+        };
+        let pools = peers
+            .set
             .endpoints()
             .iter()
             .zip(names)
-            .map(|(e, name)| {
-                let endpoint = (e.clone(), name);
-                PeerPool::new(
-                    cfg.clone(),
-                    tls.clone(),
-                    endpoint,
-                    metrics.clone(),
-                    stop.clone(),
-                )
-            })
+            .map(|(e, name)| peers.pool(e, name))
             .collect();
-        Arc::new(Peers { set, pools })
+        peers.pools.store(Arc::new(pools));
+        Arc::new(peers)
+    }
+
+    fn pool(&self, endpoint: &Arc<Endpoint>, name: ServerName<'static>) -> Arc<PeerPool> {
+        PeerPool::new(
+            self.cfg.clone(),
+            self.tls.clone(),
+            (endpoint.clone(), name),
+            self.metrics.clone(),
+            self.stop.child_token(),
+        )
     }
 
     /// Starts each pool (see [`PeerPool::start`]).
     pub fn start(&self) {
-        for pool in &self.pools {
+        self.started.store(true, Ordering::Release);
+        for pool in self.pools.load().iter() {
             pool.start();
         }
+    }
+
+    /// The pools now, one per endpoint.
+    pub fn pools(&self) -> Arc<Vec<Arc<PeerPool>>> {
+        self.pools.load_full()
+    }
+
+    /// The pool of endpoint `e`, unless it was removed meanwhile.
+    pub fn pool_for(&self, e: &Endpoint) -> Option<Arc<PeerPool>> {
+        self.pools
+            .load()
+            .iter()
+            .find(|p| p.endpoint.id == e.id)
+            .cloned()
+    }
+
+    /// Takes `cfg`'s server ambassadors (`names`: the name each one's certificate must carry):
+    /// pools of endpoints still listed stay as they are, new ones get pools, and removed ones
+    /// stop taking streams (their open streams carry on until they end).
+    pub fn update(&self, cfg: &TunnelConfig, names: Vec<ServerName<'static>>) {
+        let Some(upstream) = &cfg.target else { return };
+        self.set.update(upstream);
+        let old = self.pools();
+        let mut pools = Vec::new();
+        for (e, name) in self.set.endpoints().iter().zip(names) {
+            match old.iter().find(|p| p.endpoint.id == e.id) {
+                Some(kept) => pools.push(kept.clone()),
+                None => {
+                    let pool = self.pool(e, name);
+                    if self.started.load(Ordering::Acquire) {
+                        pool.start();
+                    }
+                    pools.push(pool);
+                }
+            }
+        }
+        for gone in old
+            .iter()
+            .filter(|p| !pools.iter().any(|k| Arc::ptr_eq(k, p)))
+        {
+            gone.close();
+        }
+        self.pools.store(Arc::new(pools));
     }
 }
 
@@ -340,6 +402,15 @@ impl PeerPool {
             metrics,
         )
         .await
+    }
+
+    /// Stops keeping connections: the keeper ends and kept connections take no new streams
+    /// (the server ambassador was removed from the list).
+    fn close(&self) {
+        self.stop.cancel();
+        for c in self.state().conns.drain(..) {
+            c.conn.drain();
+        }
     }
 
     /// Starts the keeper, once.

@@ -102,6 +102,39 @@ impl TlsEnd {
     }
 }
 
+/// Checks a tunnel's targets before they are used: client side, each server ambassador's
+/// certificate name; both sides, that each name resolves (a name that does not resolve now is
+/// a typo far more often than a service not yet up; unless told it may not exist yet, with
+/// `--skip-resolve`). Returns the client side's names, per endpoint.
+pub fn check_targets(cfg: &TunnelConfig) -> Result<Vec<ServerName<'static>>, Error> {
+    let names = match (cfg.side, &cfg.target) {
+        (Side::Client, Some(target)) => target
+            .endpoints
+            .iter()
+            .map(|e| tls::server_name(&cfg.server_name_of(e)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| Error::Tls {
+                tunnel: cfg.name.clone(),
+                source,
+            })?,
+        _ => Vec::new(),
+    };
+    let upstreams = cfg.target.iter().chain(cfg.routes.values());
+    let checked = upstreams.filter(|_| !cfg.skip_resolve);
+    for target in checked.flat_map(|u| u.addresses()) {
+        let Address::Tcp(hp) = target else { continue };
+        if let Err(source) = std::net::ToSocketAddrs::to_socket_addrs(&(hp.host.as_str(), hp.port))
+        {
+            return Err(Error::Resolve {
+                tunnel: cfg.name.clone(),
+                target: target.to_string(),
+                source,
+            });
+        }
+    }
+    Ok(names)
+}
+
 /// A tunnel whose TLS material loaded and whose configuration is consistent, not yet bound.
 pub struct Prepared {
     cfg: Arc<TunnelConfig>,
@@ -131,35 +164,7 @@ impl Prepared {
             tunnel: cfg.name.clone(),
             source,
         })?;
-        let names = match (cfg.side, &cfg.target) {
-            (Side::Client, Some(target)) => target
-                .endpoints
-                .iter()
-                .map(|e| tls::server_name(&cfg.server_name_of(e)))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|source| Error::Tls {
-                    tunnel: cfg.name.clone(),
-                    source,
-                })?,
-            _ => Vec::new(),
-        };
-        // A name that does not resolve now is a typo far more often than a service not yet
-        // up; say so at startup rather than at the first connection (unless told it may not
-        // exist yet, with --skip-resolve).
-        let upstreams = cfg.target.iter().chain(cfg.routes.values());
-        let checked = upstreams.filter(|_| !cfg.skip_resolve);
-        for target in checked.flat_map(|u| u.addresses()) {
-            let Address::Tcp(hp) = target else { continue };
-            if let Err(source) =
-                std::net::ToSocketAddrs::to_socket_addrs(&(hp.host.as_str(), hp.port))
-            {
-                return Err(Error::Resolve {
-                    tunnel: cfg.name.clone(),
-                    target: target.to_string(),
-                    source,
-                });
-            }
-        }
+        let names = check_targets(&cfg)?;
         Ok(Prepared {
             cfg: Arc::new(cfg),
             tls,
@@ -378,8 +383,8 @@ async fn serve_stream(
     let route = open.as_ref().map_or("", |o| o.route.as_str());
     rec.route = open.as_ref().map(|o| o.route.clone());
     rec.consumer = open.as_ref().and_then(|o| o.consumer);
-    let set = t.routes.get(route).map(|s| &**s);
-    let service = Box::pin(outbound::service(cfg, set, &mut rec, info)).await;
+    let set = t.routes.get(route);
+    let service = Box::pin(outbound::service(cfg, set.as_deref(), &mut rec, info)).await;
     // A raw connection is its one stream: its onward connection decides whether it was set up.
     if matches!(carrier, Carrier::Raw(_)) {
         t.metrics
@@ -533,16 +538,14 @@ impl Upstreams {
     pub fn endpoints(&self, cfg: &TunnelConfig) -> Vec<(String, Arc<Endpoint>)> {
         match self {
             Upstreams::Server(routes) => {
-                let default = routes.default.iter().map(|s| (String::new(), s));
-                let named = routes.named.iter().map(|(n, s)| (n.clone(), s));
-                default
-                    .chain(named)
-                    .flat_map(|(route, set)| {
-                        set.endpoints()
-                            .iter()
-                            .map(move |e| (route.clone(), e.clone()))
-                    })
-                    .collect()
+                let table = routes.table();
+                let default = table.default.iter().map(|s| (String::new(), s));
+                let named = table.named.iter().map(|(n, s)| (n.clone(), s));
+                let mut all = Vec::new();
+                for (route, set) in default.chain(named) {
+                    all.extend(set.endpoints().iter().map(|e| (route.clone(), e.clone())));
+                }
+                all
             }
             Upstreams::Client(peers) => peers
                 .set
@@ -550,6 +553,18 @@ impl Upstreams {
                 .iter()
                 .map(|e| (cfg.route.clone(), e.clone()))
                 .collect(),
+        }
+    }
+}
+
+impl Upstreams {
+    /// Takes `cfg`'s targets and routes in place (a reload that changed nothing else): new
+    /// connections go to the new endpoints at once; open ones stay where they are. `names`:
+    /// from [`check_targets`], which the caller runs first for every tunnel it changes.
+    pub fn retarget(&self, cfg: &TunnelConfig, names: Vec<ServerName<'static>>) {
+        match self {
+            Upstreams::Server(routes) => routes.update(cfg),
+            Upstreams::Client(peers) => peers.update(cfg, names),
         }
     }
 }
@@ -571,16 +586,18 @@ pub async fn probe_backend(cfg: &TunnelConfig, upstreams: &Upstreams) -> Result<
     let timeout = cfg.connect_timeout.min(Duration::from_secs(5));
     match upstreams {
         Upstreams::Server(routes) => {
-            if let (Some(url), Some(set)) = (&cfg.target_status, &routes.default) {
-                let checks = set
-                    .endpoints()
+            let table = routes.table();
+            if let (Some(url), Some(set)) = (&cfg.target_status, &table.default) {
+                let endpoints = set.endpoints();
+                let checks = endpoints
                     .iter()
                     .map(|e| health::http_status(&e.spec.addr, url, timeout));
                 return any_ok(futures_all(checks).await);
             }
-            let sets = routes.default.iter().chain(routes.named.values());
+            let sets = table.default.iter().chain(table.named.values());
             for set in sets {
-                let dials = set.endpoints().iter().map(|e| async move {
+                let endpoints = set.endpoints();
+                let dials = endpoints.iter().map(|e| async move {
                     dial::dial(&e.spec.addr, timeout)
                         .await
                         .map(drop)
@@ -591,7 +608,8 @@ pub async fn probe_backend(cfg: &TunnelConfig, upstreams: &Upstreams) -> Result<
             Ok(())
         }
         Upstreams::Client(peers) => {
-            let probes = peers.pools.iter().map(|p| probe_peer(p, timeout));
+            let pools = peers.pools();
+            let probes = pools.iter().map(|p| probe_peer(p, timeout));
             any_ok(futures_all(probes).await)
         }
     }

@@ -198,16 +198,18 @@ fn config_reload_adds_removes_changes_and_ignores_an_invalid_file() {
     let one = Backend::echo(b"one:");
     let two = Backend::echo(b"two:");
     let port = free_port();
-    let edge = |target: &str| {
+    // A new close timeout makes "edge" changed (replaced), not only retargeted (taken in
+    // place, tests/upstreams.rs).
+    let edge = |target: &str, close: &str| {
         format!(
-            "[tunnels.edge]\nside = \"server\"\nlisten = \"127.0.0.1:{port}\"\ntarget = \"{target}\"\nallow_cn = [\"client\"]\n{}\n",
+            "[tunnels.edge]\nside = \"server\"\nlisten = \"127.0.0.1:{port}\"\ntarget = \"{target}\"\nclose_timeout = \"{close}\"\nallow_cn = [\"client\"]\n{}\n",
             pki.toml_files("server")
         )
     };
     let status_line = "status = \"http://127.0.0.1:0\"\n";
     let first = format!(
         "{status_line}{}{}{}",
-        edge(&one.target()),
+        edge(&one.target(), "10s"),
         client_table(&pki, "app", port),
         client_table(&pki, "old", port)
     );
@@ -227,7 +229,7 @@ fn config_reload_adds_removes_changes_and_ignores_an_invalid_file() {
 
     let second = format!(
         "{status_line}{}{}{}",
-        edge(&two.target()),
+        edge(&two.target(), "5s"),
         client_table(&pki, "app", port),
         client_table(&pki, "new", port)
     );

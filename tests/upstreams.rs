@@ -9,6 +9,8 @@ mod harness;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use harness::{
@@ -293,4 +295,112 @@ fn status_lists_every_endpoint_and_a_route_is_up_while_one_endpoint_is() {
         format!("{} {dead},weight=2", live.target())
     );
     let _ = TcpStream::connect(server.addr());
+}
+
+/// Connects through `addr` every 5 ms until `stop`, counting answers by their first byte and
+/// the connections that failed; `done` counts attempts as they finish.
+fn steady_consumers(
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicUsize>,
+) -> std::thread::JoinHandle<(BTreeMap<u8, usize>, Vec<String>)> {
+    std::thread::spawn(move || {
+        let (mut answers, mut failures) = (BTreeMap::new(), Vec::new());
+        while !stop.load(Ordering::SeqCst) {
+            let attempt = (|| -> std::io::Result<Vec<u8>> {
+                let mut s = TcpStream::connect(addr)?;
+                s.set_read_timeout(Some(DEADLINE))?;
+                s.write_all(b"x")?;
+                s.shutdown(Shutdown::Write)?;
+                let mut out = Vec::new();
+                s.read_to_end(&mut out)?;
+                Ok(out)
+            })();
+            match attempt {
+                Ok(out) if out.len() == 2 => *answers.entry(out[0]).or_insert(0) += 1,
+                Ok(out) => failures.push(format!("answer {out:?}")),
+                Err(e) => failures.push(e.to_string()),
+            }
+            done.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        (answers, failures)
+    })
+}
+
+#[test]
+fn a_reload_that_changes_only_targets_takes_them_in_place() {
+    let pki = Pki::new();
+    let (one, two) = (Backend::echo(b"1"), Backend::echo(b"2"));
+    // Client side: its server ambassador moves from server_1 to server_2.
+    let server_1 = Legate::server(&pki, &one.target(), &["--allow-cn=client"]);
+    let server_2 = Legate::server(&pki, &two.target(), &["--allow-cn=client"]);
+    let (a, b) = (Backend::echo(b"a"), Backend::echo(b"b"));
+    let dir = tempfile::tempdir().unwrap();
+    let config = |front: SocketAddr, back: &Backend| {
+        format!(
+            "[tunnels.front]\nside = \"client\"\nlisten = \"127.0.0.1:0\"\ntarget = \"localhost:{}\"\n{}\
+             [tunnels.back]\nside = \"server\"\nlisten = \"127.0.0.1:0\"\ntarget = \"{}\"\nallow_all = true\n{}",
+            front.port(),
+            pki.toml_files("client"),
+            back.target(),
+            pki.toml_files("server"),
+        )
+    };
+    let path = harness::write_config(dir.path(), &config(server_1.addr(), &a));
+    let legate = Legate::start(&["run".into(), format!("--config={}", path.display())], 2);
+    let (front, back) = (legate.addrs["front"], legate.addrs["back"]);
+    // Server side: consumers reach "back" through a client of their own; its target moves a → b.
+    let to_back = Legate::client(&pki, "client", back, &[]);
+    assert_eq!(round_trip(front, b"x"), b"1x");
+    assert_eq!(round_trip(to_back.addr(), b"x"), b"ax");
+    // Connections open across the reload stay where they are.
+    let mut held_front = connect(front);
+    let mut held_back = connect(to_back.addr());
+    let mut tag = [0u8; 1];
+    held_front.read_exact(&mut tag).unwrap();
+    assert_eq!(&tag, b"1");
+    held_back.read_exact(&mut tag).unwrap();
+    assert_eq!(&tag, b"a");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicUsize::new(0));
+    let consumers = [
+        steady_consumers(front, stop.clone(), done.clone()),
+        steady_consumers(to_back.addr(), stop.clone(), done.clone()),
+    ];
+    eventually("consumers before the reload", DEADLINE, || {
+        (done.load(Ordering::SeqCst) >= 20).then_some(())
+    });
+    let before = done.load(Ordering::SeqCst);
+    std::fs::write(&path, config(server_2.addr(), &b)).unwrap();
+    legate.signal(libc::SIGHUP);
+    legate
+        .log
+        .wait_for(&["targets updated in place", "tunnel=front"]);
+    legate
+        .log
+        .wait_for(&["targets updated in place", "tunnel=back"]);
+    let reloaded = legate.log.wait_for(&["config reloaded"]);
+    assert!(reloaded.contains("changed=[]"), "{reloaded}");
+    eventually("consumers to reach the new targets", DEADLINE, || {
+        (round_trip(front, b"x") == b"2x" && round_trip(to_back.addr(), b"x") == b"bx")
+            .then_some(())
+    });
+    eventually("consumers after the reload", DEADLINE, || {
+        (done.load(Ordering::SeqCst) >= before + 20).then_some(())
+    });
+    stop.store(true, Ordering::SeqCst);
+    for c in consumers {
+        let (answers, failures) = c.join().unwrap();
+        assert!(failures.is_empty(), "{failures:?} ({answers:?})");
+        assert!(answers.len() == 2, "both targets answered: {answers:?}");
+    }
+    for (held, want) in [(&mut held_front, b"1"), (&mut held_back, b"a")] {
+        held.write_all(b"still").unwrap();
+        held.shutdown(Shutdown::Write).unwrap();
+        assert_eq!(read_all(held), b"still", "echoed by {:?}", want);
+    }
+    // The listeners never moved.
+    assert_eq!(legate.addrs["front"], front);
 }

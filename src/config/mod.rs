@@ -321,7 +321,19 @@ pub struct Diff {
     pub added: Vec<String>,
     pub removed: Vec<String>,
     pub changed: Vec<String>,
+    /// Changed only in their targets or routes: updated in place, without rebinding.
+    pub retargeted: Vec<String>,
     pub unchanged: Vec<String>,
+}
+
+/// Whether `new` differs from `old` only in where it forwards (targets, routes, and the
+/// server name that follows from them): what a running tunnel can take without rebinding.
+pub fn retargeted_only(old: &TunnelConfig, new: &TunnelConfig) -> bool {
+    let mut same = new.clone();
+    same.target.clone_from(&old.target);
+    same.routes.clone_from(&old.routes);
+    same.server_name.clone_from(&old.server_name);
+    same == *old && new != old
 }
 
 /// Compares two sets of tunnels by name: a pure function, so reload is easy to test.
@@ -331,6 +343,7 @@ pub fn diff(old: &[TunnelConfig], new: &[TunnelConfig]) -> Diff {
         match new.iter().find(|n| n.name == t.name) {
             None => d.removed.push(t.name.clone()),
             Some(n) if n == t => d.unchanged.push(t.name.clone()),
+            Some(n) if retargeted_only(t, n) => d.retargeted.push(t.name.clone()),
             Some(_) => d.changed.push(t.name.clone()),
         }
     }
@@ -1124,8 +1137,18 @@ colour = "blue"
         assert_eq!(d.changed, vec!["app".to_string()]);
         assert_eq!(d.removed, vec!["cache".to_string()]);
         assert_eq!(d.added, vec!["extra".to_string()]);
-        assert!(d.unchanged.is_empty());
+        assert!(d.unchanged.is_empty() && d.retargeted.is_empty());
         assert_eq!(diff(&c.tunnels, &c.tunnels).unchanged.len(), 2);
+        // A new target alone is taken in place.
+        let mut moved = c.tunnels.clone();
+        let other = Targets::Many(vec!["127.0.0.1:7000".into(), "127.0.0.1:7001".into()]);
+        let target = Upstream::parse("--target", &other, None).unwrap();
+        moved[1].routes.insert("queue".into(), target);
+        let d = diff(&c.tunnels, &moved);
+        assert_eq!(d.retargeted, vec!["cache".to_string()]);
+        assert!(d.changed.is_empty());
+        moved[1].close_timeout = Duration::from_secs(1);
+        assert_eq!(diff(&c.tunnels, &moved).changed, vec!["cache".to_string()]);
     }
 
     #[test]

@@ -9,11 +9,13 @@
 
 pub mod passive;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use std::collections::BTreeMap;
+
+use arc_swap::ArcSwap;
 
 use crate::config::{Balance, EndpointSpec, TunnelConfig, Upstream};
 
@@ -23,13 +25,27 @@ pub use passive::State;
 #[derive(Debug)]
 pub struct Endpoint {
     pub spec: EndpointSpec,
-    /// Its place in its set.
-    pub index: usize,
+    /// Unique in the process: what a connection's attempts remember it by, while the set
+    /// it belongs to may change.
+    pub id: u64,
     health: Mutex<passive::Passive>,
     open: AtomicUsize,
+    /// Smooth weighted round robin's current weight (changed under the set's lock).
+    current: AtomicI64,
 }
 
 impl Endpoint {
+    fn new(spec: EndpointSpec) -> Arc<Endpoint> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        Arc::new(Endpoint {
+            spec,
+            id: NEXT.fetch_add(1, Ordering::Relaxed),
+            health: Mutex::default(),
+            open: AtomicUsize::new(0),
+            current: AtomicI64::new(0),
+        })
+    }
+
     fn health(&self) -> std::sync::MutexGuard<'_, passive::Passive> {
         self.health.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -74,75 +90,103 @@ impl Drop for InUse {
     }
 }
 
-/// A route's endpoints.
+/// A route's endpoints. The list can be replaced ([`Set::update`]) while connections run:
+/// new connections see the new list at once; open ones keep the endpoint they have.
 #[derive(Debug)]
 pub struct Set {
-    endpoints: Vec<Arc<Endpoint>>,
+    endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
     balance: Balance,
-    /// Smooth weighted round robin's current weights, by endpoint index.
-    current: Mutex<Vec<i64>>,
+    /// Held while round robin reads and writes the current weights.
+    round: Mutex<()>,
 }
 
 impl Set {
     pub fn new(upstream: &Upstream, balance: Balance) -> Set {
-        let endpoints: Vec<_> = upstream
-            .endpoints
-            .iter()
-            .enumerate()
-            .map(|(index, spec)| {
-                Arc::new(Endpoint {
-                    spec: spec.clone(),
-                    index,
-                    health: Mutex::default(),
-                    open: AtomicUsize::new(0),
-                })
-            })
-            .collect();
-        let current = Mutex::new(vec![0; endpoints.len()]);
+        let endpoints = upstream.endpoints.iter().cloned().map(Endpoint::new);
         Set {
-            endpoints,
+            endpoints: ArcSwap::from_pointee(endpoints.collect()),
             balance,
-            current,
+            round: Mutex::new(()),
         }
     }
 
-    pub fn endpoints(&self) -> &[Arc<Endpoint>] {
-        &self.endpoints
+    /// The endpoints now.
+    pub fn endpoints(&self) -> Arc<Vec<Arc<Endpoint>>> {
+        self.endpoints.load_full()
     }
 
-    /// The endpoint for the next attempt, not one in `tried`; `None` when all were tried.
-    pub fn pick(&self, tried: &[usize]) -> Option<Arc<Endpoint>> {
-        let now = Instant::now();
-        let untried: Vec<&Arc<Endpoint>> = self
+    /// Replaces the list: an endpoint still listed (the same address, weight and name) keeps
+    /// its health and open count; the others start afresh. Returns whether anything changed.
+    pub fn update(&self, upstream: &Upstream) -> bool {
+        let old = self.endpoints();
+        let new: Vec<Arc<Endpoint>> = upstream
             .endpoints
             .iter()
-            .filter(|e| !tried.contains(&e.index))
+            .map(|spec| match old.iter().find(|e| e.spec == *spec) {
+                Some(kept) => kept.clone(),
+                None => Endpoint::new(spec.clone()),
+            })
+            .collect();
+        let changed =
+            new.len() != old.len() || new.iter().zip(old.iter()).any(|(a, b)| a.id != b.id);
+        if changed {
+            self.endpoints.store(Arc::new(new));
+        }
+        changed
+    }
+
+    /// The endpoint for the next attempt, not one in `tried` (by id); `None` when all were
+    /// tried.
+    pub fn pick(&self, tried: &[u64]) -> Option<Arc<Endpoint>> {
+        let now = Instant::now();
+        let all = self.endpoints();
+        let untried: Vec<(usize, &Arc<Endpoint>)> = all
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| !tried.contains(&e.id))
             .collect();
         let healthy: Vec<Candidate> = untried
             .iter()
-            .filter(|e| e.health().available(now))
-            .map(|e| candidate(e))
+            .filter(|(_, e)| e.health().available(now))
+            .map(|(i, e)| candidate(*i, e))
             .collect();
         // Panic mode: every untried endpoint is ejected, so try them anyway.
         let candidates = if healthy.is_empty() {
-            untried.iter().map(|e| candidate(e)).collect()
+            untried.iter().map(|(i, e)| candidate(*i, e)).collect()
         } else {
             healthy
         };
         let chosen = match self.balance {
             Balance::P2c => p2c(&candidates, |n| fastrand::usize(..n)),
             Balance::RoundRobin => {
-                let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
-                round_robin(&candidates, &mut current)
+                let _round = self.round.lock().unwrap_or_else(|e| e.into_inner());
+                let mut current: Vec<i64> = all
+                    .iter()
+                    .map(|e| e.current.load(Ordering::Relaxed))
+                    .collect();
+                let chosen = round_robin(&candidates, &mut current);
+                for c in &candidates {
+                    all[c.index]
+                        .current
+                        .store(current[c.index], Ordering::Relaxed);
+                }
+                chosen
             }
         }?;
-        Some(self.endpoints[chosen].clone())
+        Some(all[chosen].clone())
     }
 }
 
-/// Server side: the default target's set and each route's.
-#[derive(Debug, Default)]
+/// Server side: the default target's set and each route's. Replaceable as a whole by a reload
+/// that changes only targets ([`Routes::update`]).
+#[derive(Debug)]
 pub struct Routes {
+    table: ArcSwap<Table>,
+}
+
+/// The sets behind a server's routes.
+#[derive(Debug, Default)]
+pub struct Table {
     pub default: Option<Arc<Set>>,
     pub named: BTreeMap<String, Arc<Set>>,
 }
@@ -150,29 +194,61 @@ pub struct Routes {
 impl Routes {
     pub fn new(cfg: &TunnelConfig) -> Routes {
         let set = |u: &Upstream| Arc::new(Set::new(u, cfg.balance));
-        Routes {
+        let table = Table {
             default: cfg.target.as_ref().map(set),
             named: cfg
                 .routes
                 .iter()
                 .map(|(name, u)| (name.clone(), set(u)))
                 .collect(),
+        };
+        Routes {
+            table: ArcSwap::from_pointee(table),
         }
+    }
+
+    /// The routes now.
+    pub fn table(&self) -> Arc<Table> {
+        self.table.load_full()
     }
 
     /// The set for a route name ("" is the default target).
-    pub fn get(&self, route: &str) -> Option<&Arc<Set>> {
+    pub fn get(&self, route: &str) -> Option<Arc<Set>> {
+        let table = self.table.load();
         if route.is_empty() {
-            self.default.as_ref()
+            table.default.clone()
         } else {
-            self.named.get(route)
+            table.named.get(route).cloned()
         }
+    }
+
+    /// Takes `cfg`'s targets and routes: a route still there keeps its set (and so its
+    /// endpoints' health), updated; new routes get new sets; removed ones go. Connections open
+    /// on any endpoint carry on.
+    pub fn update(&self, cfg: &TunnelConfig) {
+        let old = self.table();
+        let keep = |old: Option<&Arc<Set>>, u: &Upstream| match old {
+            Some(set) if set.balance == cfg.balance => {
+                set.update(u);
+                set.clone()
+            }
+            _ => Arc::new(Set::new(u, cfg.balance)),
+        };
+        let table = Table {
+            default: cfg.target.as_ref().map(|u| keep(old.default.as_ref(), u)),
+            named: cfg
+                .routes
+                .iter()
+                .map(|(name, u)| (name.clone(), keep(old.named.get(name), u)))
+                .collect(),
+        };
+        self.table.store(Arc::new(table));
     }
 }
 
-fn candidate(e: &Endpoint) -> Candidate {
+fn candidate(index: usize, e: &Endpoint) -> Candidate {
     Candidate {
-        index: e.index,
+        index,
         weight: e.spec.weight,
         open: e.open(),
     }
@@ -181,6 +257,7 @@ fn candidate(e: &Endpoint) -> Candidate {
 /// What the pickers see of an endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Candidate {
+    /// Its place in the set's list.
     pub index: usize,
     pub weight: u32,
     pub open: usize,
@@ -286,6 +363,31 @@ mod tests {
     }
 
     #[test]
+    fn an_update_keeps_the_endpoints_still_listed_with_their_state() {
+        let parse = |v: &[&str]| {
+            let items = v.iter().map(|s| s.to_string()).collect();
+            Upstream::parse("t", &crate::config::Targets::Many(items), None).unwrap()
+        };
+        let set = Set::new(&parse(&["a:1", "b:2"]), Balance::P2c);
+        let b = set.endpoints()[1].clone();
+        let in_use = b.begin();
+        for _ in 0..passive::FALL {
+            b.failed("refused");
+        }
+        assert!(set.update(&parse(&["b:2", "c:3"])));
+        let now = set.endpoints();
+        assert_eq!(now[0].id, b.id, "b is the same endpoint");
+        assert_eq!((now[0].state(), now[0].open()), (State::Ejected, 1));
+        assert_eq!(now[1].spec.addr.to_string(), "c:3");
+        // A new weight is a new endpoint; the same list again changes nothing.
+        assert!(!set.update(&parse(&["b:2", "c:3"])));
+        assert!(set.update(&parse(&["b:2,weight=2", "c:3"])));
+        assert_ne!(set.endpoints()[0].id, b.id);
+        drop(in_use);
+        assert_eq!(b.open(), 0);
+    }
+
+    #[test]
     fn a_set_skips_tried_and_ejected_endpoints_and_panics_when_all_are_out() {
         let upstream = Upstream::parse(
             "t",
@@ -297,15 +399,16 @@ mod tests {
         for _ in 0..passive::FALL {
             set.endpoints()[0].failed("refused");
         }
+        let ids: Vec<u64> = set.endpoints().iter().map(|e| e.id).collect();
         assert_eq!(set.endpoints()[0].state(), State::Ejected);
         for _ in 0..10 {
             let e = set.pick(&[]).unwrap();
-            assert_ne!(e.index, 0, "an ejected endpoint is skipped");
+            assert_ne!(e.id, ids[0], "an ejected endpoint is skipped");
         }
-        assert_eq!(set.pick(&[1]).unwrap().index, 2);
+        assert_eq!(set.pick(&[ids[1]]).unwrap().id, ids[2]);
         // Only the ejected one left untried: panic mode tries it.
-        assert_eq!(set.pick(&[1, 2]).unwrap().index, 0);
-        assert!(set.pick(&[0, 1, 2]).is_none());
+        assert_eq!(set.pick(&[ids[1], ids[2]]).unwrap().id, ids[0]);
+        assert!(set.pick(&ids).is_none());
         // Open connections are counted while in use.
         let e = set.pick(&[]).unwrap();
         let guard = e.begin();
