@@ -154,6 +154,19 @@ pub struct CommonArgs {
     /// of ghostunnel's goroutine count (leak checks written against it keep working).
     #[arg(long)]
     pub enable_pprof: bool,
+    /// The DNS server srv: and dns: targets ask (IP[:PORT]). Default: the system's.
+    #[arg(long, value_name = "IP:PORT")]
+    pub nameserver: Option<String>,
+    /// srv: and dns: targets are looked up again on their answer's TTL, but not sooner than
+    /// this. Default 1s.
+    #[arg(long, value_name = "DURATION")]
+    pub dns_min_interval: Option<String>,
+    /// ... and not later than this. Default 60s.
+    #[arg(long, value_name = "DURATION")]
+    pub dns_max_interval: Option<String>,
+    /// How long a discovery source that fails keeps its last endpoints. Default 5m.
+    #[arg(long, value_name = "DURATION")]
+    pub discovery_hold: Option<String>,
     /// Reload certificate, key, CA bundle and CRL this often (as SIGHUP does).
     #[arg(long, value_name = "DURATION")]
     pub timed_reload: Option<String>,
@@ -308,6 +321,10 @@ impl CommonArgs {
             threads: None,
             metrics_prefix: self.metrics_prefix.clone(),
             enable_pprof: self.enable_pprof,
+            nameserver: self.nameserver.clone(),
+            dns_min_interval: self.dns_min_interval.clone(),
+            dns_max_interval: self.dns_max_interval.clone(),
+            discovery_hold: self.discovery_hold.clone(),
         }
     }
 

@@ -171,21 +171,19 @@ impl Daemon {
             .collect();
         self.reload_tls(Some(&kept))?;
         // Every new target checked before any is taken, so a failed reload changes nothing.
-        let mut retargets = Vec::new();
-        for cfg in new
+        let retargets: Vec<&TunnelConfig> = new
             .tunnels
             .iter()
             .filter(|t| diff.retargeted.contains(&t.name))
-        {
-            let names =
-                tunnel::check_targets(cfg).map_err(|e| e.to_string().replace('\n', "; "))?;
-            retargets.push((cfg, names));
+            .collect();
+        for cfg in &retargets {
+            tunnel::check_targets(cfg).map_err(|e| e.to_string().replace('\n', "; "))?;
         }
-        for (cfg, names) in retargets {
+        for cfg in retargets {
             let Some(r) = self.running.get_mut(&cfg.name) else {
                 continue;
             };
-            r.view.upstreams.retarget(cfg, names);
+            r.view.upstreams.retarget(cfg);
             r.view.cfg = Arc::new(cfg.clone());
             let (target, routes) = targets(cfg);
             tracing::info!(tunnel = %cfg.name, %target, %routes, "targets updated in place");
@@ -194,9 +192,10 @@ impl Daemon {
             || new.timed_reload != self.config.timed_reload
             || new.metrics_prefix != self.config.metrics_prefix
             || new.enable_pprof != self.config.enable_pprof
+            || new.discovery != self.config.discovery
         {
             tracing::warn!(
-                "status, timed_reload, metrics_prefix and enable_pprof changes take effect at the next start"
+                "status, timed_reload, metrics_prefix, enable_pprof, nameserver, dns_*_interval and discovery_hold changes take effect at the next start"
             );
         }
         self.config.shutdown_timeout = new.shutdown_timeout;
@@ -297,6 +296,7 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<u8> {
     // Handlers first: a signal that arrives during startup must be handled, not kill us.
     let mut signals = Signals::install()?;
 
+    crate::upstream::discovery::configure(config.discovery.clone());
     let prepared =
         prepare(config.tunnels.clone()).map_err(|errors| anyhow::anyhow!(joined(&errors)))?;
     let state = Arc::new(State::new(

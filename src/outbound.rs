@@ -47,11 +47,16 @@ pub async fn service(
         ));
     };
     let deadline = tokio::time::Instant::now() + cfg.connect_timeout;
+    set.ready(deadline).await;
     let mut tried = Vec::new();
     let mut errors = Vec::new();
     let (mut plain, in_use) = loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let next = set.pick(&tried).filter(|_| !left.is_zero());
+        if next.is_none() && tried.is_empty() && set.endpoints().is_empty() {
+            let detail = no_endpoint(set);
+            return Err((RefuseCode::NoEndpoint, fail(Outcome::NoEndpoint, detail)));
+        }
         let Some(endpoint) = next else {
             if errors.is_empty() {
                 errors.push(format!("no time left within {:?}", cfg.connect_timeout));
@@ -94,6 +99,23 @@ pub async fn service(
     Ok((plain, in_use))
 }
 
+/// Why a set has no endpoint: its sources' errors, if any.
+fn no_endpoint(set: &Set) -> String {
+    let errors: Vec<String> = set
+        .sources()
+        .iter()
+        .filter_map(|s| {
+            let v = s.view();
+            v.error.map(|e| format!("{}: {e}", v.source))
+        })
+        .collect();
+    if errors.is_empty() {
+        "no endpoint: discovery has found none yet".into()
+    } else {
+        format!("no endpoint: {}", errors.join("; "))
+    }
+}
+
 /// The most consumer bytes sent ahead of READY, kept to send again if the stream must be
 /// opened elsewhere. Below the stream window, so early bytes never wait for credit.
 const MAX_EARLY: usize = 64 * 1024;
@@ -129,8 +151,15 @@ pub async fn peer(
     rec: &mut Record,
     early: &mut Early,
 ) -> Result<(Carrier<ClientStream>, InUse), Failure> {
+    peers
+        .set
+        .ready(tokio::time::Instant::now() + cfg.connect_timeout)
+        .await;
     let mut tried = Vec::new();
     let mut last = None;
+    if peers.set.endpoints().is_empty() {
+        return Err(fail(Outcome::NoEndpoint, no_endpoint(&peers.set)));
+    }
     while let Some(endpoint) = peers.set.pick(&tried) {
         tried.push(endpoint.id);
         rec.target = Some(endpoint.spec.addr.to_string());
@@ -276,7 +305,8 @@ async fn answer(
                             // Nothing reached the service: another server may do better.
                             RefuseCode::DialFailed
                             | RefuseCode::Unavailable
-                            | RefuseCode::Draining => {
+                            | RefuseCode::Draining
+                            | RefuseCode::NoEndpoint => {
                                 Err(Settled::Elsewhere(fail(Outcome::Refused, why)))
                             }
                             _ => Err(refused(why)),

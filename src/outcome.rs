@@ -20,11 +20,13 @@ pub enum Outcome {
     Aborted,
     /// Closed at `--max-conn-lifetime` (ghostunnel's `conn.timeout`).
     Expired,
+    /// The route had no endpoint to connect to (discovery found none).
+    NoEndpoint,
 }
 
 impl Outcome {
     /// Every outcome, in metric order.
-    pub const ALL: [Outcome; 10] = [
+    pub const ALL: [Outcome; 11] = [
         Outcome::Ok,
         Outcome::Idle,
         Outcome::HandshakeFailed,
@@ -35,6 +37,7 @@ impl Outcome {
         Outcome::Refused,
         Outcome::Aborted,
         Outcome::Expired,
+        Outcome::NoEndpoint,
     ];
 
     pub fn index(self) -> usize {
@@ -56,6 +59,7 @@ impl Outcome {
             Outcome::Refused => "refused",
             Outcome::Aborted => "aborted",
             Outcome::Expired => "expired",
+            Outcome::NoEndpoint => "no_endpoint",
         }
     }
 }

@@ -19,7 +19,7 @@
 //! to the connection with the fewest.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
@@ -33,7 +33,7 @@ use crate::mux::{Conn, Role};
 use crate::net::Address;
 use crate::outcome::{Failure, Outcome, fail};
 use crate::tls::{self, ClientStream, ClientTls, PeerIdentity};
-use crate::upstream::{Endpoint, Set};
+use crate::upstream::{Endpoint, Refresh, Set};
 use arc_swap::ArcSwap;
 use rustls::pki_types::ServerName;
 
@@ -56,33 +56,28 @@ pub struct Peers {
 }
 
 impl Peers {
-    /// `names`: per endpoint, the name its certificate must carry (checked at startup).
+    /// The server ambassadors of `cfg`'s target (their names were checked at startup), with
+    /// its discovery sources started.
     pub fn new(
         cfg: Arc<TunnelConfig>,
         tls: Arc<ClientTls>,
-        names: Vec<ServerName<'static>>,
         metrics: Arc<TunnelMetrics>,
         stop: CancellationToken,
     ) -> Arc<Peers> {
         let upstream = cfg.target.clone().expect("a client side has a target");
-        let peers = Peers {
-            set: Set::new(&upstream, cfg.balance),
+        let peers = Arc::new(Peers {
+            set: Set::new(&upstream, cfg.balance, false),
             pools: ArcSwap::from_pointee(Vec::new()),
             cfg,
             tls,
             metrics,
             stop,
             started: AtomicBool::new(false),
-        };
-        let pools = peers
-            .set
-            .endpoints()
-            .iter()
-            .zip(names)
-            .map(|(e, name)| peers.pool(e, name))
-            .collect();
-        peers.pools.store(Arc::new(pools));
-        Arc::new(peers)
+        });
+        peers.sync_pools();
+        let weak: Weak<dyn Refresh> = Arc::downgrade(&peers) as Weak<dyn Refresh>;
+        peers.set.discover_for(&weak);
+        peers
     }
 
     fn pool(&self, endpoint: &Arc<Endpoint>, name: ServerName<'static>) -> Arc<PeerPool> {
@@ -117,25 +112,37 @@ impl Peers {
             .cloned()
     }
 
-    /// Takes `cfg`'s server ambassadors (`names`: the name each one's certificate must carry):
-    /// pools of endpoints still listed stay as they are, new ones get pools, and removed ones
-    /// stop taking streams (their open streams carry on until they end).
-    pub fn update(&self, cfg: &TunnelConfig, names: Vec<ServerName<'static>>) {
-        let Some(upstream) = &cfg.target else { return };
-        self.set.update(upstream);
+    /// Takes `cfg`'s server ambassadors (a reload that changed only them).
+    pub fn update(&self, cfg: &TunnelConfig) {
+        if let Some(upstream) = &cfg.target {
+            self.set.update(upstream);
+            self.sync_pools();
+        }
+    }
+
+    /// Gives every endpoint of the set a pool: pools of endpoints still listed stay as they
+    /// are, new ones get pools (an endpoint whose name cannot be a TLS server name gets none,
+    /// and is said so), and removed ones stop taking streams (their open streams carry on).
+    fn sync_pools(&self) {
         let old = self.pools();
         let mut pools = Vec::new();
-        for (e, name) in self.set.endpoints().iter().zip(names) {
-            match old.iter().find(|p| p.endpoint.id == e.id) {
-                Some(kept) => pools.push(kept.clone()),
-                None => {
-                    let pool = self.pool(e, name);
-                    if self.started.load(Ordering::Acquire) {
-                        pool.start();
-                    }
-                    pools.push(pool);
-                }
+        for e in self.set.endpoints().iter() {
+            if let Some(kept) = old.iter().find(|p| p.endpoint.id == e.id) {
+                pools.push(kept.clone());
+                continue;
             }
+            let name = match tls::server_name(&self.cfg.server_name_of(&e.spec)) {
+                Ok(name) => name,
+                Err(err) => {
+                    tracing::warn!(tunnel = %self.cfg.name, endpoint = %e.spec.addr, error = %err, "endpoint not used");
+                    continue;
+                }
+            };
+            let pool = self.pool(e, name);
+            if self.started.load(Ordering::Acquire) {
+                pool.start();
+            }
+            pools.push(pool);
         }
         for gone in old
             .iter()
@@ -144,6 +151,14 @@ impl Peers {
             gone.close();
         }
         self.pools.store(Arc::new(pools));
+    }
+}
+
+impl Refresh for Peers {
+    fn refresh(&self) {
+        if self.set.refresh_endpoints() {
+            self.sync_pools();
+        }
     }
 }
 
@@ -546,7 +561,7 @@ async fn dial_peer(
         .map_err(|e| fail(Outcome::DialFailed, e))?;
     tcp.tune(Some(cfg.keepalive));
     let handshake = Instant::now();
-    let handshaken = tokio::time::timeout_at(deadline.into(), client.connect_as(tcp, name)).await;
+    let handshaken = tokio::time::timeout_at(deadline.into(), client.connect(tcp, name)).await;
     if let Some(m) = metrics {
         match &handshaken {
             Ok(Ok(_)) => m.handshake_done(handshake.elapsed()),

@@ -172,6 +172,7 @@ impl State {
                 "backend_ok": result.is_ok(),
                 "backend_error": result.err(),
                 "endpoints": endpoints(t),
+                "sources": sources(t),
             }));
         }
         let backend_ok = errors.is_empty();
@@ -219,6 +220,24 @@ fn endpoints(t: &TunnelView) -> Vec<serde_json::Value> {
                 "weight": e.spec.weight,
                 "state": e.state().as_str(),
                 "open": e.open(),
+            })
+        })
+        .collect()
+}
+
+/// Each discovery source of a tunnel: what it found, its last error, and the age of its last
+/// good answer.
+fn sources(t: &TunnelView) -> Vec<serde_json::Value> {
+    t.upstreams
+        .sources(&t.cfg)
+        .iter()
+        .map(|(route, v)| {
+            serde_json::json!({
+                "route": route,
+                "source": v.source,
+                "endpoints": v.endpoints,
+                "error": v.error,
+                "last_good_seconds_ago": v.last_good_secs,
             })
         })
         .collect()

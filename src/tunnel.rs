@@ -35,9 +35,9 @@ use crate::outcome::{Failure, Outcome, fail};
 use crate::peer_pool::{PeerPool, Peers};
 use crate::relay;
 use crate::tls::{self, ClientTls, ServerStream, ServerTls};
-use crate::upstream::{Endpoint, Routes};
+use crate::upstream::discovery::SourceView;
+use crate::upstream::{Endpoint, Routes, Set};
 use crate::{dial, health};
-use rustls::pki_types::ServerName;
 
 /// Why a tunnel could not start.
 #[derive(Debug, thiserror::Error)]
@@ -105,20 +105,16 @@ impl TlsEnd {
 /// Checks a tunnel's targets before they are used: client side, each server ambassador's
 /// certificate name; both sides, that each name resolves (a name that does not resolve now is
 /// a typo far more often than a service not yet up; unless told it may not exist yet, with
-/// `--skip-resolve`). Returns the client side's names, per endpoint.
-pub fn check_targets(cfg: &TunnelConfig) -> Result<Vec<ServerName<'static>>, Error> {
-    let names = match (cfg.side, &cfg.target) {
-        (Side::Client, Some(target)) => target
-            .endpoints
-            .iter()
-            .map(|e| tls::server_name(&cfg.server_name_of(e)))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|source| Error::Tls {
+/// `--skip-resolve`). Discovered endpoints are checked as they are found.
+pub fn check_targets(cfg: &TunnelConfig) -> Result<(), Error> {
+    if let (Side::Client, Some(target)) = (cfg.side, &cfg.target) {
+        for e in &target.endpoints {
+            tls::server_name(&cfg.server_name_of(e)).map_err(|source| Error::Tls {
                 tunnel: cfg.name.clone(),
                 source,
-            })?,
-        _ => Vec::new(),
-    };
+            })?;
+        }
+    }
     let upstreams = cfg.target.iter().chain(cfg.routes.values());
     let checked = upstreams.filter(|_| !cfg.skip_resolve);
     for target in checked.flat_map(|u| u.addresses()) {
@@ -132,15 +128,13 @@ pub fn check_targets(cfg: &TunnelConfig) -> Result<Vec<ServerName<'static>>, Err
             });
         }
     }
-    Ok(names)
+    Ok(())
 }
 
 /// A tunnel whose TLS material loaded and whose configuration is consistent, not yet bound.
 pub struct Prepared {
     cfg: Arc<TunnelConfig>,
     tls: TlsEnd,
-    /// Client side: per server ambassador, the name its certificate must carry.
-    names: Vec<ServerName<'static>>,
 }
 
 impl Prepared {
@@ -151,24 +145,19 @@ impl Prepared {
             Side::Server => {
                 ServerTls::new(&cfg.tls, cfg.tls_versions).map(|s| TlsEnd::Server(Arc::new(s)))
             }
-            Side::Client => ClientTls::new(
-                &cfg.tls,
-                cfg.tls_versions,
-                &cfg.server_name,
-                &cfg.verify,
-                cfg.legate_protocol,
-            )
-            .map(|c| TlsEnd::Client(Arc::new(c))),
+            Side::Client => {
+                ClientTls::new(&cfg.tls, cfg.tls_versions, &cfg.verify, cfg.legate_protocol)
+                    .map(|c| TlsEnd::Client(Arc::new(c)))
+            }
         }
         .map_err(|source| Error::Tls {
             tunnel: cfg.name.clone(),
             source,
         })?;
-        let names = check_targets(&cfg)?;
+        check_targets(&cfg)?;
         Ok(Prepared {
             cfg: Arc::new(cfg),
             tls,
-            names,
         })
     }
 
@@ -200,7 +189,6 @@ impl Prepared {
             TlsEnd::Client(client) => Some(Peers::new(
                 self.cfg.clone(),
                 client.clone(),
-                self.names,
                 metrics.clone(),
                 stop.clone(),
             )),
@@ -533,6 +521,28 @@ pub enum Upstreams {
 }
 
 impl Upstreams {
+    /// Every discovery source with its route, as it stands.
+    pub fn sources(&self, cfg: &TunnelConfig) -> Vec<(String, SourceView)> {
+        let views = |route: &str, set: &Set| {
+            let route = route.to_string();
+            set.sources()
+                .iter()
+                .map(move |s| (route.clone(), s.view()))
+                .collect::<Vec<_>>()
+        };
+        match self {
+            Upstreams::Server(routes) => {
+                let table = routes.table();
+                let mut all: Vec<_> = table.default.iter().flat_map(|s| views("", s)).collect();
+                for (name, set) in &table.named {
+                    all.extend(views(name, set));
+                }
+                all
+            }
+            Upstreams::Client(peers) => views(&cfg.route, &peers.set),
+        }
+    }
+
     /// Every endpoint with its route ("" for the default target; client side: the route it
     /// asks for).
     pub fn endpoints(&self, cfg: &TunnelConfig) -> Vec<(String, Arc<Endpoint>)> {
@@ -559,12 +569,12 @@ impl Upstreams {
 
 impl Upstreams {
     /// Takes `cfg`'s targets and routes in place (a reload that changed nothing else): new
-    /// connections go to the new endpoints at once; open ones stay where they are. `names`:
-    /// from [`check_targets`], which the caller runs first for every tunnel it changes.
-    pub fn retarget(&self, cfg: &TunnelConfig, names: Vec<ServerName<'static>>) {
+    /// connections go to the new endpoints at once; open ones stay where they are. The caller
+    /// runs [`check_targets`] first, for every tunnel it changes.
+    pub fn retarget(&self, cfg: &TunnelConfig) {
         match self {
             Upstreams::Server(routes) => routes.update(cfg),
-            Upstreams::Client(peers) => peers.update(cfg, names),
+            Upstreams::Client(peers) => peers.update(cfg),
         }
     }
 }

@@ -16,7 +16,9 @@ pub use crate::net::{Address, HostPort};
 use crate::tls::{self, Rules, TlsVersions};
 
 mod upstream;
-pub use upstream::{Balance, EndpointSpec, Targets, Upstream};
+pub use upstream::{
+    Balance, DiscoverySettings, EndpointSpec, MAX_WEIGHT, Source, Targets, Upstream,
+};
 
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -186,6 +188,8 @@ pub struct TunnelConfig {
     pub proxy_protocol: bool,
     /// `--skip-resolve`: the target may not resolve at startup.
     pub skip_resolve: bool,
+    /// Server side: `--unsafe-target`, targets (and discovered endpoints) off loopback.
+    pub unsafe_target: bool,
     /// Client side: multiplexed `legate/1` connections kept per server ambassador (0: none).
     pub pool_size: usize,
     /// Client side: the server is known to speak `legate/1` (`--peer-is-legate`, or a
@@ -210,6 +214,8 @@ pub struct Config {
     pub metrics_prefix: String,
     /// Serve `/debug/pprof/goroutine` (the live task count) on the status listener.
     pub enable_pprof: bool,
+    /// The nameserver and intervals of `srv:` and `dns:` sources, the hold time of all.
+    pub discovery: DiscoverySettings,
 }
 
 /// The status listener's address and whether it speaks HTTPS or plain HTTP.
@@ -250,6 +256,10 @@ pub struct ProcessFile {
     pub threads: Option<usize>,
     pub metrics_prefix: Option<String>,
     pub enable_pprof: bool,
+    pub nameserver: Option<String>,
+    pub dns_min_interval: Option<String>,
+    pub dns_max_interval: Option<String>,
+    pub discovery_hold: Option<String>,
 }
 
 impl ProcessFile {
@@ -297,6 +307,41 @@ impl ProcessFile {
                 "--metrics-prefix {metrics_prefix:?} has spaces, quotes or control characters; write e.g. \"ghostunnel\" or \"cache.client\""
             ));
         }
+        let defaults = DiscoverySettings::default();
+        let nameserver = self.nameserver.as_deref().and_then(|ns| {
+            ns.parse::<std::net::SocketAddr>()
+                .or_else(|_| ns.parse::<std::net::IpAddr>().map(|ip| (ip, 53).into()))
+                .map_err(|_| {
+                    p.push(format!(
+                        "--nameserver {ns:?} is not an IP address (with an optional :port)"
+                    ))
+                })
+                .ok()
+        });
+        let discovery = DiscoverySettings {
+            nameserver,
+            min_interval: duration(
+                &mut p,
+                "--dns-min-interval",
+                &self.dns_min_interval,
+                defaults.min_interval,
+            ),
+            max_interval: duration(
+                &mut p,
+                "--dns-max-interval",
+                &self.dns_max_interval,
+                defaults.max_interval,
+            ),
+            hold: duration(
+                &mut p,
+                "--discovery-hold",
+                &self.discovery_hold,
+                defaults.hold,
+            ),
+        };
+        if discovery.min_interval.is_zero() || discovery.min_interval > discovery.max_interval {
+            p.push("--dns-min-interval must be more than 0 and at most --dns-max-interval".into());
+        }
         if self.enable_pprof && self.status.is_none() {
             p.push("--enable-pprof needs --status (the profile is served there)".into());
         }
@@ -311,6 +356,7 @@ impl ProcessFile {
             threads: self.threads,
             metrics_prefix,
             enable_pprof: self.enable_pprof,
+            discovery,
         })
     }
 }
@@ -333,7 +379,23 @@ pub fn retargeted_only(old: &TunnelConfig, new: &TunnelConfig) -> bool {
     same.target.clone_from(&old.target);
     same.routes.clone_from(&old.routes);
     same.server_name.clone_from(&old.server_name);
-    same == *old && new != old
+    // A route whose discovery sources changed needs new sources: the tunnel is replaced.
+    let sources = |t: &TunnelConfig| {
+        let mut all: Vec<(String, Vec<Source>)> = t
+            .routes
+            .iter()
+            .map(|(n, u)| (n.clone(), u.sources.clone()))
+            .collect();
+        all.push((
+            String::new(),
+            t.target
+                .as_ref()
+                .map(|u| u.sources.clone())
+                .unwrap_or_default(),
+        ));
+        all
+    };
+    same == *old && new != old && sources(old) == sources(new)
 }
 
 /// Compares two sets of tunnels by name: a pure function, so reload is easy to test.
@@ -493,6 +555,7 @@ impl TunnelFile {
             disable_authentication: self.disable_authentication,
             proxy_protocol: self.proxy_protocol,
             skip_resolve: self.skip_resolve,
+            unsafe_target: self.unsafe_target,
             pool_size: self.pool_size.unwrap_or(DEFAULT_POOL_SIZE),
             peer_is_legate: !self.raw && (self.peer_is_legate || self.route.is_some()),
             idle_timeout: t.idle,
@@ -824,7 +887,11 @@ impl TunnelFile {
                 }
             }
         }
-        server_name_of(self.override_server_name.as_deref(), &target.endpoints[0])
+        match target.endpoints.first() {
+            Some(first) => server_name_of(self.override_server_name.as_deref(), first),
+            // Only discovered endpoints: each is checked against its own name.
+            None => self.override_server_name.clone().unwrap_or_default(),
+        }
     }
 
     /// `--target-status`: an `http://` or `https://` URL, server side only.
@@ -934,6 +1001,10 @@ struct FileTop {
     metrics_prefix: Option<String>,
     #[serde(default)]
     enable_pprof: bool,
+    nameserver: Option<String>,
+    dns_min_interval: Option<String>,
+    dns_max_interval: Option<String>,
+    discovery_hold: Option<String>,
     #[serde(default)]
     tunnels: BTreeMap<String, toml::Value>,
 }
@@ -950,6 +1021,10 @@ pub fn from_toml(text: &str, base: Option<&Path>) -> Result<Config, Problems> {
         threads: top.threads,
         metrics_prefix: top.metrics_prefix,
         enable_pprof: top.enable_pprof,
+        nameserver: top.nameserver,
+        dns_min_interval: top.dns_min_interval,
+        dns_max_interval: top.dns_max_interval,
+        discovery_hold: top.discovery_hold,
     };
     if top.tunnels.is_empty() {
         problems.push("no tunnels: add at least one [tunnels.NAME] table".into());

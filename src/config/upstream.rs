@@ -1,11 +1,14 @@
 //! Upstreams as written: a target (or route) is one endpoint or several, each
-//! `ADDRESS[,weight=N][,name=TLS-NAME]`, in a flag (repeatable) or a TOML string or list.
+//! `ADDRESS[,weight=N][,priority=N][,name=TLS-NAME]`, or a discovery source (`srv:NAME`,
+//! `dns:HOST:PORT`, `file:PATH`), in a flag (repeatable) or a TOML string or list.
 //!
 //! In: the strings. Out: an [`Upstream`], its endpoints validated, or one line saying what is
 //! wrong with which entry.
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::Path;
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -75,6 +78,9 @@ pub struct EndpointSpec {
     pub addr: Address,
     /// Relative share of new connections, 1 to [`MAX_WEIGHT`].
     pub weight: u32,
+    /// Lower first: endpoints of a higher number take connections only while none of a lower
+    /// one can (DNS SRV's meaning). 0 unless given.
+    pub priority: u16,
     /// Client side: the name its certificate must be valid for, when not the address's host.
     pub name: Option<String>,
 }
@@ -87,6 +93,7 @@ impl EndpointSpec {
         let mut spec = EndpointSpec {
             addr,
             weight: 1,
+            priority: 0,
             name: None,
         };
         for option in parts {
@@ -102,10 +109,15 @@ impl EndpointSpec {
                             )
                         })?;
                 }
+                Some(("priority", n)) => {
+                    spec.priority = n.parse().map_err(|_| {
+                        format!("{s:?}: priority {n:?} must be a whole number from 0 to 65535")
+                    })?;
+                }
                 Some(("name", n)) if !n.is_empty() => spec.name = Some(n.to_string()),
                 _ => {
                     return Err(format!(
-                        "{s:?}: after the address come only ,weight=N and ,name=TLS-NAME"
+                        "{s:?}: after the address come only ,weight=N, ,priority=N and ,name=TLS-NAME"
                     ));
                 }
             }
@@ -120,6 +132,9 @@ impl fmt::Display for EndpointSpec {
         if self.weight != 1 {
             write!(f, ",weight={}", self.weight)?;
         }
+        if self.priority != 0 {
+            write!(f, ",priority={}", self.priority)?;
+        }
         if let Some(name) = &self.name {
             write!(f, ",name={name}")?;
         }
@@ -127,21 +142,105 @@ impl fmt::Display for EndpointSpec {
     }
 }
 
-/// A validated target or route: one or more endpoints.
+/// Where endpoints are discovered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// `srv:_service._tcp.name.`: DNS SRV records, by priority and weight (RFC 2782); each
+    /// target's certificate is checked against the target's name.
+    Srv(String),
+    /// `dns:HOST:PORT`: every A/AAAA address of HOST, re-resolved on the answer's TTL.
+    Dns { host: String, port: u16 },
+    /// `file:PATH`: a TOML file `endpoints = ["ADDR,weight=N", ...]`, reread when it changes
+    /// (an atomic rename, a Kubernetes ConfigMap's `..data` swap).
+    File(std::path::PathBuf),
+}
+
+impl Source {
+    fn parse(s: &str, base: Option<&Path>) -> Option<Result<Source, String>> {
+        if let Some(name) = s.strip_prefix("srv:") {
+            return Some(if name.starts_with('_') && name.contains("._") {
+                Ok(Source::Srv(name.to_string()))
+            } else {
+                Err(format!(
+                    "{s:?}: an SRV name looks like srv:_service._tcp.example.org."
+                ))
+            });
+        }
+        if let Some(hp) = s.strip_prefix("dns:") {
+            return Some(match crate::net::HostPort::parse(hp) {
+                Ok(hp) if hp.host.parse::<std::net::IpAddr>().is_err() => Ok(Source::Dns {
+                    host: hp.host,
+                    port: hp.port,
+                }),
+                Ok(_) => Err(format!("{s:?}: dns: takes a name, not an address")),
+                Err(e) => Err(format!("{s:?}: {e}")),
+            });
+        }
+        let path = s.strip_prefix("file:")?;
+        Some(if path.is_empty() {
+            Err(format!("{s:?}: file: needs a path"))
+        } else {
+            let path = std::path::PathBuf::from(path);
+            Ok(Source::File(match base {
+                Some(base) if path.is_relative() => base.join(path),
+                _ => path,
+            }))
+        })
+    }
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Srv(name) => write!(f, "srv:{name}"),
+            Source::Dns { host, port } => write!(f, "dns:{host}:{port}"),
+            Source::File(path) => write!(f, "file:{}", path.display()),
+        }
+    }
+}
+
+/// Process-wide discovery settings (`--nameserver`, the re-resolution bounds, the hold time).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiscoverySettings {
+    /// The DNS server to ask; `None`: the system's (`/etc/resolv.conf`).
+    pub nameserver: Option<SocketAddr>,
+    pub min_interval: Duration,
+    pub max_interval: Duration,
+    /// How long the last good endpoints of a failing source are kept.
+    pub hold: Duration,
+}
+
+impl Default for DiscoverySettings {
+    fn default() -> DiscoverySettings {
+        DiscoverySettings {
+            nameserver: None,
+            min_interval: Duration::from_secs(1),
+            max_interval: Duration::from_secs(60),
+            hold: Duration::from_secs(300),
+        }
+    }
+}
+
+/// A validated target or route: endpoints given, and sources that discover more.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstream {
     pub endpoints: Vec<EndpointSpec>,
+    pub sources: Vec<Source>,
 }
 
 impl Upstream {
     /// Parses every entry, reporting each bad one.
     pub fn parse(what: &str, targets: &Targets, base: Option<&Path>) -> Result<Upstream, String> {
-        let endpoints = targets
-            .items()
-            .iter()
-            .map(|s| EndpointSpec::parse(s, base).map_err(|e| format!("{what}: {e}")))
-            .collect::<Result<Vec<_>, _>>()?;
-        if endpoints.is_empty() {
+        let (mut endpoints, mut sources) = (Vec::new(), Vec::new());
+        for item in targets.items() {
+            let item = item.trim();
+            match Source::parse(item, base) {
+                Some(source) => sources.push(source.map_err(|e| format!("{what}: {e}"))?),
+                None => endpoints
+                    .push(EndpointSpec::parse(item, base).map_err(|e| format!("{what}: {e}"))?),
+            }
+        }
+        if endpoints.is_empty() && sources.is_empty() {
             return Err(format!("{what}: an empty list; give at least one address"));
         }
         for (i, e) in endpoints.iter().enumerate() {
@@ -149,12 +248,7 @@ impl Upstream {
                 return Err(format!("{what}: {} is listed twice", e.addr));
             }
         }
-        Ok(Upstream { endpoints })
-    }
-
-    /// The first endpoint's address (the only one, usually).
-    pub fn first(&self) -> &Address {
-        &self.endpoints[0].addr
+        Ok(Upstream { endpoints, sources })
     }
 
     pub fn addresses(&self) -> impl Iterator<Item = &Address> {
@@ -164,13 +258,10 @@ impl Upstream {
 
 impl fmt::Display for Upstream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, e) in self.endpoints.iter().enumerate() {
-            if i > 0 {
-                f.write_str(" ")?;
-            }
-            e.fmt(f)?;
-        }
-        Ok(())
+        let endpoints = self.endpoints.iter().map(ToString::to_string);
+        let sources = self.sources.iter().map(ToString::to_string);
+        let all: Vec<String> = endpoints.chain(sources).collect();
+        f.write_str(&all.join(" "))
     }
 }
 
@@ -213,7 +304,27 @@ mod tests {
         Targets::push(&mut t, "c:3".into());
         let many = Upstream::parse("--target", t.as_ref().unwrap(), None).unwrap();
         assert_eq!(many.to_string(), "a:1 b:2,weight=2 c:3");
-        assert_eq!(many.first().to_string(), "a:1");
+        let mixed = Targets::Many(vec![
+            "a:1,priority=10".into(),
+            "srv:_redis._tcp.cache.example.".into(),
+            "dns:cache.example:6379".into(),
+            "file:eps.toml".into(),
+        ]);
+        let mixed = Upstream::parse("--target", &mixed, Some(Path::new("/etc/legate"))).unwrap();
+        assert_eq!(mixed.endpoints[0].priority, 10);
+        assert_eq!(
+            mixed.to_string(),
+            "a:1,priority=10 srv:_redis._tcp.cache.example. dns:cache.example:6379 file:/etc/legate/eps.toml"
+        );
+        for bad in [
+            "srv:cache.example",
+            "dns:10.0.0.1:6379",
+            "dns:cache",
+            "file:",
+        ] {
+            let t = Targets::One(bad.into());
+            assert!(Upstream::parse("--target", &t, None).is_err(), "{bad}");
+        }
         let twice = Targets::Many(vec!["a:1".into(), "a:1,weight=2".into()]);
         let e = Upstream::parse("route \"x\"", &twice, None).unwrap_err();
         assert!(e.contains("listed twice"), "{e}");

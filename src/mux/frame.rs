@@ -57,6 +57,8 @@ pub enum RefuseCode {
     Unavailable = 5,
     /// This connection takes no new streams: open the stream on another; nothing was done.
     Draining = 6,
+    /// The route has no endpoint now (discovery found none, or lost them past the hold time).
+    NoEndpoint = 7,
 }
 
 impl RefuseCode {
@@ -68,6 +70,7 @@ impl RefuseCode {
             4 => RefuseCode::BadRequest,
             5 => RefuseCode::Unavailable,
             6 => RefuseCode::Draining,
+            7 => RefuseCode::NoEndpoint,
             _ => return None,
         })
     }
@@ -80,6 +83,7 @@ impl RefuseCode {
             RefuseCode::BadRequest => "bad_request",
             RefuseCode::Unavailable => "unavailable",
             RefuseCode::Draining => "draining",
+            RefuseCode::NoEndpoint => "no_endpoint",
         }
     }
 }

@@ -692,32 +692,28 @@ pub struct ClientTls {
     min: TlsVersions,
     offer_legate: bool,
     pins: Rules,
-    server_name: ServerName<'static>,
     current: ArcSwap<ClientSnapshot>,
     /// Counts successful reloads; pooled connections from before one are not used.
     generation: std::sync::atomic::AtomicU64,
 }
 
 impl ClientTls {
-    /// `server_name` is what the server's certificate must be valid for: the target's host or
-    /// `--override-server-name`; `pins`, the `--verify-*` rules it must also pass (checked
-    /// inside certificate verification, so a server that fails them gets an alert). `offer_legate`
-    /// adds the `legate/1` ALPN offer.
+    /// `pins`: the `--verify-*` rules the server's certificate must pass besides its name
+    /// (checked inside certificate verification, so a server that fails them gets an alert).
+    /// `offer_legate` adds the `legate/1` ALPN offer. The name each server's certificate must
+    /// carry is given per connection ([`ClientTls::connect`]).
     pub fn new(
         files: &Files,
         min: TlsVersions,
-        server_name: &str,
         pins: &Rules,
         offer_legate: bool,
     ) -> Result<ClientTls, Error> {
         let snapshot = ClientSnapshot::load(files, min, offer_legate, pins)?;
-        let server_name = self::server_name(server_name)?;
         Ok(ClientTls {
             files: files.clone(),
             min,
             offer_legate,
             pins: pins.clone(),
-            server_name,
             current: ArcSwap::from_pointee(snapshot),
             generation: std::sync::atomic::AtomicU64::new(0),
         })
@@ -747,14 +743,9 @@ impl ClientTls {
         self.current.load().status.clone()
     }
 
-    /// Runs the client handshake on `tcp`. The caller bounds it with a timeout.
-    pub async fn connect(&self, tcp: Stream) -> std::io::Result<ClientStream> {
-        self.connect_as(tcp, self.server_name.clone()).await
-    }
-
-    /// [`ClientTls::connect`], checking the server's certificate against `name` (an endpoint's
-    /// own name).
-    pub async fn connect_as(
+    /// Runs the client handshake on `tcp`, checking the server's certificate against `name`
+    /// (an endpoint's own name). The caller bounds it with a timeout.
+    pub async fn connect(
         &self,
         tcp: Stream,
         name: ServerName<'static>,

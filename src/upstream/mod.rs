@@ -7,10 +7,11 @@
 //! anyway (panic mode): a route with no healthy endpoint would refuse everyone, while one that
 //! is merely believed down may have come back.
 
+pub mod discovery;
 pub mod passive;
 
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
 use std::collections::BTreeMap;
@@ -19,6 +20,7 @@ use arc_swap::ArcSwap;
 
 use crate::config::{Balance, EndpointSpec, TunnelConfig, Upstream};
 
+pub use discovery::{Refresh, SourceState};
 pub use passive::State;
 
 /// One endpoint and what is known of it.
@@ -92,22 +94,94 @@ impl Drop for InUse {
 
 /// A route's endpoints. The list can be replaced ([`Set::update`]) while connections run:
 /// new connections see the new list at once; open ones keep the endpoint they have.
+///
+/// Its list is the endpoints given (`statics`) followed by what each discovery source has
+/// found; a server side's set keeps only loopback endpoints unless `--unsafe-target`.
 #[derive(Debug)]
 pub struct Set {
     endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
     balance: Balance,
     /// Held while round robin reads and writes the current weights.
     round: Mutex<()>,
+    statics: Mutex<Vec<EndpointSpec>>,
+    sources: Vec<Arc<SourceState>>,
+    /// Server side without `--unsafe-target`: discovered endpoints must be on loopback.
+    local_only: bool,
 }
 
 impl Set {
-    pub fn new(upstream: &Upstream, balance: Balance) -> Set {
+    /// A set of `upstream`'s endpoints; its sources start looking with [`Set::discover`] (or
+    /// the owner's own [`discovery::Refresh`]).
+    pub fn new(upstream: &Upstream, balance: Balance, local_only: bool) -> Set {
         let endpoints = upstream.endpoints.iter().cloned().map(Endpoint::new);
         Set {
             endpoints: ArcSwap::from_pointee(endpoints.collect()),
             balance,
             round: Mutex::new(()),
+            statics: Mutex::new(upstream.endpoints.clone()),
+            sources: upstream
+                .sources
+                .iter()
+                .cloned()
+                .map(SourceState::new)
+                .collect(),
+            local_only,
         }
+    }
+
+    /// Starts this set's sources, reporting to the set itself (server side).
+    pub fn discover(self: &Arc<Self>) {
+        let weak: Weak<dyn Refresh> = Arc::downgrade(self) as Weak<dyn Refresh>;
+        self.discover_for(&weak);
+    }
+
+    /// Starts this set's sources, reporting to `target`.
+    pub fn discover_for(&self, target: &Weak<dyn Refresh>) {
+        for source in &self.sources {
+            discovery::spawn(source.clone(), target.clone());
+        }
+    }
+
+    pub fn sources(&self) -> &[Arc<SourceState>] {
+        &self.sources
+    }
+
+    /// Waits, while the set is empty, for each source's first lookup (or `deadline`): the
+    /// first consumers after startup find the endpoints discovered by then.
+    pub async fn ready(&self, deadline: tokio::time::Instant) {
+        if !self.endpoints().is_empty() {
+            return;
+        }
+        for source in &self.sources {
+            source.first_lookup(deadline).await;
+        }
+    }
+
+    /// The endpoints given and those discovered, the first of each address kept.
+    fn merged(&self) -> Vec<EndpointSpec> {
+        let mut all = self
+            .statics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for source in &self.sources {
+            for e in source.endpoints() {
+                if all.iter().any(|o| o.addr == e.addr) {
+                    continue;
+                }
+                if self.local_only && !e.addr.is_local() {
+                    tracing::warn!(source = %source.source, endpoint = %e.addr, "discovered endpoint is not on loopback and is not used: the plaintext would cross the network; pass --unsafe-target if that is intended");
+                    continue;
+                }
+                all.push(e);
+            }
+        }
+        all
+    }
+
+    /// Rebuilds the list from the endpoints given and the sources' latest.
+    pub fn refresh_endpoints(&self) -> bool {
+        self.replace(&self.merged())
     }
 
     /// The endpoints now.
@@ -115,12 +189,18 @@ impl Set {
         self.endpoints.load_full()
     }
 
+    /// Takes `upstream`'s endpoints (its sources are the set's own: a change of sources makes
+    /// a new set). Returns whether the list changed.
+    pub fn update(&self, upstream: &Upstream) -> bool {
+        *self.statics.lock().unwrap_or_else(|e| e.into_inner()) = upstream.endpoints.clone();
+        self.refresh_endpoints()
+    }
+
     /// Replaces the list: an endpoint still listed (the same address, weight and name) keeps
     /// its health and open count; the others start afresh. Returns whether anything changed.
-    pub fn update(&self, upstream: &Upstream) -> bool {
+    fn replace(&self, specs: &[EndpointSpec]) -> bool {
         let old = self.endpoints();
-        let new: Vec<Arc<Endpoint>> = upstream
-            .endpoints
+        let new: Vec<Arc<Endpoint>> = specs
             .iter()
             .map(|spec| match old.iter().find(|e| e.spec == *spec) {
                 Some(kept) => kept.clone(),
@@ -133,6 +213,16 @@ impl Set {
             self.endpoints.store(Arc::new(new));
         }
         changed
+    }
+
+    /// Whether `u` has the same discovery sources as this set.
+    pub fn same_sources(&self, u: &Upstream) -> bool {
+        self.sources.len() == u.sources.len()
+            && self
+                .sources
+                .iter()
+                .zip(&u.sources)
+                .all(|(a, b)| a.source == *b)
     }
 
     /// The endpoint for the next attempt, not one in `tried` (by id); `None` when all were
@@ -151,11 +241,14 @@ impl Set {
             .map(|(i, e)| candidate(*i, e))
             .collect();
         // Panic mode: every untried endpoint is ejected, so try them anyway.
-        let candidates = if healthy.is_empty() {
+        let mut candidates: Vec<Candidate> = if healthy.is_empty() {
             untried.iter().map(|(i, e)| candidate(*i, e)).collect()
         } else {
             healthy
         };
+        // The lowest priority that has a candidate; higher ones wait until it has none.
+        let first = candidates.iter().map(|c| all[c.index].spec.priority).min();
+        candidates.retain(|c| Some(all[c.index].spec.priority) == first);
         let chosen = match self.balance {
             Balance::P2c => p2c(&candidates, |n| fastrand::usize(..n)),
             Balance::RoundRobin => {
@@ -191,9 +284,22 @@ pub struct Table {
     pub named: BTreeMap<String, Arc<Set>>,
 }
 
+impl discovery::Refresh for Set {
+    fn refresh(&self) {
+        self.refresh_endpoints();
+    }
+}
+
+/// A server side's set for `u`, its discovery started.
+fn server_set(cfg: &TunnelConfig, u: &Upstream) -> Arc<Set> {
+    let set = Arc::new(Set::new(u, cfg.balance, !cfg.unsafe_target));
+    set.discover();
+    set
+}
+
 impl Routes {
     pub fn new(cfg: &TunnelConfig) -> Routes {
-        let set = |u: &Upstream| Arc::new(Set::new(u, cfg.balance));
+        let set = |u: &Upstream| server_set(cfg, u);
         let table = Table {
             default: cfg.target.as_ref().map(set),
             named: cfg
@@ -228,11 +334,11 @@ impl Routes {
     pub fn update(&self, cfg: &TunnelConfig) {
         let old = self.table();
         let keep = |old: Option<&Arc<Set>>, u: &Upstream| match old {
-            Some(set) if set.balance == cfg.balance => {
+            Some(set) if set.balance == cfg.balance && set.same_sources(u) => {
                 set.update(u);
                 set.clone()
             }
-            _ => Arc::new(Set::new(u, cfg.balance)),
+            _ => server_set(cfg, u),
         };
         let table = Table {
             default: cfg.target.as_ref().map(|u| keep(old.default.as_ref(), u)),
@@ -368,7 +474,7 @@ mod tests {
             let items = v.iter().map(|s| s.to_string()).collect();
             Upstream::parse("t", &crate::config::Targets::Many(items), None).unwrap()
         };
-        let set = Set::new(&parse(&["a:1", "b:2"]), Balance::P2c);
+        let set = Set::new(&parse(&["a:1", "b:2"]), Balance::P2c, false);
         let b = set.endpoints()[1].clone();
         let in_use = b.begin();
         for _ in 0..passive::FALL {
@@ -395,7 +501,7 @@ mod tests {
             None,
         )
         .unwrap();
-        let set = Set::new(&upstream, Balance::RoundRobin);
+        let set = Set::new(&upstream, Balance::RoundRobin, false);
         for _ in 0..passive::FALL {
             set.endpoints()[0].failed("refused");
         }

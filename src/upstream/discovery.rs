@@ -1,0 +1,388 @@
+//! Discovery: the sources that find a route's endpoints while it runs.
+//!
+//! In: a [`Source`] (`srv:`, `dns:`, `file:`). Out: its endpoints, looked up again on the
+//! answer's TTL (clamped between the process's minimum and maximum interval; Consul answers
+//! TTL 0) or, for a file, whenever its contents change (polled each second, which sees an
+//! atomic rename and a Kubernetes `..data` symlink swap alike). A failed lookup, an empty
+//! answer or NXDOMAIN keeps the last good endpoints for the hold time and says so; after that
+//! the source contributes none. Nothing here blocks startup: a name that does not resolve yet
+//! is a source with no endpoints yet.
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use hickory_resolver::TokioResolver;
+use hickory_resolver::config::{NameServerConfig, ResolverConfig};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::proto::rr::{RData, Record};
+
+use crate::config::{DiscoverySettings as Settings, EndpointSpec, MAX_WEIGHT, Source};
+use crate::net::{Address, HostPort};
+
+static SETTINGS: OnceLock<Settings> = OnceLock::new();
+static RESOLVER: OnceLock<Result<TokioResolver, String>> = OnceLock::new();
+
+/// Sets the process's discovery settings, once, before any tunnel starts.
+pub fn configure(settings: Settings) {
+    let _ = SETTINGS.set(settings);
+}
+
+fn settings() -> &'static Settings {
+    SETTINGS.get_or_init(Settings::default)
+}
+
+fn resolver() -> Result<&'static TokioResolver, String> {
+    RESOLVER
+        .get_or_init(|| {
+            let builder = match settings().nameserver {
+                Some(ns) => {
+                    let mut server = NameServerConfig::udp_and_tcp(ns.ip());
+                    for c in &mut server.connections {
+                        c.port = ns.port();
+                    }
+                    let config = ResolverConfig::from_name_servers(vec![server]);
+                    TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
+                }
+                None => TokioResolver::builder_tokio().map_err(|e| {
+                    format!("cannot read the system's DNS settings ({e}); set --nameserver")
+                })?,
+            };
+            let mut builder = builder;
+            // Every lookup asks the server: the TTL is ours to honour, and a cached answer
+            // would hide a change until the cache's own clock ran out.
+            builder.options_mut().cache_size = 0;
+            builder.options_mut().timeout = Duration::from_secs(2);
+            builder.options_mut().attempts = 2;
+            builder
+                .build()
+                .map_err(|e| format!("cannot start the DNS resolver: {e}"))
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// What a source has found, for the set and for `/_status`.
+#[derive(Debug)]
+pub struct SourceState {
+    pub source: Source,
+    found: Mutex<Found>,
+    /// Fires once the first lookup has finished, good or bad.
+    first: tokio::sync::Notify,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Found {
+    endpoints: Vec<EndpointSpec>,
+    /// When the last good answer came.
+    last_good: Option<Instant>,
+    error: Option<String>,
+    looked: bool,
+}
+
+/// A source's state as `/_status` shows it.
+#[derive(Debug, Clone)]
+pub struct SourceView {
+    pub source: String,
+    pub endpoints: usize,
+    pub error: Option<String>,
+    pub last_good_secs: Option<u64>,
+}
+
+impl SourceState {
+    pub fn new(source: Source) -> Arc<SourceState> {
+        Arc::new(SourceState {
+            source,
+            found: Mutex::default(),
+            first: tokio::sync::Notify::new(),
+        })
+    }
+
+    fn found(&self) -> std::sync::MutexGuard<'_, Found> {
+        self.found.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn endpoints(&self) -> Vec<EndpointSpec> {
+        self.found().endpoints.clone()
+    }
+
+    pub fn view(&self) -> SourceView {
+        let f = self.found();
+        SourceView {
+            source: self.source.to_string(),
+            endpoints: f.endpoints.len(),
+            error: f.error.clone(),
+            last_good_secs: f.last_good.map(|t| t.elapsed().as_secs()),
+        }
+    }
+
+    /// Waits until the first lookup has finished, or `deadline`.
+    pub async fn first_lookup(&self, deadline: tokio::time::Instant) {
+        let notified = self.first.notified();
+        if self.found().looked {
+            return;
+        }
+        let _ = tokio::time::timeout_at(deadline, notified).await;
+    }
+
+    /// Takes a lookup's result. Returns whether the endpoints changed.
+    fn take(&self, result: Result<Vec<EndpointSpec>, String>, hold: Duration) -> bool {
+        let mut f = self.found();
+        let first = !f.looked;
+        f.looked = true;
+        let changed = match result {
+            Ok(mut endpoints) => {
+                endpoints.sort_by_key(|e| e.addr.to_string());
+                if f.error.is_some() {
+                    tracing::info!(source = %self.source, endpoints = endpoints.len(), "discovery answers again");
+                }
+                f.error = None;
+                f.last_good = Some(Instant::now());
+                let changed = f.endpoints != endpoints;
+                f.endpoints = endpoints;
+                changed
+            }
+            Err(why) => {
+                let held = f.last_good.is_some_and(|t| t.elapsed() < hold);
+                if f.error.as_deref() != Some(why.as_str()) {
+                    if held {
+                        tracing::warn!(source = %self.source, error = %why, hold = ?hold, "discovery failed; keeping the last endpoints for the hold time");
+                    } else {
+                        tracing::warn!(source = %self.source, error = %why, "discovery failed; no endpoints from this source");
+                    }
+                }
+                f.error = Some(why);
+                let changed = !held && !f.endpoints.is_empty();
+                if !held {
+                    f.endpoints.clear();
+                }
+                changed
+            }
+        };
+        drop(f);
+        if first {
+            self.first.notify_waiters();
+        }
+        changed
+    }
+}
+
+/// What a source's changes are reported to: the set (server side) or the client's server
+/// ambassadors, which rebuild their endpoint list.
+pub trait Refresh: Send + Sync {
+    fn refresh(&self);
+}
+
+/// Looks `state`'s source up until `target` is gone, telling it whenever the endpoints change.
+pub fn spawn(state: Arc<SourceState>, target: Weak<dyn Refresh>) {
+    tokio::spawn(async move {
+        let s = settings().clone();
+        let mut failures = 0u32;
+        let mut file_seen = None;
+        loop {
+            if target.strong_count() == 0 {
+                return;
+            }
+            let (result, next) = match &state.source {
+                Source::File(path) => {
+                    let read = read_file(path, &mut file_seen);
+                    match read {
+                        Ok(None) => {
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            continue;
+                        }
+                        Ok(Some(endpoints)) => (Ok(endpoints), Duration::from_secs(1)),
+                        Err(e) => (Err(e), Duration::from_secs(1)),
+                    }
+                }
+                source => match lookup(source).await {
+                    Ok((endpoints, ttl)) => {
+                        failures = 0;
+                        (Ok(endpoints), ttl.clamp(s.min_interval, s.max_interval))
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        let back_off = s.min_interval.saturating_mul(1 << failures.min(6));
+                        (Err(e), back_off.min(s.max_interval))
+                    }
+                },
+            };
+            if state.take(result, s.hold) {
+                match target.upgrade() {
+                    Some(t) => t.refresh(),
+                    None => return,
+                }
+            }
+            tokio::time::sleep(next).await;
+        }
+    });
+}
+
+/// Reads a file source when its contents changed since `seen`: `Ok(None)` when unchanged.
+/// An unreadable or invalid file is an error (the last good endpoints are held).
+fn read_file(path: &Path, seen: &mut Option<Vec<u8>>) -> Result<Option<Vec<EndpointSpec>>, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if seen.as_ref() == Some(&bytes) {
+        return Ok(None);
+    }
+    let parsed = parse_file(&bytes, path.parent());
+    // Remembered either way: an invalid file is reported once, not every second.
+    *seen = Some(bytes);
+    parsed
+        .map(Some)
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// A file source's contents: `endpoints = ["ADDR[,weight=N][,priority=N][,name=NAME]", ...]`.
+pub fn parse_file(bytes: &[u8], base: Option<&Path>) -> Result<Vec<EndpointSpec>, String> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct File {
+        endpoints: Vec<String>,
+    }
+    let text = std::str::from_utf8(bytes).map_err(|_| "not UTF-8 text".to_string())?;
+    let file: File = toml::from_str(text).map_err(|e| {
+        e.to_string()
+            .lines()
+            .next()
+            .unwrap_or("invalid TOML")
+            .to_string()
+    })?;
+    let endpoints = file
+        .endpoints
+        .iter()
+        .map(|s| EndpointSpec::parse(s, base))
+        .collect::<Result<Vec<_>, _>>()?;
+    if endpoints.is_empty() {
+        return Err("no endpoints listed".into());
+    }
+    Ok(endpoints)
+}
+
+/// One DNS lookup: the endpoints and how long the answer may be kept.
+async fn lookup(source: &Source) -> Result<(Vec<EndpointSpec>, Duration), String> {
+    let resolver = resolver()?;
+    match source {
+        Source::Srv(name) => {
+            let answer = resolver
+                .srv_lookup(name.as_str())
+                .await
+                .map_err(|e| format!("SRV {name}: {e}"))?;
+            let mut ttl = min_ttl(answer.answers());
+            let mut endpoints = Vec::new();
+            for record in answer.answers() {
+                let RData::SRV(srv) = &record.data else {
+                    continue;
+                };
+                let target = srv.target.clone();
+                // The target's addresses from the additional section, or asked for.
+                let mut ips: Vec<IpAddr> = answer
+                    .additionals()
+                    .iter()
+                    .filter(|r| r.name == target)
+                    .filter_map(|r| r.data.ip_addr())
+                    .collect();
+                if ips.is_empty()
+                    && let Ok(found) = resolver.lookup_ip(target.clone()).await
+                {
+                    ttl = ttl.min(min_ttl(found.as_lookup().answers()));
+                    ips = found.iter().collect();
+                }
+                let name = target.to_utf8().trim_end_matches('.').to_string();
+                endpoints.extend(ips.into_iter().map(|ip| EndpointSpec {
+                    addr: Address::Tcp(HostPort {
+                        host: ip.to_string(),
+                        port: srv.port,
+                    }),
+                    // RFC 2782: weight 0 is a server to use rarely, not never.
+                    weight: u32::from(srv.weight).clamp(1, MAX_WEIGHT),
+                    priority: srv.priority,
+                    name: Some(name.clone()),
+                }));
+            }
+            dedupe_nonempty(endpoints, name).map(|e| (e, ttl))
+        }
+        Source::Dns { host, port } => {
+            let answer = resolver
+                .lookup_ip(host.as_str())
+                .await
+                .map_err(|e| format!("{host}: {e}"))?;
+            let ttl = min_ttl(answer.as_lookup().answers());
+            let endpoints = answer
+                .iter()
+                .map(|ip| EndpointSpec {
+                    addr: Address::Tcp(HostPort {
+                        host: ip.to_string(),
+                        port: *port,
+                    }),
+                    weight: 1,
+                    priority: 0,
+                    name: Some(host.clone()),
+                })
+                .collect();
+            dedupe_nonempty(endpoints, host).map(|e| (e, ttl))
+        }
+        Source::File(_) => unreachable!("files are read, not looked up"),
+    }
+}
+
+fn min_ttl(records: &[Record]) -> Duration {
+    let secs = records.iter().map(|r| r.ttl).min().unwrap_or(0);
+    Duration::from_secs(u64::from(secs))
+}
+
+fn dedupe_nonempty(
+    mut endpoints: Vec<EndpointSpec>,
+    name: &str,
+) -> Result<Vec<EndpointSpec>, String> {
+    let mut seen = std::collections::HashSet::new();
+    endpoints.retain(|e| seen.insert(e.addr.to_string()));
+    if endpoints.is_empty() {
+        return Err(format!("{name}: the answer has no addresses"));
+    }
+    Ok(endpoints)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_sources_parse_and_reject_what_is_wrong() {
+        let eps = parse_file(
+            b"endpoints = [\"10.0.0.1:6379,weight=3\", \"unix:r.sock\"]\n",
+            Some(Path::new("/run")),
+        )
+        .unwrap();
+        assert_eq!(eps[0].weight, 3);
+        assert_eq!(eps[1].addr.to_string(), "unix:/run/r.sock");
+        for bad in [
+            &b"endpoints = []"[..],
+            b"endpoints = [\"nope\"]",
+            b"endpoint = [\"10.0.0.1:1\"]",
+            b"\xff",
+            b"endpoints = [",
+        ] {
+            assert!(parse_file(bad, None).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_failing_source_holds_its_last_endpoints_then_drops_them() {
+        let state = SourceState::new(Source::File("x".into()));
+        let eps = parse_file(b"endpoints = [\"127.0.0.1:1\"]", None).unwrap();
+        assert!(state.take(Ok(eps.clone()), Duration::from_secs(60)));
+        assert!(
+            !state.take(Ok(eps), Duration::from_secs(60)),
+            "the same again"
+        );
+        // Within the hold: kept, and nothing to tell.
+        assert!(!state.take(Err("timed out".into()), Duration::from_secs(60)));
+        assert_eq!(state.endpoints().len(), 1);
+        assert_eq!(state.view().error.as_deref(), Some("timed out"));
+        // Past the hold (zero here): dropped.
+        assert!(state.take(Err("timed out".into()), Duration::ZERO));
+        assert!(state.endpoints().is_empty());
+    }
+}
