@@ -214,6 +214,20 @@ pub struct ServerArgs {
     /// ready and reuse them). Default 60s.
     #[arg(long, value_name = "DURATION")]
     pub idle_timeout: Option<String>,
+    /// Check each service endpoint with a TCP connect this often; one that fails
+    /// --health-fall checks in a row gets no new connections until it passes --health-rise.
+    /// Off by default.
+    #[arg(long, value_name = "DURATION")]
+    pub health_interval: Option<String>,
+    /// Time a health check's connect may take. Default 2s (at most the interval).
+    #[arg(long, value_name = "DURATION")]
+    pub health_timeout: Option<String>,
+    /// Passing checks in a row that bring an endpoint back. Default 2.
+    #[arg(long, value_name = "N")]
+    pub health_rise: Option<u32>,
+    /// Failing checks in a row that take an endpoint out. Default 3.
+    #[arg(long, value_name = "N")]
+    pub health_fall: Option<u32>,
     /// /_status checks the service with an HTTP GET of this http:// or https:// URL, sent over
     /// a connection to --target; only a 200 is healthy. Without it, a TCP connect is the check.
     #[arg(long, value_name = "URL")]
@@ -382,6 +396,10 @@ impl ServerArgs {
         f.proxy_protocol = self.proxy_protocol;
         f.idle_timeout = self.idle_timeout;
         f.target_status = self.target_status;
+        f.health_interval = self.health_interval;
+        f.health_timeout = self.health_timeout;
+        f.health_rise = self.health_rise;
+        f.health_fall = self.health_fall;
         (f, process)
     }
 }

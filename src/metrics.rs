@@ -298,6 +298,26 @@ pub type Key = (String, &'static str);
 /// Values computed at scrape time rather than counted: per tunnel, its certificate's expiry.
 pub type Expiries = Vec<(Key, Option<i64>)>;
 
+/// One endpoint as a scrape sees it: its series exist while it is listed.
+#[derive(Debug, Clone)]
+pub struct EndpointSample {
+    pub tunnel: String,
+    pub side: &'static str,
+    pub route: String,
+    pub endpoint: String,
+    pub open: usize,
+    /// Given new connections now (not ejected, not down by checks).
+    pub up: bool,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointLabels {
+    tunnel: String,
+    side: String,
+    route: String,
+    endpoint: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TunnelLabels {
     tunnel: String,
@@ -334,6 +354,8 @@ struct Families {
     duration: Histograms,
     expiry: Family<TunnelLabels, Gauge>,
     reloads: Family<ResultLabels, Counter>,
+    endpoint_open: Family<EndpointLabels, Gauge>,
+    endpoint_up: Family<EndpointLabels, Gauge>,
 }
 
 /// All tunnels' metrics, plus process-wide ones.
@@ -360,6 +382,8 @@ impl Default for Metrics {
             }),
             expiry: Family::default(),
             reloads: Family::default(),
+            endpoint_open: Family::default(),
+            endpoint_up: Family::default(),
         };
         let mut registry = Registry::default();
         let f = &families;
@@ -394,6 +418,16 @@ impl Default for Metrics {
             f.expiry.clone(),
         );
         registry.register("legate_reloads", "Reloads by result", f.reloads.clone());
+        registry.register(
+            "legate_endpoint_open_connections",
+            "Connections open to each upstream endpoint",
+            f.endpoint_open.clone(),
+        );
+        registry.register(
+            "legate_endpoint_up",
+            "1 while an endpoint takes new connections (not ejected, not down by checks)",
+            f.endpoint_up.clone(),
+        );
         // Both results are series from startup, at 0.
         for result in ["ok", "failed"] {
             drop(f.reloads.get_or_create(&ResultLabels {
@@ -465,9 +499,23 @@ impl Metrics {
         map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 
-    /// The Prometheus text (OpenMetrics) of every series, with the expiries set as they are now.
-    pub fn prometheus(&self, expiries: &Expiries) -> String {
+    /// The Prometheus text (OpenMetrics) of every series, with the expiries and endpoints set as
+    /// they are now (an endpoint no longer listed has no series).
+    pub fn prometheus(&self, expiries: &Expiries, endpoints: &[EndpointSample]) -> String {
         let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        let (open, up) = (&self.families.endpoint_open, &self.families.endpoint_up);
+        open.clear();
+        up.clear();
+        for e in endpoints {
+            let labels = EndpointLabels {
+                tunnel: e.tunnel.clone(),
+                side: e.side.to_string(),
+                route: e.route.clone(),
+                endpoint: e.endpoint.clone(),
+            };
+            open.get_or_create(&labels).set(e.open as i64);
+            up.get_or_create(&labels).set(i64::from(e.up));
+        }
         let expiry = &self.families.expiry;
         expiry.clear();
         for ((tunnel, side), t) in expiries {
@@ -536,7 +584,18 @@ mod tests {
         let guard = t.open();
         t.handshake_done(Duration::from_millis(3));
         t.finished(Outcome::Ok, 10, 20, Duration::from_millis(40));
-        let text = m.prometheus(&vec![(("cache\"x".into(), "server"), Some(1_900_000_000))]);
+        let sample = EndpointSample {
+            tunnel: "cache\"x".into(),
+            side: "server",
+            route: String::new(),
+            endpoint: "127.0.0.1:6379".into(),
+            open: 2,
+            up: true,
+        };
+        let text = m.prometheus(
+            &vec![(("cache\"x".into(), "server"), Some(1_900_000_000))],
+            &[sample],
+        );
         for needle in [
             "legate_connections_total{tunnel=\"cache\\\"x\",side=\"server\",outcome=\"ok\"} 1",
             "legate_connections_total{tunnel=\"cache\\\"x\",side=\"server\",outcome=\"expired\"} 0",
@@ -546,13 +605,15 @@ mod tests {
             "legate_connection_duration_seconds_count{tunnel=\"cache\\\"x\",side=\"server\"} 1",
             "legate_certificate_expiry_timestamp_seconds{tunnel=\"cache\\\"x\",side=\"server\"} 1900000000",
             "legate_reloads_total{result=\"failed\"} 0",
+            "legate_endpoint_open_connections{tunnel=\"cache\\\"x\",side=\"server\",route=\"\",endpoint=\"127.0.0.1:6379\"} 2",
+            "legate_endpoint_up{tunnel=\"cache\\\"x\",side=\"server\",route=\"\",endpoint=\"127.0.0.1:6379\"} 1",
             "# TYPE legate_connections counter",
             "# EOF",
         ] {
             assert!(text.contains(needle), "{needle} missing:\n{text}");
         }
         drop(guard);
-        let text = m.prometheus(&vec![]);
+        let text = m.prometheus(&vec![], &[]);
         assert!(text.contains("legate_open_connections{tunnel=\"cache\\\"x\",side=\"server\"} 0"));
         // A tunnel whose expiry is no longer known has no expiry series.
         assert!(

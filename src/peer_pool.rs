@@ -496,9 +496,12 @@ impl PeerPool {
                 return false;
             }
             if c.conn.silent_for().is_some_and(|w| w > limit) {
-                c.conn.kill(format!(
+                let why = format!(
                     "nothing from the server within {limit:?} of a PING (--keepalive): connection presumed dead"
-                ));
+                );
+                // The kept connection is this server ambassador's health check.
+                self.endpoint.failed(&why);
+                c.conn.kill(why);
                 return false;
             }
             if ping && c.conn.hello().is_some() {

@@ -14,7 +14,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::TunnelConfig;
-use crate::metrics::{Expiries, Metrics};
+use crate::metrics::{EndpointSample, Expiries, Metrics};
 use crate::net::Listener;
 use crate::tunnel::{self, TlsEnd, Upstreams};
 
@@ -107,6 +107,25 @@ impl State {
 
     pub fn tunnels(&self) -> Vec<TunnelView> {
         self.read().tunnels.clone()
+    }
+
+    /// Every tunnel's endpoints as they are now, for their metrics.
+    fn endpoint_samples(&self) -> Vec<EndpointSample> {
+        let now = std::time::Instant::now();
+        let mut all = Vec::new();
+        for t in self.read().tunnels.iter() {
+            for (route, e) in t.upstreams.endpoints(&t.cfg) {
+                all.push(EndpointSample {
+                    tunnel: t.cfg.name.clone(),
+                    side: t.cfg.side.as_str(),
+                    route,
+                    endpoint: e.spec.addr.to_string(),
+                    open: e.open(),
+                    up: e.available(now),
+                });
+            }
+        }
+        all
     }
 
     fn expiries(&self) -> Expiries {
@@ -218,7 +237,7 @@ fn endpoints(t: &TunnelView) -> Vec<serde_json::Value> {
                 "route": route,
                 "address": e.spec.addr.to_string(),
                 "weight": e.spec.weight,
-                "state": e.state().as_str(),
+                "state": e.state_name(),
                 "open": e.open(),
             })
         })
@@ -337,7 +356,9 @@ async fn route(state: &State, path: &str, query: &str) -> (u16, &'static str, St
             (if ok { 200 } else { 503 }, JSON, doc.to_string() + "\n")
         }
         ("/_metrics" | "/_metrics/prometheus", "prometheus") | ("/_metrics/prometheus", _) => {
-            (200, PROMETHEUS, state.metrics.prometheus(&state.expiries()))
+            let endpoints = state.endpoint_samples();
+            let text = state.metrics.prometheus(&state.expiries(), &endpoints);
+            (200, PROMETHEUS, text)
         }
         ("/_metrics/legate", _) => (
             200,

@@ -36,7 +36,7 @@ use crate::peer_pool::{PeerPool, Peers};
 use crate::relay;
 use crate::tls::{self, ClientTls, ServerStream, ServerTls};
 use crate::upstream::discovery::SourceView;
-use crate::upstream::{Endpoint, Routes, Set};
+use crate::upstream::{Endpoint, Routes, Set, join_all};
 use crate::{dial, health};
 
 /// Why a tunnel could not start.
@@ -602,7 +602,7 @@ pub async fn probe_backend(cfg: &TunnelConfig, upstreams: &Upstreams) -> Result<
                 let checks = endpoints
                     .iter()
                     .map(|e| health::http_status(&e.spec.addr, url, timeout));
-                return any_ok(futures_all(checks).await);
+                return any_ok(join_all(checks).await);
             }
             let sets = table.default.iter().chain(table.named.values());
             for set in sets {
@@ -613,45 +613,16 @@ pub async fn probe_backend(cfg: &TunnelConfig, upstreams: &Upstreams) -> Result<
                         .map(drop)
                         .map_err(|e| e.to_string())
                 });
-                any_ok(futures_all(dials).await)?;
+                any_ok(join_all(dials).await)?;
             }
             Ok(())
         }
         Upstreams::Client(peers) => {
             let pools = peers.pools();
             let probes = pools.iter().map(|p| probe_peer(p, timeout));
-            any_ok(futures_all(probes).await)
+            any_ok(join_all(probes).await)
         }
     }
-}
-
-/// Runs the futures at once and collects their results in order.
-async fn futures_all<T: Send + 'static>(
-    futures: impl Iterator<Item = impl Future<Output = T>>,
-) -> Vec<T> {
-    let mut out = Vec::new();
-    // Few endpoints per route: joined in one task rather than spawned.
-    let mut pending: Vec<_> = futures.map(Box::pin).collect();
-    let mut results: Vec<Option<T>> = pending.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut done = true;
-        for (i, f) in pending.iter_mut().enumerate() {
-            if results[i].is_none() {
-                match f.as_mut().poll(cx) {
-                    std::task::Poll::Ready(v) => results[i] = Some(v),
-                    std::task::Poll::Pending => done = false,
-                }
-            }
-        }
-        if done {
-            std::task::Poll::Ready(())
-        } else {
-            std::task::Poll::Pending
-        }
-    })
-    .await;
-    out.extend(results.into_iter().flatten());
-    out
 }
 
 /// Ok if any is; otherwise every error, joined.

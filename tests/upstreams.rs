@@ -347,7 +347,7 @@ fn a_reload_that_changes_only_targets_takes_them_in_place() {
     let dir = tempfile::tempdir().unwrap();
     let config = |front: SocketAddr, back: &Backend| {
         format!(
-            "[tunnels.front]\nside = \"client\"\nlisten = \"127.0.0.1:0\"\ntarget = \"localhost:{}\"\n{}\
+            "status = \"http://127.0.0.1:0\"\n[tunnels.front]\nside = \"client\"\nlisten = \"127.0.0.1:0\"\ntarget = \"localhost:{}\"\n{}\
              [tunnels.back]\nside = \"server\"\nlisten = \"127.0.0.1:0\"\ntarget = \"{}\"\nallow_all = true\n{}",
             front.port(),
             pki.toml_files("client"),
@@ -411,4 +411,56 @@ fn a_reload_that_changes_only_targets_takes_them_in_place() {
     }
     // The listeners never moved.
     assert_eq!(legate.addrs["front"], front);
+    // Endpoint series follow the list: the old endpoints' are gone.
+    let text = http_get(status_addr(&legate), "/_metrics/prometheus", None).body;
+    let series = |addr: &str| format!("endpoint=\"{addr}\"}}");
+    assert!(text.contains(&series(&b.target())), "{text}");
+    assert!(!text.contains(&series(&a.target())), "{text}");
+}
+
+#[test]
+fn active_checks_take_a_dead_endpoint_out_before_any_consumer_meets_it() {
+    let pki = Pki::new();
+    let live = Backend::echo(b"live:");
+    let flaky = TcpListener::bind("127.0.0.1:0").unwrap();
+    let flaky_addr = flaky.local_addr().unwrap().to_string();
+    let server = Legate::server(
+        &pki,
+        &live.target(),
+        &[
+            "--allow-cn=client",
+            &format!("--target={flaky_addr}"),
+            "--balance=round-robin",
+            "--status=http://127.0.0.1:0",
+            "--health-interval=100ms",
+            "--health-fall=2",
+            "--health-rise=2",
+        ],
+    );
+    assert_eq!(state_of(&server, &flaky_addr), "healthy");
+    drop(flaky);
+    eventually("the checks to take it down", DEADLINE, || {
+        (state_of(&server, &flaky_addr) == "down").then_some(())
+    });
+    server
+        .log
+        .wait_for(&["endpoint down: health checks fail", &flaky_addr]);
+    let client = Legate::client(&pki, "client", server.addr(), &[]);
+    for i in 0..6 {
+        let msg = format!("m{i}");
+        assert_eq!(
+            round_trip(client.addr(), msg.as_bytes()),
+            format!("live:{msg}").as_bytes()
+        );
+    }
+    // No consumer was sent to it: its passive health never saw a failed connect.
+    assert_eq!(server.log.count(&["endpoint ejected"]), 0);
+    let back = TcpListener::bind(&flaky_addr).unwrap();
+    eventually("the checks to bring it back", DEADLINE, || {
+        (state_of(&server, &flaky_addr) == "healthy").then_some(())
+    });
+    server
+        .log
+        .wait_for(&["endpoint up: health checks pass again", &flaky_addr]);
+    drop(back);
 }

@@ -17,7 +17,7 @@ use crate::tls::{self, Rules, TlsVersions};
 
 mod upstream;
 pub use upstream::{
-    Balance, DiscoverySettings, EndpointSpec, MAX_WEIGHT, Source, Targets, Upstream,
+    Balance, DiscoverySettings, EndpointSpec, HealthCheck, MAX_WEIGHT, Source, Targets, Upstream,
 };
 
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -69,6 +69,11 @@ pub struct TunnelFile {
     pub routes: BTreeMap<String, Targets>,
     /// How new connections are spread over several endpoints (`p2c` or `round-robin`).
     pub balance: Option<Balance>,
+    /// Server side: check service endpoints with a TCP connect this often (off by default).
+    pub health_interval: Option<String>,
+    pub health_timeout: Option<String>,
+    pub health_rise: Option<u32>,
+    pub health_fall: Option<u32>,
     /// Client side: the route to ask the server for.
     pub route: Option<String>,
     pub cert: Option<PathBuf>,
@@ -158,6 +163,8 @@ pub struct TunnelConfig {
     pub routes: BTreeMap<String, Upstream>,
     /// How new connections are spread over an upstream's endpoints.
     pub balance: Balance,
+    /// Server side: active checks of the service endpoints, if asked for.
+    pub health_check: Option<HealthCheck>,
     /// Client side: the route it asks for ("" for the server's default target).
     pub route: String,
     pub tls: tls::Files,
@@ -537,6 +544,7 @@ impl TunnelFile {
             target,
             routes,
             balance: self.balance.unwrap_or_default(),
+            health_check: self.health_check(&mut p, side),
             route,
             tls: tls_files,
             tls_versions,
@@ -892,6 +900,44 @@ impl TunnelFile {
             // Only discovered endpoints: each is checked against its own name.
             None => self.override_server_name.clone().unwrap_or_default(),
         }
+    }
+
+    /// `--health-interval` and its companions: server side only (a client checks its server
+    /// ambassadors by the liveness of its kept connections, which costs no handshakes).
+    fn health_check(&self, p: &mut Vec<String>, side: Side) -> Option<HealthCheck> {
+        let given = self.health_interval.is_some()
+            || self.health_timeout.is_some()
+            || self.health_rise.is_some()
+            || self.health_fall.is_some();
+        if !given {
+            return None;
+        }
+        if side == Side::Client {
+            p.push("--health-* flags are server-side: a client checks its server ambassadors by the liveness of its kept connections".into());
+            return None;
+        }
+        let interval = duration(
+            p,
+            "--health-interval",
+            &self.health_interval,
+            Duration::ZERO,
+        );
+        if interval.is_zero() {
+            p.push("--health-timeout, --health-rise and --health-fall need --health-interval (more than 0)".into());
+            return None;
+        }
+        let timeout = duration(
+            p,
+            "--health-timeout",
+            &self.health_timeout,
+            Duration::from_secs(2).min(interval),
+        );
+        Some(HealthCheck {
+            interval,
+            timeout,
+            rise: self.health_rise.unwrap_or(2).max(1),
+            fall: self.health_fall.unwrap_or(3).max(1),
+        })
     }
 
     /// `--target-status`: an `http://` or `https://` URL, server side only.

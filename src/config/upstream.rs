@@ -221,6 +221,16 @@ impl Default for DiscoverySettings {
     }
 }
 
+/// Active health checks of a server side's service endpoints: a TCP connect every `interval`
+/// within `timeout`; down after `fall` failures in a row, up after `rise` passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+}
+
 /// A validated target or route: endpoints given, and sources that discover more.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstream {

@@ -7,6 +7,7 @@
 //! anyway (panic mode): a route with no healthy endpoint would refuse everyone, while one that
 //! is merely believed down may have come back.
 
+pub mod active;
 pub mod discovery;
 pub mod passive;
 
@@ -18,7 +19,7 @@ use std::collections::BTreeMap;
 
 use arc_swap::ArcSwap;
 
-use crate::config::{Balance, EndpointSpec, TunnelConfig, Upstream};
+use crate::config::{Balance, EndpointSpec, HealthCheck, TunnelConfig, Upstream};
 
 pub use discovery::{Refresh, SourceState};
 pub use passive::State;
@@ -31,6 +32,8 @@ pub struct Endpoint {
     /// it belongs to may change.
     pub id: u64,
     health: Mutex<passive::Passive>,
+    /// What the active checks say (always up when there are none).
+    checked: Mutex<active::Active>,
     open: AtomicUsize,
     /// Smooth weighted round robin's current weight (changed under the set's lock).
     current: AtomicI64,
@@ -43,9 +46,42 @@ impl Endpoint {
             spec,
             id: NEXT.fetch_add(1, Ordering::Relaxed),
             health: Mutex::default(),
+            checked: Mutex::default(),
             open: AtomicUsize::new(0),
             current: AtomicI64::new(0),
         })
+    }
+
+    fn checked(&self) -> std::sync::MutexGuard<'_, active::Active> {
+        self.checked.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether it should be given new connections now: not ejected, and not down by checks.
+    pub fn available(&self, now: Instant) -> bool {
+        self.checked().up() && self.health().available(now)
+    }
+
+    /// Its state in a word, for `/_status`: `down` (by active checks), or the passive
+    /// health's `healthy`, `ejected`, `probation`.
+    pub fn state_name(&self) -> &'static str {
+        if self.checked().up() {
+            self.state().as_str()
+        } else {
+            "down"
+        }
+    }
+
+    /// Takes an active check's result.
+    pub fn checked_result(&self, passed: bool, t: active::Thresholds, why: &str) {
+        match self.checked().check(passed, t) {
+            Some(true) => {
+                tracing::info!(endpoint = %self.spec.addr, "endpoint up: health checks pass again")
+            }
+            Some(false) => {
+                tracing::warn!(endpoint = %self.spec.addr, error = %why, "endpoint down: health checks fail")
+            }
+            None => {}
+        }
     }
 
     fn health(&self) -> std::sync::MutexGuard<'_, passive::Passive> {
@@ -146,6 +182,30 @@ impl Set {
         &self.sources
     }
 
+    /// Checks every endpoint on a timer (a TCP connect within the check's timeout) until the
+    /// set is gone.
+    pub fn check_health(self: &Arc<Self>, check: HealthCheck) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let thresholds = active::Thresholds {
+                rise: check.rise,
+                fall: check.fall,
+            };
+            loop {
+                tokio::time::sleep(check.interval).await;
+                let Some(set) = weak.upgrade() else { return };
+                let endpoints = set.endpoints();
+                drop(set);
+                let checks = endpoints.iter().map(|e| async move {
+                    let result = crate::dial::dial(&e.spec.addr, check.timeout).await;
+                    let why = result.as_ref().err().map(ToString::to_string);
+                    e.checked_result(result.is_ok(), thresholds, why.as_deref().unwrap_or(""));
+                });
+                join_all(checks).await;
+            }
+        });
+    }
+
     /// Waits, while the set is empty, for each source's first lookup (or `deadline`): the
     /// first consumers after startup find the endpoints discovered by then.
     pub async fn ready(&self, deadline: tokio::time::Instant) {
@@ -237,7 +297,7 @@ impl Set {
             .collect();
         let healthy: Vec<Candidate> = untried
             .iter()
-            .filter(|(_, e)| e.health().available(now))
+            .filter(|(_, e)| e.available(now))
             .map(|(i, e)| candidate(*i, e))
             .collect();
         // Panic mode: every untried endpoint is ejected, so try them anyway.
@@ -290,11 +350,38 @@ impl discovery::Refresh for Set {
     }
 }
 
-/// A server side's set for `u`, its discovery started.
+/// A server side's set for `u`, its discovery and health checks started.
 fn server_set(cfg: &TunnelConfig, u: &Upstream) -> Arc<Set> {
     let set = Arc::new(Set::new(u, cfg.balance, !cfg.unsafe_target));
     set.discover();
+    if let Some(check) = cfg.health_check {
+        set.check_health(check);
+    }
     set
+}
+
+/// Runs the futures at once, in this task, until all have finished; their results in order.
+pub async fn join_all<T>(futures: impl Iterator<Item = impl Future<Output = T>>) -> Vec<T> {
+    let mut pending: Vec<_> = futures.map(Box::pin).collect();
+    let mut results: Vec<Option<T>> = pending.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut done = true;
+        for (slot, f) in results.iter_mut().zip(pending.iter_mut()) {
+            if slot.is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *slot = Some(v),
+                    std::task::Poll::Pending => done = false,
+                }
+            }
+        }
+        if done {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    results.into_iter().flatten().collect()
 }
 
 impl Routes {
