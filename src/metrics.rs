@@ -310,6 +310,26 @@ pub struct EndpointSample {
     pub up: bool,
 }
 
+/// One discovery source as a scrape sees it.
+#[derive(Debug, Clone)]
+pub struct SourceSample {
+    pub tunnel: String,
+    pub side: &'static str,
+    pub route: String,
+    pub source: String,
+    pub endpoints: usize,
+    /// Its last lookup failed (its endpoints are held, or gone past the hold time).
+    pub failing: bool,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabels {
+    tunnel: String,
+    side: String,
+    route: String,
+    source: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct EndpointLabels {
     tunnel: String,
@@ -356,6 +376,8 @@ struct Families {
     reloads: Family<ResultLabels, Counter>,
     endpoint_open: Family<EndpointLabels, Gauge>,
     endpoint_up: Family<EndpointLabels, Gauge>,
+    source_endpoints: Family<SourceLabels, Gauge>,
+    source_failing: Family<SourceLabels, Gauge>,
 }
 
 /// All tunnels' metrics, plus process-wide ones.
@@ -384,6 +406,8 @@ impl Default for Metrics {
             reloads: Family::default(),
             endpoint_open: Family::default(),
             endpoint_up: Family::default(),
+            source_endpoints: Family::default(),
+            source_failing: Family::default(),
         };
         let mut registry = Registry::default();
         let f = &families;
@@ -427,6 +451,16 @@ impl Default for Metrics {
             "legate_endpoint_up",
             "1 while an endpoint takes new connections (not ejected, not down by checks)",
             f.endpoint_up.clone(),
+        );
+        registry.register(
+            "legate_discovery_endpoints",
+            "Endpoints a discovery source gives now",
+            f.source_endpoints.clone(),
+        );
+        registry.register(
+            "legate_discovery_failing",
+            "1 while a discovery source's last lookup failed",
+            f.source_failing.clone(),
         );
         // Both results are series from startup, at 0.
         for result in ["ok", "failed"] {
@@ -501,8 +535,29 @@ impl Metrics {
 
     /// The Prometheus text (OpenMetrics) of every series, with the expiries and endpoints set as
     /// they are now (an endpoint no longer listed has no series).
-    pub fn prometheus(&self, expiries: &Expiries, endpoints: &[EndpointSample]) -> String {
+    pub fn prometheus(
+        &self,
+        expiries: &Expiries,
+        endpoints: &[EndpointSample],
+        sources: &[SourceSample],
+    ) -> String {
         let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        let (found, failing) = (
+            &self.families.source_endpoints,
+            &self.families.source_failing,
+        );
+        found.clear();
+        failing.clear();
+        for s in sources {
+            let labels = SourceLabels {
+                tunnel: s.tunnel.clone(),
+                side: s.side.to_string(),
+                route: s.route.clone(),
+                source: s.source.clone(),
+            };
+            found.get_or_create(&labels).set(s.endpoints as i64);
+            failing.get_or_create(&labels).set(i64::from(s.failing));
+        }
         let (open, up) = (&self.families.endpoint_open, &self.families.endpoint_up);
         open.clear();
         up.clear();
@@ -595,6 +650,7 @@ mod tests {
         let text = m.prometheus(
             &vec![(("cache\"x".into(), "server"), Some(1_900_000_000))],
             &[sample],
+            &[],
         );
         for needle in [
             "legate_connections_total{tunnel=\"cache\\\"x\",side=\"server\",outcome=\"ok\"} 1",
@@ -613,7 +669,7 @@ mod tests {
             assert!(text.contains(needle), "{needle} missing:\n{text}");
         }
         drop(guard);
-        let text = m.prometheus(&vec![], &[]);
+        let text = m.prometheus(&vec![], &[], &[]);
         assert!(text.contains("legate_open_connections{tunnel=\"cache\\\"x\",side=\"server\"} 0"));
         // A tunnel whose expiry is no longer known has no expiry series.
         assert!(

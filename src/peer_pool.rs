@@ -66,7 +66,7 @@ impl Peers {
     ) -> Arc<Peers> {
         let upstream = cfg.target.clone().expect("a client side has a target");
         let peers = Arc::new(Peers {
-            set: Set::new(&upstream, cfg.balance, false),
+            set: Set::new(&upstream, upstream.balance.unwrap_or(cfg.balance), false),
             pools: ArcSwap::from_pointee(Vec::new()),
             cfg,
             tls,

@@ -14,7 +14,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::TunnelConfig;
-use crate::metrics::{EndpointSample, Expiries, Metrics};
+use crate::metrics::{EndpointSample, Expiries, Metrics, SourceSample};
 use crate::net::Listener;
 use crate::tunnel::{self, TlsEnd, Upstreams};
 
@@ -122,6 +122,24 @@ impl State {
                     endpoint: e.spec.addr.to_string(),
                     open: e.open(),
                     up: e.available(now),
+                });
+            }
+        }
+        all
+    }
+
+    /// Every tunnel's discovery sources as they are now, for their metrics.
+    fn source_samples(&self) -> Vec<SourceSample> {
+        let mut all = Vec::new();
+        for t in self.read().tunnels.iter() {
+            for (route, v) in t.upstreams.sources(&t.cfg) {
+                all.push(SourceSample {
+                    tunnel: t.cfg.name.clone(),
+                    side: t.cfg.side.as_str(),
+                    route,
+                    source: v.source,
+                    endpoints: v.endpoints,
+                    failing: v.error.is_some(),
                 });
             }
         }
@@ -357,7 +375,10 @@ async fn route(state: &State, path: &str, query: &str) -> (u16, &'static str, St
         }
         ("/_metrics" | "/_metrics/prometheus", "prometheus") | ("/_metrics/prometheus", _) => {
             let endpoints = state.endpoint_samples();
-            let text = state.metrics.prometheus(&state.expiries(), &endpoints);
+            let sources = state.source_samples();
+            let text = state
+                .metrics
+                .prometheus(&state.expiries(), &endpoints, &sources);
             (200, PROMETHEUS, text)
         }
         ("/_metrics/legate", _) => (

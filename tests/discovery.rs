@@ -175,6 +175,14 @@ fn a_new_srv_set_is_followed_and_an_outage_keeps_the_last_one() {
         let source = &doc["tunnels"][0]["sources"][0];
         (source["error"].is_string() && source["endpoints"] == 1).then_some(())
     });
+    let text = http_get(status, "/_metrics/prometheus", None).body;
+    for series in ["legate_discovery_failing{", "legate_discovery_endpoints{"] {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(series))
+            .unwrap_or_else(|| panic!("{series} missing: {text}"));
+        assert!(line.ends_with(" 1"), "{line}");
+    }
     set_through(client.addr(), "b");
     assert_eq!(holder(&[&old, &new], "b"), 0);
     assert_eq!(incr(&mut held), 2);

@@ -161,9 +161,9 @@ fn routes_take_several_endpoints_from_repeated_flags_and_toml_lists() {
     let config = harness::write_config(
         dir.path(),
         &format!(
-            "[tunnels.cache]\nside = \"server\"\nlisten = \"127.0.0.1:0\"\nallow_all = true\n\
-             balance = \"round-robin\"\n{}\
-             [tunnels.cache.routes]\nboth = [\"{}\", \"{},weight=1\"]\n",
+            "[tunnels.cache]\nside = \"server\"\nlisten = \"127.0.0.1:0\"\nallow_all = true\n{}\
+             [tunnels.cache.routes]\n\
+             both = {{ target = [\"{}\", \"{},weight=1\"], balance = \"round-robin\" }}\n",
             pki.toml_files("server"),
             a.target(),
             b.target()

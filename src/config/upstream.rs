@@ -18,12 +18,22 @@ use crate::net::Address;
 /// enough for any real split while keeping round-robin sums small.
 pub const MAX_WEIGHT: u32 = 1000;
 
-/// A target or route as written: one string, or a list.
+/// A target or route as written: one string, or a list; a route may also be a table with its
+/// own balance policy, `{ target = [...], balance = "round-robin" }`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(untagged)]
 pub enum Targets {
     One(String),
     Many(Vec<String>),
+    Table(RouteTable),
+}
+
+/// A route written as a table.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteTable {
+    pub target: Box<Targets>,
+    pub balance: Option<Balance>,
 }
 
 impl Targets {
@@ -31,6 +41,15 @@ impl Targets {
         match self {
             Targets::One(s) => std::slice::from_ref(s),
             Targets::Many(v) => v,
+            Targets::Table(t) => t.target.items(),
+        }
+    }
+
+    /// The balance policy a route table gives itself.
+    fn balance(&self) -> Option<Balance> {
+        match self {
+            Targets::Table(t) => t.balance.or_else(|| t.target.balance()),
+            _ => None,
         }
     }
 
@@ -42,6 +61,12 @@ impl Targets {
             Some(Targets::Many(mut v)) => {
                 v.push(entry);
                 Targets::Many(v)
+            }
+            Some(Targets::Table(mut t)) => {
+                let mut inner = Some(*t.target);
+                Targets::push(&mut inner, entry);
+                t.target = Box::new(inner.expect("pushed"));
+                Targets::Table(t)
             }
         });
     }
@@ -236,6 +261,8 @@ pub struct HealthCheck {
 pub struct Upstream {
     pub endpoints: Vec<EndpointSpec>,
     pub sources: Vec<Source>,
+    /// Its own balance policy (a route table's), else the tunnel's.
+    pub balance: Option<Balance>,
 }
 
 impl Upstream {
@@ -258,7 +285,11 @@ impl Upstream {
                 return Err(format!("{what}: {} is listed twice", e.addr));
             }
         }
-        Ok(Upstream { endpoints, sources })
+        Ok(Upstream {
+            endpoints,
+            sources,
+            balance: targets.balance(),
+        })
     }
 
     pub fn addresses(&self) -> impl Iterator<Item = &Address> {
@@ -326,6 +357,15 @@ mod tests {
             mixed.to_string(),
             "a:1,priority=10 srv:_redis._tcp.cache.example. dns:cache.example:6379 file:/etc/legate/eps.toml"
         );
+        let table: Targets = toml::from_str::<std::collections::BTreeMap<String, Targets>>(
+            "r = { target = [\"a:1\", \"b:2\"], balance = \"round-robin\" }",
+        )
+        .unwrap()
+        .remove("r")
+        .unwrap();
+        let routed = Upstream::parse("route", &table, None).unwrap();
+        assert_eq!(routed.balance, Some(Balance::RoundRobin));
+        assert_eq!(routed.endpoints.len(), 2);
         for bad in [
             "srv:cache.example",
             "dns:10.0.0.1:6379",

@@ -352,7 +352,8 @@ impl discovery::Refresh for Set {
 
 /// A server side's set for `u`, its discovery and health checks started.
 fn server_set(cfg: &TunnelConfig, u: &Upstream) -> Arc<Set> {
-    let set = Arc::new(Set::new(u, cfg.balance, !cfg.unsafe_target));
+    let balance = u.balance.unwrap_or(cfg.balance);
+    let set = Arc::new(Set::new(u, balance, !cfg.unsafe_target));
     set.discover();
     if let Some(check) = cfg.health_check {
         set.check_health(check);
@@ -421,7 +422,7 @@ impl Routes {
     pub fn update(&self, cfg: &TunnelConfig) {
         let old = self.table();
         let keep = |old: Option<&Arc<Set>>, u: &Upstream| match old {
-            Some(set) if set.balance == cfg.balance && set.same_sources(u) => {
+            Some(set) if set.balance == u.balance.unwrap_or(cfg.balance) && set.same_sources(u) => {
                 set.update(u);
                 set.clone()
             }
