@@ -2,7 +2,8 @@
 """A/B: several legate binaries (and HAProxy, optionally nginx) side by side, interleaved.
 
 Each contender's pair stays up for the whole run; every round measures each of them in turn
-(one-stream throughput, Redis SET/GET with 50 clients, single-client PING p99), so drift in
+(one-stream throughput, Redis SET/GET with 50 clients, new connections per second,
+single-client PING p99), so drift in
 the machine hits all of them alike. Prints the median and every round. Pinned like bench/run
 (BENCH_PIN=0 turns it off). Used for the comparisons in docs/performance.md.
 
@@ -56,7 +57,7 @@ def main():
             procs.append(p)
             pairs[name] = bench.start_pairs(kind, p, c, redis_port, iperf_port)
         latency_only = os.environ.get("AB_LATENCY_ONLY") == "1"
-        results = {n: {"gbps": [], "rps": [], "p50": [], "p99": []} for n in pairs}
+        results = {n: {"gbps": [], "rps": [], "conn": [], "p50": [], "p99": []} for n in pairs}
         rounds = int(os.environ.get("AB_ROUNDS", "4"))
         if latency_only:
             # As bench/run measures it: short turns of PING round trips visiting every pair, a
@@ -79,6 +80,7 @@ def main():
                 r["p50"].append(p50)
                 r["p99"].append(p99)
                 r["rps"].append(bench.rps(ports["redis"], "-c", "50", "-n", "50000", "-t", "set,get"))
+                r["conn"].append(bench.conn_rps(ports["redis"]))
         for name, r in results.items():
             parts = []
             if r["gbps"]:
@@ -86,6 +88,8 @@ def main():
                              f"[{' '.join(f'{x:.2f}' for x in r['gbps'])}]")
                 parts.append(f"redis 50 clients {statistics.median(r['rps']):,.0f}/s "
                              f"[{' '.join(f'{x:,.0f}' for x in r['rps'])}]")
+                parts.append(f"new connections {statistics.median(r['conn']):,.0f}/s "
+                             f"[{' '.join(f'{x:,.0f}' for x in r['conn'])}]")
             parts.append(f"p50 {statistics.median(r['p50']):.3f} ms")
             runs = r.get("fifths", r["p99"])
             parts.append(f"p99 {statistics.median(r['p99']):.3f} ms [{' '.join(f'{x:.3f}' for x in runs)}]")

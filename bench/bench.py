@@ -42,6 +42,7 @@ LEGATE = Path(os.environ.get("LEGATE_BIN", ROOT / "target" / "release" / "legate
 LEGATE_ENV = {}
 DELAY = 0.025  # seconds each way on the slow link
 IDLE_CONNS = int(os.environ.get("BENCH_IDLE_CONNS", "2000"))
+FAILOVER_CLIENTS = 8
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 RUNS = 1 if QUICK else 3  # rounds of the repeated load figures (see above)
 # Single-client latency: turns of round trips, every turn visiting every contender
@@ -657,6 +658,62 @@ def measure_once(name, c, procs, ports, redis_port, results):
         procs.stop()
 
 
+def failover(c, redis_port, work):
+    """One legate client with two server ambassadors, under a steady stream of new consumer
+    connections (FAILOVER_CLIENTS threads, each connect, PING, read, close, in a loop); one
+    server is SIGKILLed a second in. Returns the consumer-visible errors, the longest gap between
+    two answered PINGs around the kill (ms), and the PINGs answered."""
+    procs = Procs(work)
+    env = {**os.environ, "RUST_LOG": "warn", **LEGATE_ENV}
+    servers = []
+    try:
+        for i in range(2):
+            port = free_port()
+            servers.append(procs.start(f"legate-server{i}", [
+                LEGATE, "server", f"--listen=127.0.0.1:{port}", f"--target=127.0.0.1:{redis_port}",
+                f"--cert={c}/server.crt", f"--key={c}/server.key", f"--cacert={c}/ca.crt",
+                "--allow-cn=client"], env=env))
+            wait_port(port)
+            servers[-1].port = port
+        client_port = free_port()
+        procs.start("legate-client", [
+            LEGATE, "client", f"--listen=127.0.0.1:{client_port}",
+            *(f"--target=localhost:{s.port}" for s in servers), f"--cert={c}/client.crt",
+            f"--key={c}/client.key", f"--cacert={c}/ca.crt"], env=env)
+        wait_port(client_port)
+        stop = time.monotonic() + 3.0
+        kill_at = time.monotonic() + 1.0
+        answered, errors, lock = [], [0], threading.Lock()
+
+        def consumer():
+            while time.monotonic() < stop:
+                try:
+                    with socket.create_connection(("127.0.0.1", client_port), timeout=5) as s:
+                        s.sendall(b"PING\r\n")
+                        if s.recv(16).startswith(b"+PONG"):
+                            with lock:
+                                answered.append(time.monotonic())
+                            continue
+                except OSError:
+                    pass
+                with lock:
+                    errors[0] += 1
+
+        threads = [threading.Thread(target=consumer) for _ in range(FAILOVER_CLIENTS)]
+        for t in threads:
+            t.start()
+        time.sleep(max(0.0, kill_at - time.monotonic()))
+        os.kill(servers[0].pid, signal.SIGKILL)
+        for t in threads:
+            t.join()
+        times = sorted(answered)
+        around = [b - a for a, b in zip(times, times[1:]) if a >= kill_at - 0.5]
+        gap = max(around, default=0.0) * 1000
+        return errors[0], gap, len(times)
+    finally:
+        procs.stop()
+
+
 def cpu_ticks():
     """Each line of /proc/stat that counts CPU time ("cpu" for all CPUs, then "cpu0", ...):
     its ticks as user, nice, system, idle, iowait, irq, softirq, steal, ..."""
@@ -712,6 +769,12 @@ def main():
         for name in only:
             log(f"measuring {name}: 8 streams, new connections, memory, slow link")
             measure_once(name, c, procs[name], ports[name], redis_port, results[name])
+        if "legate" in only:
+            log("legate: failover, one of two server ambassadors killed under load")
+            (work / "failover").mkdir()
+            errs, gap, answered = failover(c, redis_port, work / "failover")
+            results["legate"].update(failover_errors=errs, failover_gap_ms=gap,
+                                     failover_answered=answered)
     finally:
         for p in procs.values():
             p.stop()
@@ -785,6 +848,14 @@ def render(results, elapsed, steal):
         out.append(f"Across the slow link (round trip {rtt:.0f} ms), time to first reply in round trips: " +
                    ", ".join(f"{n} {results[n]['first_reply_ms'] / rtt:.1f}" for n in names
                              if "first_reply_ms" in results[n]) + ".")
+    lg = results.get("legate", {})
+    if "failover_errors" in lg:
+        out.append("")
+        out.append(f"Failover: a legate client with two server ambassadors, {FAILOVER_CLIENTS} "
+                   f"consumers opening a new connection per PING for 3 s, one server ambassador "
+                   f"SIGKILLed after 1 s: {lg['failover_errors']} consumer-visible errors in "
+                   f"{lg['failover_answered']:,} PINGs answered; the longest gap between two "
+                   f"answers around the kill was {lg['failover_gap_ms']:.1f} ms.")
     out.append("")
     pinned = (f"each side was pinned to its half of the CPUs (client side {side_cpus('client')}, "
               f"server side {side_cpus('server')}), as on two hosts. " if PIN else "nothing was pinned. ")

@@ -34,6 +34,12 @@ impl Acceptor {
         }
     }
 
+    /// The listening socket back, still open: a replacement tunnel takes it over, so
+    /// connections arriving meanwhile wait in the backlog rather than being refused.
+    pub fn into_listener(self) -> Listener {
+        self.listener
+    }
+
     pub fn local_addr(&self) -> io::Result<String> {
         self.listener.local_addr()
     }

@@ -64,14 +64,15 @@ fn joined(errors: &[tunnel::Error]) -> String {
 struct Running {
     view: TunnelView,
     stop: CancellationToken,
-    server: JoinHandle<()>,
+    server: JoinHandle<Listener>,
 }
 
 impl Running {
-    /// Stops accepting and waits until the listener is closed. Its connections carry on.
-    async fn stop(self) {
+    /// Stops accepting; returns the listener, still open (dropped, it closes). Its
+    /// connections carry on.
+    async fn stop(self) -> Option<Listener> {
         self.stop.cancel();
-        let _ = self.server.await;
+        self.server.await.ok()
     }
 }
 
@@ -86,10 +87,25 @@ struct Daemon {
 impl Daemon {
     /// Binds and starts a prepared tunnel.
     async fn start(&mut self, p: Prepared) -> Result<(), tunnel::Error> {
+        let running = self.launch(p, None).await?;
+        self.running.insert(running.view.cfg.name.clone(), running);
+        Ok(())
+    }
+
+    /// Starts a prepared tunnel on `listener` (handed over by the tunnel it replaces), or on
+    /// one it binds.
+    async fn launch(
+        &self,
+        p: Prepared,
+        listener: Option<Listener>,
+    ) -> Result<Running, tunnel::Error> {
         let cfg = Arc::new(p.config().clone());
         let tls = p.tls().clone();
         let metrics = self.state.metrics.tunnel(&cfg.name, cfg.side.as_str());
-        let tunnel: Tunnel = p.bind(metrics).await?;
+        let tunnel: Tunnel = match listener {
+            Some(listener) => p.on(listener, metrics),
+            None => p.bind(metrics).await?,
+        };
         let listen = tunnel
             .local_addr()
             .unwrap_or_else(|_| cfg.listen.to_string());
@@ -97,20 +113,16 @@ impl Daemon {
         let upstreams = tunnel.upstreams();
         let stop = CancellationToken::new();
         let server = tokio::spawn(tunnel.serve(stop.clone(), self.tracker.clone()));
-        self.running.insert(
-            cfg.name.clone(),
-            Running {
-                view: TunnelView {
-                    cfg,
-                    listen,
-                    tls,
-                    upstreams,
-                },
-                stop,
-                server,
+        Ok(Running {
+            view: TunnelView {
+                cfg,
+                listen,
+                tls,
+                upstreams,
             },
-        );
-        Ok(())
+            stop,
+            server,
+        })
     }
 
     fn publish(&self) {
@@ -199,14 +211,14 @@ impl Daemon {
             );
         }
         self.config.shutdown_timeout = new.shutdown_timeout;
-        for name in diff.removed.iter().chain(&diff.changed) {
+        for name in &diff.removed {
             if let Some(r) = self.running.remove(name) {
                 r.stop().await;
             }
         }
         let mut errors = Vec::new();
         for p in prepared {
-            if let Err(e) = self.start(p).await {
+            if let Err(e) = self.replace(p).await {
                 errors.push(e.to_string());
             }
         }
@@ -236,6 +248,37 @@ fn targets(cfg: &TunnelConfig) -> (String, String) {
         .collect::<Vec<_>>()
         .join(",");
     (target, routes)
+}
+
+impl Daemon {
+    /// Starts `p`, replacing the running tunnel of that name if there is one, without a moment
+    /// when its port refuses connections: on the same address the old tunnel hands its
+    /// listener over (connections arriving meanwhile wait in the backlog); on a new address the
+    /// new one binds first, and if it cannot, the old one keeps serving.
+    async fn replace(&mut self, p: Prepared) -> Result<(), tunnel::Error> {
+        let name = p.config().name.clone();
+        let same_address = self
+            .running
+            .get(&name)
+            .map(|r| r.view.cfg.listen == p.config().listen);
+        let running = match same_address {
+            Some(true) => {
+                let old = self.running.remove(&name).expect("checked above");
+                let listener = old.stop().await;
+                self.launch(p, listener).await?
+            }
+            Some(false) => {
+                let new = self.launch(p, None).await?;
+                if let Some(old) = self.running.remove(&name) {
+                    old.stop().await;
+                }
+                new
+            }
+            None => self.launch(p, None).await?,
+        };
+        self.running.insert(name, running);
+        Ok(())
+    }
 }
 
 fn log_start(cfg: &TunnelConfig, listen: &str) {

@@ -180,6 +180,11 @@ impl Prepared {
                 addr: self.cfg.listen.to_string(),
                 source,
             })?;
+        Ok(self.on(listener, metrics))
+    }
+
+    /// The tunnel on a listener already bound (one a tunnel it replaces handed over).
+    pub fn on(self, listener: Listener, metrics: Arc<TunnelMetrics>) -> Tunnel {
         let acceptor = Acceptor::new(listener, self.cfg.max_concurrent_conns, {
             let metrics = metrics.clone();
             move || metrics.accept_failed()
@@ -195,7 +200,7 @@ impl Prepared {
             TlsEnd::Server(_) => None,
         };
         let routes = Arc::new(Routes::new(&self.cfg));
-        Ok(Tunnel {
+        Tunnel {
             shared: Arc::new(Shared {
                 limit: (self.cfg.max_concurrent_conns > 0)
                     .then(|| Arc::new(tokio::sync::Semaphore::new(self.cfg.max_concurrent_conns))),
@@ -207,7 +212,7 @@ impl Prepared {
             }),
             acceptor,
             stop,
-        })
+        }
     }
 }
 
@@ -243,16 +248,20 @@ impl Tunnel {
     }
 
     /// Accepts until `stop` is cancelled, spawning each connection on `tracker` so the daemon
-    /// can wait for them to drain. The listener closes when this returns.
-    pub async fn serve(self, stop: CancellationToken, tracker: TaskTracker) {
+    /// can wait for them to drain. Returns the listener, still open: dropped, it closes; handed
+    /// to a replacement, nobody connecting meanwhile is refused.
+    pub async fn serve(self, stop: CancellationToken, tracker: TaskTracker) -> Listener {
         let _keeper = self.stop.clone().drop_guard();
         if let Some(peers) = &self.shared.peers {
             peers.start();
         }
         loop {
-            let (tcp, peer, permit) = tokio::select! {
-                _ = stop.cancelled() => return,
-                accepted = self.acceptor.accept() => accepted,
+            let accepted = tokio::select! {
+                _ = stop.cancelled() => None,
+                accepted = self.acceptor.accept() => Some(accepted),
+            };
+            let Some((tcp, peer, permit)) = accepted else {
+                return self.acceptor.into_listener();
             };
             let shared = self.shared.clone();
             let stop = stop.clone();

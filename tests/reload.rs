@@ -299,3 +299,65 @@ fn timed_reload_picks_up_new_certificates() {
         .log
         .wait_for(&["connection closed", "identity=\"CN=server-timed\""]);
 }
+
+#[test]
+fn a_changed_tunnel_takes_over_its_listener_and_a_failed_move_keeps_the_old_one() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let pki = Pki::new();
+    // One tag byte: what steady_consumers expects before the echo of its "x".
+    let backend = Backend::echo(b"e");
+    let port = free_port();
+    let edge = |listen: u16, close: &str| {
+        format!(
+            "[tunnels.edge]\nside = \"server\"\nlisten = \"127.0.0.1:{listen}\"\ntarget = \"{}\"\nclose_timeout = \"{close}\"\nallow_cn = [\"client\"]\n{}\n",
+            backend.target(),
+            pki.toml_files("server")
+        )
+    };
+    let path = write_config(pki.dir.path(), &edge(port, "10s"));
+    let legate = Legate::start(
+        &["run".into(), "--config".into(), path.display().to_string()],
+        1,
+    );
+    // Raw: every consumer is a TLS connection of its own to the edge's port.
+    let client = Legate::client(
+        &pki,
+        "client",
+        format!("127.0.0.1:{port}").parse().unwrap(),
+        &["--raw"],
+    );
+    let (stop, done) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let consumers = harness::steady_consumers(client.addr(), stop.clone(), done.clone());
+    let wait_more = |n: usize| {
+        let target = done.load(Ordering::SeqCst) + n;
+        harness::eventually("more consumers", harness::DEADLINE, || {
+            (done.load(Ordering::SeqCst) >= target).then_some(())
+        });
+    };
+    wait_more(20);
+
+    // Changed (a new close timeout), same address: the listener is handed over.
+    write_config(pki.dir.path(), &edge(port, "5s"));
+    legate.signal(libc::SIGHUP);
+    let line = legate.log.wait_for(&["config reloaded"]);
+    assert!(line.contains("changed=[\"edge\"]"), "{line}");
+    wait_more(20);
+
+    // Moved to a port something else holds: the reload fails and the old tunnel serves on.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_port = taken.local_addr().unwrap().port();
+    write_config(pki.dir.path(), &edge(taken_port, "5s"));
+    legate.signal(libc::SIGHUP);
+    legate
+        .log
+        .wait_for(&["reload failed; keeping the previous configuration"]);
+    wait_more(20);
+    stop.store(true, Ordering::SeqCst);
+    let (answers, failures) = consumers.join().unwrap();
+    assert!(failures.is_empty(), "{failures:?}");
+    assert!(answers.values().sum::<usize>() >= 60, "{answers:?}");
+    drop(taken);
+}

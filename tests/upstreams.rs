@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use harness::{
     Backend, DEADLINE, Legate, Pki, Redis, Reply, connect, eventually, free_port, http_get,
-    read_all, status_addr,
+    read_all, status_addr, steady_consumers,
 };
 
 /// Sends `msg` through `addr`, half-closes, and returns the whole answer.
@@ -303,37 +303,6 @@ fn status_lists_every_endpoint_and_a_route_is_up_while_one_endpoint_is() {
         format!("{} {dead},weight=2", live.target())
     );
     let _ = TcpStream::connect(server.addr());
-}
-
-/// Connects through `addr` every 5 ms until `stop`, counting answers by their first byte and
-/// the connections that failed; `done` counts attempts as they finish.
-fn steady_consumers(
-    addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    done: Arc<AtomicUsize>,
-) -> std::thread::JoinHandle<(BTreeMap<u8, usize>, Vec<String>)> {
-    std::thread::spawn(move || {
-        let (mut answers, mut failures) = (BTreeMap::new(), Vec::new());
-        while !stop.load(Ordering::SeqCst) {
-            let attempt = (|| -> std::io::Result<Vec<u8>> {
-                let mut s = TcpStream::connect(addr)?;
-                s.set_read_timeout(Some(DEADLINE))?;
-                s.write_all(b"x")?;
-                s.shutdown(Shutdown::Write)?;
-                let mut out = Vec::new();
-                s.read_to_end(&mut out)?;
-                Ok(out)
-            })();
-            match attempt {
-                Ok(out) if out.len() == 2 => *answers.entry(out[0]).or_insert(0) += 1,
-                Ok(out) => failures.push(format!("answer {out:?}")),
-                Err(e) => failures.push(e.to_string()),
-            }
-            done.fetch_add(1, Ordering::SeqCst);
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        (answers, failures)
-    })
 }
 
 #[test]

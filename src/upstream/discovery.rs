@@ -127,7 +127,7 @@ impl SourceState {
     }
 
     /// Takes a lookup's result. Returns whether the endpoints changed.
-    fn take(&self, result: Result<Vec<EndpointSpec>, String>, hold: Duration) -> bool {
+    pub(crate) fn take(&self, result: Result<Vec<EndpointSpec>, String>, hold: Duration) -> bool {
         let mut f = self.found();
         let first = !f.looked;
         f.looked = true;

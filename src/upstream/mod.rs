@@ -289,6 +289,12 @@ impl Set {
     /// tried.
     pub fn pick(&self, tried: &[u64]) -> Option<Arc<Endpoint>> {
         let now = Instant::now();
+        let all = self.endpoints.load();
+        // The common case, one endpoint: no choice to make, nothing to allocate (the
+        // new-connection rate is measured with it, docs/performance.md).
+        if let [only] = all.as_slice() {
+            return (!tried.contains(&only.id)).then(|| only.clone());
+        }
         let all = self.endpoints();
         let untried: Vec<(usize, &Arc<Endpoint>)> = all
             .iter()
@@ -579,6 +585,37 @@ mod tests {
         assert_ne!(set.endpoints()[0].id, b.id);
         drop(in_use);
         assert_eq!(b.open(), 0);
+    }
+
+    #[test]
+    fn discovered_endpoints_join_the_given_ones_and_off_loopback_need_unsafe_target() {
+        let written = crate::config::Targets::Many(vec![
+            "127.0.0.1:1".into(),
+            "file:/nonexistent/eps.toml".into(),
+        ]);
+        let upstream = Upstream::parse("t", &written, None).unwrap();
+        let found = |s: &str| EndpointSpec::parse(s, None).unwrap();
+        for (local_only, want) in [
+            (true, vec!["127.0.0.1:1", "127.0.0.2:3"]),
+            (false, vec!["127.0.0.1:1", "10.0.0.1:2", "127.0.0.2:3"]),
+        ] {
+            let set = Set::new(&upstream, Balance::P2c, local_only);
+            assert_eq!(set.endpoints().len(), 1);
+            // The second copy of 127.0.0.1:1 is the written one's: kept once.
+            let discovered = vec![
+                found("10.0.0.1:2"),
+                found("127.0.0.2:3"),
+                found("127.0.0.1:1"),
+            ];
+            set.sources()[0].take(Ok(discovered), std::time::Duration::from_secs(60));
+            assert!(set.refresh_endpoints());
+            let now: Vec<String> = set
+                .endpoints()
+                .iter()
+                .map(|e| e.spec.addr.to_string())
+                .collect();
+            assert_eq!(now, want, "local_only {local_only}");
+        }
     }
 
     #[test]

@@ -670,6 +670,38 @@ pub fn pkcs12(pki: &Pki, name: &str, password: &str, extra: &[&str], file: &str)
     out
 }
 
+/// Connects through `addr` every 5 ms until `stop`, sending "x" and expecting a one-byte tag
+/// and the echo (`Backend::echo` with a one-byte tag); counts answers by their tag, and the
+/// connections that failed. `done` counts attempts as they finish.
+pub fn steady_consumers(
+    addr: SocketAddr,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    done: Arc<AtomicUsize>,
+) -> std::thread::JoinHandle<(std::collections::BTreeMap<u8, usize>, Vec<String>)> {
+    std::thread::spawn(move || {
+        let (mut answers, mut failures) = (std::collections::BTreeMap::new(), Vec::new());
+        while !stop.load(Ordering::SeqCst) {
+            let attempt = (|| -> std::io::Result<Vec<u8>> {
+                let mut s = TcpStream::connect(addr)?;
+                s.set_read_timeout(Some(DEADLINE))?;
+                s.write_all(b"x")?;
+                s.shutdown(Shutdown::Write)?;
+                let mut out = Vec::new();
+                s.read_to_end(&mut out)?;
+                Ok(out)
+            })();
+            match attempt {
+                Ok(out) if out.len() == 2 => *answers.entry(out[0]).or_insert(0) += 1,
+                Ok(out) => failures.push(format!("answer {out:?}")),
+                Err(e) => failures.push(e.to_string()),
+            }
+            done.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        (answers, failures)
+    })
+}
+
 /// The DER of the first certificate in a PEM file.
 pub fn cert_der(path: &Path) -> Vec<u8> {
     use rustls::pki_types::pem::PemObject;
