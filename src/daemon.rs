@@ -181,8 +181,8 @@ impl Daemon {
             .chain(&diff.retargeted)
             .cloned()
             .collect();
-        self.reload_tls(Some(&kept))?;
-        // Every new target checked before any is taken, so a failed reload changes nothing.
+        // Every new target checked before anything is taken (TLS material included), so a
+        // reload that fails here changes nothing.
         let retargets: Vec<&TunnelConfig> = new
             .tunnels
             .iter()
@@ -191,6 +191,7 @@ impl Daemon {
         for cfg in &retargets {
             tunnel::check_targets(cfg).map_err(|e| e.to_string().replace('\n', "; "))?;
         }
+        self.reload_tls(Some(&kept))?;
         for cfg in retargets {
             let Some(r) = self.running.get_mut(&cfg.name) else {
                 continue;
@@ -216,6 +217,17 @@ impl Daemon {
                 r.stop().await;
             }
         }
+        // Tunnels that keep their address first (they free nothing and bind nothing), then
+        // those that move (each frees its old address once its new one is bound), then new
+        // ones, which may take an address a moved tunnel freed. Two tunnels swapping addresses
+        // cannot both bind first: that takes two reloads.
+        let stage = |p: &Prepared| match self.running.get(&p.config().name) {
+            Some(r) if r.view.cfg.listen == p.config().listen => 0,
+            Some(_) => 1,
+            None => 2,
+        };
+        let mut prepared = prepared;
+        prepared.sort_by_key(|p| stage(p));
         let mut errors = Vec::new();
         for p in prepared {
             if let Err(e) = self.replace(p).await {

@@ -53,6 +53,9 @@ pub struct Peers {
     metrics: Arc<TunnelMetrics>,
     stop: CancellationToken,
     started: AtomicBool,
+    /// Held while the endpoint list and the pools are brought in line, so two changes at once
+    /// cannot both make a pool for the same new endpoint.
+    syncing: Mutex<()>,
 }
 
 impl Peers {
@@ -73,6 +76,7 @@ impl Peers {
             metrics,
             stop,
             started: AtomicBool::new(false),
+            syncing: Mutex::new(()),
         });
         peers.sync_pools();
         let weak: Weak<dyn Refresh> = Arc::downgrade(&peers) as Weak<dyn Refresh>;
@@ -115,8 +119,17 @@ impl Peers {
     /// Takes `cfg`'s server ambassadors (a reload that changed only them).
     pub fn update(&self, cfg: &TunnelConfig) {
         if let Some(upstream) = &cfg.target {
+            let _one = self.syncing.lock().unwrap_or_else(|e| e.into_inner());
             self.set.update(upstream);
             self.sync_pools();
+        }
+    }
+
+    /// Ends discovery and every pool's keeper (the tunnel stopped); streams open carry on.
+    pub fn close(&self) {
+        self.set.close();
+        for pool in self.pools().iter() {
+            pool.close();
         }
     }
 
@@ -156,6 +169,7 @@ impl Peers {
 
 impl Refresh for Peers {
     fn refresh(&self) {
+        let _one = self.syncing.lock().unwrap_or_else(|e| e.into_inner());
         if self.set.refresh_endpoints() {
             self.sync_pools();
         }
@@ -374,7 +388,8 @@ impl PeerPool {
             session,
             identity,
             generation,
-            kept: self.cfg.pool_size > 0,
+            // A closed pool (its server left the list) keeps nothing: no keeper would tend it.
+            kept: self.cfg.pool_size > 0 && !self.stop.is_cancelled(),
         };
         if c.kept {
             self.state().conns.push(c.clone());

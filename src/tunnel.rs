@@ -261,6 +261,11 @@ impl Tunnel {
                 accepted = self.acceptor.accept() => Some(accepted),
             };
             let Some((tcp, peer, permit)) = accepted else {
+                // Stopped: discovery and health checks end with it, whatever still runs.
+                match &self.shared.peers {
+                    Some(peers) => peers.close(),
+                    None => self.shared.routes.close(),
+                }
                 return self.acceptor.into_listener();
             };
             let shared = self.shared.clone();
@@ -382,6 +387,9 @@ async fn serve_stream(
     rec.consumer = open.as_ref().and_then(|o| o.consumer);
     let set = t.routes.get(route);
     let service = Box::pin(outbound::service(cfg, set.as_deref(), &mut rec, info)).await;
+    // Not held for the relay: a set a reload replaced goes (with its tasks) as soon as no new
+    // connection can pick from it.
+    drop(set);
     // A raw connection is its one stream: its onward connection decides whether it was set up.
     if matches!(carrier, Carrier::Raw(_)) {
         t.metrics
@@ -638,6 +646,9 @@ pub async fn probe_backend(cfg: &TunnelConfig, upstreams: &Upstreams) -> Result<
 fn any_ok(results: Vec<Result<(), String>>) -> Result<(), String> {
     if results.iter().any(Result::is_ok) {
         return Ok(());
+    }
+    if results.is_empty() {
+        return Err("no endpoint yet: discovery has found none".into());
     }
     Err(results
         .into_iter()

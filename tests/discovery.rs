@@ -216,13 +216,17 @@ fn a_new_srv_set_is_followed_and_an_outage_keeps_the_last_one() {
 fn each_server_ambassador_is_checked_against_its_srv_target_name() {
     let pki = Pki::new();
     let backend = Backend::echo(b"ok:");
-    // s1 presents a certificate for its SRV target name; s2's is for another name.
-    let mut spec = legate::certs::LeafSpec::new("s1", legate::certs::Usage::Server);
-    spec.names = vec!["s1.amb.test".into()];
-    pki.issue("s1", &spec);
-    let mut spec = legate::certs::LeafSpec::new("s2", legate::certs::Usage::Server);
-    spec.names = vec!["elsewhere.test".into()];
-    pki.issue("s2", &spec);
+    // s1 and s3 present certificates for their own SRV target names; s2's is for another name
+    // (one s1 would pass: any one name for all would let s2 through or keep s3 out).
+    for (leaf, name) in [
+        ("s1", "s1.amb.test"),
+        ("s2", "s1.amb.test"),
+        ("s3", "s3.amb.test"),
+    ] {
+        let mut spec = legate::certs::LeafSpec::new(leaf, legate::certs::Usage::Server);
+        spec.names = vec![name.into()];
+        pki.issue(leaf, &spec);
+    }
     let start = |leaf: &str| {
         let mut args = vec![
             "server".to_string(),
@@ -233,11 +237,12 @@ fn each_server_ambassador_is_checked_against_its_srv_target_name() {
         args.extend(pki.flags(leaf));
         Legate::start(&args, 1)
     };
-    let (s1, s2) = (start("s1"), start("s2"));
+    let (s1, s2, s3) = (start("s1"), start("s2"), start("s3"));
     let dns = free_port();
     let name = "_legate._tcp.amb.test";
     let mut records = srv(name, "s1.amb.test", s1.addr().port(), 10);
     records.extend(srv(name, "s2.amb.test", s2.addr().port(), 10));
+    records.extend(srv(name, "s3.amb.test", s3.addr().port(), 10));
     let _dns = dnsmasq(dns, &records);
     let mut args = vec![
         "client".to_string(),
@@ -245,23 +250,26 @@ fn each_server_ambassador_is_checked_against_its_srv_target_name() {
         "--target=srv:_legate._tcp.amb.test.".into(),
         format!("--nameserver=127.0.0.1:{dns}"),
         "--status=http://127.0.0.1:0".into(),
+        "--balance=round-robin".into(),
     ];
     args.extend(pki.flags("client"));
     let client = Legate::start(&args, 1);
-    for i in 0..6 {
+    for i in 0..12 {
         let msg = format!("m{i}");
         let mut s = connect(client.addr());
         s.write_all(msg.as_bytes()).unwrap();
         s.shutdown(Shutdown::Write).unwrap();
         assert_eq!(read_all(&mut s), format!("ok:{msg}").as_bytes());
     }
-    // s2 was never used: its certificate does not carry its name.
+    // s2 was tried and refused (its certificate does not carry its name); s1 and s3 served.
     assert_eq!(s2.log.count(&["outcome=ok"]), 0);
-    assert!(s1.log.count(&["outcome=ok"]) >= 6);
+    client.log.wait_for(&["s2.amb.test", "handshake"]);
+    assert!(s1.log.count(&["outcome=ok"]) >= 3, "{}", s1.log.text());
+    assert!(s3.log.count(&["outcome=ok"]) >= 3, "{}", s3.log.text());
     let reply = http_get(status_addr(&client), "/_status", None);
     let doc: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
     let endpoints = doc["tunnels"][0]["endpoints"].as_array().unwrap();
-    assert_eq!(endpoints.len(), 2, "{doc}");
+    assert_eq!(endpoints.len(), 3, "{doc}");
 }
 
 /// Writes `text` to `path` as editors and Kubernetes do: a new file renamed over the old.
@@ -322,4 +330,36 @@ fn a_route_with_no_endpoint_refuses_with_no_endpoint() {
     let line = server.log.wait_for(&["outcome=no_endpoint"]);
     assert!(line.contains("srv:_redis._tcp.nowhere.test."), "{line}");
     client.log.wait_for(&["outcome=refused", "no_endpoint"]);
+}
+
+#[test]
+fn an_invalid_file_past_the_hold_time_leaves_no_endpoint() {
+    let pki = Pki::new();
+    let a = Backend::echo(b"a");
+    let file = pki.path("endpoints.toml");
+    atomic_write(&file, &format!("endpoints = [\"{}\"]\n", a.target()));
+    let server = Legate::server(
+        &pki,
+        &format!("file:{}", file.display()),
+        &["--allow-cn=client", "--discovery-hold=3s"],
+    );
+    let client = Legate::client(&pki, "client", server.addr(), &[]);
+    let mut s = connect(client.addr());
+    let mut tag = [0u8; 1];
+    s.read_exact(&mut tag).unwrap();
+    assert_eq!(&tag, b"a");
+    atomic_write(&file, "endpoints = [\"not an address\"]\n");
+    server
+        .log
+        .wait_for(&["discovery failed", "keeping the last endpoints"]);
+    // Held for 3 s from the last good read, then gone.
+    eventually("the hold time to run out", DEADLINE, || {
+        let mut s = connect(client.addr());
+        let _ = s.write_all(b"x");
+        let _ = s.shutdown(Shutdown::Write);
+        let answer = harness::read_until_closed(&mut s);
+        assert!(answer.is_empty() || answer == b"ax", "{answer:?}");
+        answer.is_empty().then_some(())
+    });
+    server.log.wait_for(&["outcome=no_endpoint"]);
 }

@@ -386,20 +386,13 @@ pub fn retargeted_only(old: &TunnelConfig, new: &TunnelConfig) -> bool {
     same.target.clone_from(&old.target);
     same.routes.clone_from(&old.routes);
     same.server_name.clone_from(&old.server_name);
-    // A route whose discovery sources changed needs new sources: the tunnel is replaced.
+    // A route whose discovery sources or balance policy changed needs a new set: the tunnel
+    // is replaced.
+    type Kept = (String, Vec<Source>, Option<Balance>);
     let sources = |t: &TunnelConfig| {
-        let mut all: Vec<(String, Vec<Source>)> = t
-            .routes
-            .iter()
-            .map(|(n, u)| (n.clone(), u.sources.clone()))
-            .collect();
-        all.push((
-            String::new(),
-            t.target
-                .as_ref()
-                .map(|u| u.sources.clone())
-                .unwrap_or_default(),
-        ));
+        let kept = |n: &str, u: &Upstream| (n.to_string(), u.sources.clone(), u.balance);
+        let mut all: Vec<Kept> = t.routes.iter().map(|(n, u)| kept(n, u)).collect();
+        all.extend(t.target.iter().map(|u| kept("", u)));
         all
     };
     same == *old && new != old && sources(old) == sources(new)
@@ -954,11 +947,13 @@ impl TunnelFile {
 }
 
 /// The name endpoint `e`'s certificate must be valid for: its own `name=`, else
-/// `--override-server-name`, else its host.
+/// `--override-server-name`, else the name discovery found it under (an SRV target, a `dns:`
+/// host: so DNS decides it only where nothing written does), else its host.
 fn server_name_of(override_name: Option<&str>, e: &EndpointSpec) -> String {
     e.name
         .as_deref()
         .or(override_name)
+        .or(e.dns_name.as_deref())
         .or(e.addr.host())
         .unwrap_or_default()
         .to_string()

@@ -108,6 +108,9 @@ pub struct EndpointSpec {
     pub priority: u16,
     /// Client side: the name its certificate must be valid for, when not the address's host.
     pub name: Option<String>,
+    /// The name discovery found it under (an SRV target, a `dns:` host), which its
+    /// certificate must carry unless `name` or `--override-server-name` says otherwise.
+    pub dns_name: Option<String>,
 }
 
 impl EndpointSpec {
@@ -120,6 +123,7 @@ impl EndpointSpec {
             weight: 1,
             priority: 0,
             name: None,
+            dns_name: None,
         };
         for option in parts {
             match option.trim().split_once('=') {

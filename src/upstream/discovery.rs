@@ -20,6 +20,7 @@ use hickory_resolver::proto::rr::{RData, Record};
 
 use crate::config::{DiscoverySettings as Settings, EndpointSpec, MAX_WEIGHT, Source};
 use crate::net::{Address, HostPort};
+use tokio_util::sync::CancellationToken;
 
 static SETTINGS: OnceLock<Settings> = OnceLock::new();
 static RESOLVER: OnceLock<Result<TokioResolver, String>> = OnceLock::new();
@@ -126,11 +127,27 @@ impl SourceState {
         let _ = tokio::time::timeout_at(deadline, notified).await;
     }
 
+    /// Marks the first lookup done, once its result is in the set, and wakes those waiting.
+    fn looked(&self) {
+        let mut f = self.found();
+        if !f.looked {
+            f.looked = true;
+            drop(f);
+            self.first.notify_waiters();
+        }
+    }
+
+    /// The source still says what it said (an unchanged file): the hold time starts from now.
+    fn confirm(&self) {
+        let mut f = self.found();
+        if f.error.is_none() {
+            f.last_good = Some(Instant::now());
+        }
+    }
+
     /// Takes a lookup's result. Returns whether the endpoints changed.
     pub(crate) fn take(&self, result: Result<Vec<EndpointSpec>, String>, hold: Duration) -> bool {
         let mut f = self.found();
-        let first = !f.looked;
-        f.looked = true;
         let changed = match result {
             Ok(mut endpoints) => {
                 endpoints.sort_by_key(|e| e.addr.to_string());
@@ -161,9 +178,6 @@ impl SourceState {
             }
         };
         drop(f);
-        if first {
-            self.first.notify_waiters();
-        }
         changed
     }
 }
@@ -174,9 +188,19 @@ pub trait Refresh: Send + Sync {
     fn refresh(&self);
 }
 
-/// Looks `state`'s source up until `target` is gone, telling it whenever the endpoints change.
-pub fn spawn(state: Arc<SourceState>, target: Weak<dyn Refresh>) {
+/// Looks `state`'s source up until `target` is gone or `closed` is cancelled, telling it
+/// whenever the endpoints change.
+pub fn spawn(state: Arc<SourceState>, target: Weak<dyn Refresh>, closed: CancellationToken) {
     tokio::spawn(async move {
+        tokio::select! {
+            _ = closed.cancelled() => {}
+            _ = watch(state, target) => {}
+        }
+    });
+}
+
+async fn watch(state: Arc<SourceState>, target: Weak<dyn Refresh>) {
+    {
         let s = settings().clone();
         let mut failures = 0u32;
         let mut file_seen = None;
@@ -189,6 +213,8 @@ pub fn spawn(state: Arc<SourceState>, target: Weak<dyn Refresh>) {
                     let read = read_file(path, &mut file_seen);
                     match read {
                         Ok(None) => {
+                            // Unchanged and still valid: as good as a fresh answer.
+                            state.confirm();
                             tokio::time::sleep(Duration::from_secs(1)).await;
                             continue;
                         }
@@ -214,9 +240,11 @@ pub fn spawn(state: Arc<SourceState>, target: Weak<dyn Refresh>) {
                     None => return,
                 }
             }
+            // Only now: a consumer woken by the first answer finds its endpoints in the set.
+            state.looked();
             tokio::time::sleep(next).await;
         }
-    });
+    }
 }
 
 /// Reads a file source when its contents changed since `seen`: `Ok(None)` when unchanged.
@@ -226,12 +254,13 @@ fn read_file(path: &Path, seen: &mut Option<Vec<u8>>) -> Result<Option<Vec<Endpo
     if seen.as_ref() == Some(&bytes) {
         return Ok(None);
     }
-    let parsed = parse_file(&bytes, path.parent());
-    // Remembered either way: an invalid file is reported once, not every second.
+    // Remembered only when valid: an invalid file is read again each second, so its error
+    // stands (reported once; `SourceState::take` logs a changed error only) and the hold time
+    // runs out.
+    let parsed =
+        parse_file(&bytes, path.parent()).map_err(|e| format!("{}: {e}", path.display()))?;
     *seen = Some(bytes);
-    parsed
-        .map(Some)
-        .map_err(|e| format!("{}: {e}", path.display()))
+    Ok(Some(parsed))
 }
 
 /// A file source's contents: `endpoints = ["ADDR[,weight=N][,priority=N][,name=NAME]", ...]`.
@@ -298,7 +327,8 @@ async fn lookup(source: &Source) -> Result<(Vec<EndpointSpec>, Duration), String
                     // RFC 2782: weight 0 is a server to use rarely, not never.
                     weight: u32::from(srv.weight).clamp(1, MAX_WEIGHT),
                     priority: srv.priority,
-                    name: Some(name.clone()),
+                    name: None,
+                    dns_name: Some(name.clone()),
                 }));
             }
             dedupe_nonempty(endpoints, name).map(|e| (e, ttl))
@@ -318,7 +348,8 @@ async fn lookup(source: &Source) -> Result<(Vec<EndpointSpec>, Duration), String
                     }),
                     weight: 1,
                     priority: 0,
-                    name: Some(host.clone()),
+                    name: None,
+                    dns_name: Some(host.clone()),
                 })
                 .collect();
             dedupe_nonempty(endpoints, host).map(|e| (e, ttl))

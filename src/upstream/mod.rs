@@ -18,6 +18,7 @@ use std::time::Instant;
 use std::collections::BTreeMap;
 
 use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{Balance, EndpointSpec, HealthCheck, TunnelConfig, Upstream};
 
@@ -139,8 +140,13 @@ pub struct Set {
     balance: Balance,
     /// Held while round robin reads and writes the current weights.
     round: Mutex<()>,
+    /// The endpoints given; held while the list is rebuilt, so a reload and a discovery
+    /// answer cannot store their lists in the wrong order.
     statics: Mutex<Vec<EndpointSpec>>,
     sources: Vec<Arc<SourceState>>,
+    /// Ends this set's discovery and health-check tasks (the set left its table, or its
+    /// tunnel stopped), even while old connections still hold it.
+    closed: CancellationToken,
     /// Server side without `--unsafe-target`: discovered endpoints must be on loopback.
     local_only: bool,
 }
@@ -162,7 +168,13 @@ impl Set {
                 .map(SourceState::new)
                 .collect(),
             local_only,
+            closed: CancellationToken::new(),
         }
+    }
+
+    /// Ends the set's discovery and health checks; connections using it carry on.
+    pub fn close(&self) {
+        self.closed.cancel();
     }
 
     /// Starts this set's sources, reporting to the set itself (server side).
@@ -174,7 +186,7 @@ impl Set {
     /// Starts this set's sources, reporting to `target`.
     pub fn discover_for(&self, target: &Weak<dyn Refresh>) {
         for source in &self.sources {
-            discovery::spawn(source.clone(), target.clone());
+            discovery::spawn(source.clone(), target.clone(), self.closed.clone());
         }
     }
 
@@ -186,13 +198,17 @@ impl Set {
     /// set is gone.
     pub fn check_health(self: &Arc<Self>, check: HealthCheck) {
         let weak = Arc::downgrade(self);
+        let closed = self.closed.clone();
         tokio::spawn(async move {
             let thresholds = active::Thresholds {
                 rise: check.rise,
                 fall: check.fall,
             };
             loop {
-                tokio::time::sleep(check.interval).await;
+                tokio::select! {
+                    _ = closed.cancelled() => return,
+                    _ = tokio::time::sleep(check.interval) => {}
+                }
                 let Some(set) = weak.upgrade() else { return };
                 let endpoints = set.endpoints();
                 drop(set);
@@ -218,12 +234,8 @@ impl Set {
     }
 
     /// The endpoints given and those discovered, the first of each address kept.
-    fn merged(&self) -> Vec<EndpointSpec> {
-        let mut all = self
-            .statics
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+    fn merged(&self, statics: &[EndpointSpec]) -> Vec<EndpointSpec> {
+        let mut all = statics.to_vec();
         for source in &self.sources {
             for e in source.endpoints() {
                 if all.iter().any(|o| o.addr == e.addr) {
@@ -241,7 +253,8 @@ impl Set {
 
     /// Rebuilds the list from the endpoints given and the sources' latest.
     pub fn refresh_endpoints(&self) -> bool {
-        self.replace(&self.merged())
+        let statics = self.statics.lock().unwrap_or_else(|e| e.into_inner());
+        self.replace(&self.merged(&statics))
     }
 
     /// The endpoints now.
@@ -252,8 +265,9 @@ impl Set {
     /// Takes `upstream`'s endpoints (its sources are the set's own: a change of sources makes
     /// a new set). Returns whether the list changed.
     pub fn update(&self, upstream: &Upstream) -> bool {
-        *self.statics.lock().unwrap_or_else(|e| e.into_inner()) = upstream.endpoints.clone();
-        self.refresh_endpoints()
+        let mut statics = self.statics.lock().unwrap_or_else(|e| e.into_inner());
+        statics.clone_from(&upstream.endpoints);
+        self.replace(&self.merged(&statics))
     }
 
     /// Replaces the list: an endpoint still listed (the same address, weight and name) keeps
@@ -442,7 +456,30 @@ impl Routes {
                 .map(|(name, u)| (name.clone(), keep(old.named.get(name), u)))
                 .collect(),
         };
+        let kept = |s: &Arc<Set>| {
+            table
+                .default
+                .iter()
+                .chain(table.named.values())
+                .any(|k| Arc::ptr_eq(k, s))
+        };
+        for gone in old
+            .default
+            .iter()
+            .chain(old.named.values())
+            .filter(|s| !kept(s))
+        {
+            gone.close();
+        }
         self.table.store(Arc::new(table));
+    }
+
+    /// Ends every set's discovery and health checks (the tunnel stopped).
+    pub fn close(&self) {
+        let table = self.table();
+        for set in table.default.iter().chain(table.named.values()) {
+            set.close();
+        }
     }
 }
 
@@ -552,39 +589,32 @@ mod tests {
 
     #[test]
     fn p2c_never_draws_the_same_candidate_twice() {
-        let c = cands(&[(1, 0), (1, 0), (1, 0)]);
-        for a in 0..3 {
-            for b in 0..2 {
-                let mut draws = [a, b].into_iter();
-                let chosen = p2c(&c, |_| draws.next().unwrap()).unwrap();
-                assert!(chosen < 3);
+        // With every load equal the first drawn wins, so the second draw shows in what is
+        // compared: a candidate is compared with another, never with itself.
+        for n in 2..5 {
+            let c = cands(&vec![(1, 0); n]);
+            for a in 0..n {
+                for b in 0..n - 1 {
+                    let mut draws = [a, b].into_iter();
+                    let mut seen = Vec::new();
+                    let chosen = p2c(&c, |m| {
+                        let d = draws.next().unwrap();
+                        seen.push((d, m));
+                        d
+                    })
+                    .unwrap();
+                    assert_eq!(seen, [(a, n), (b, n - 1)]);
+                    let second = (a + 1 + b) % n;
+                    assert_ne!(second, a, "n={n} a={a} b={b}");
+                    assert_eq!(chosen, a);
+                }
             }
         }
-    }
-
-    #[test]
-    fn an_update_keeps_the_endpoints_still_listed_with_their_state() {
-        let parse = |v: &[&str]| {
-            let items = v.iter().map(|s| s.to_string()).collect();
-            Upstream::parse("t", &crate::config::Targets::Many(items), None).unwrap()
-        };
-        let set = Set::new(&parse(&["a:1", "b:2"]), Balance::P2c, false);
-        let b = set.endpoints()[1].clone();
-        let in_use = b.begin();
-        for _ in 0..passive::FALL {
-            b.failed("refused");
-        }
-        assert!(set.update(&parse(&["b:2", "c:3"])));
-        let now = set.endpoints();
-        assert_eq!(now[0].id, b.id, "b is the same endpoint");
-        assert_eq!((now[0].state(), now[0].open()), (State::Ejected, 1));
-        assert_eq!(now[1].spec.addr.to_string(), "c:3");
-        // A new weight is a new endpoint; the same list again changes nothing.
-        assert!(!set.update(&parse(&["b:2", "c:3"])));
-        assert!(set.update(&parse(&["b:2,weight=2", "c:3"])));
-        assert_ne!(set.endpoints()[0].id, b.id);
-        drop(in_use);
-        assert_eq!(b.open(), 0);
+        // Loads differ: the less loaded of the two distinct draws wins.
+        let c = cands(&[(1, 3), (1, 1), (1, 2)]);
+        let mut draws = [2, 0].into_iter();
+        // Draws 2 then 0 (the second skips the first): candidates 2 (open 2) and 0 (open 3).
+        assert_eq!(p2c(&c, |_| draws.next().unwrap()), Some(2));
     }
 
     #[test]
