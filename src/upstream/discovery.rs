@@ -200,50 +200,48 @@ pub fn spawn(state: Arc<SourceState>, target: Weak<dyn Refresh>, closed: Cancell
 }
 
 async fn watch(state: Arc<SourceState>, target: Weak<dyn Refresh>) {
-    {
-        let s = settings().clone();
-        let mut failures = 0u32;
-        let mut file_seen = None;
-        loop {
-            if target.strong_count() == 0 {
-                return;
-            }
-            let (result, next) = match &state.source {
-                Source::File(path) => {
-                    let read = read_file(path, &mut file_seen);
-                    match read {
-                        Ok(None) => {
-                            // Unchanged and still valid: as good as a fresh answer.
-                            state.confirm();
-                            tokio::time::sleep(Duration::from_secs(1)).await;
-                            continue;
-                        }
-                        Ok(Some(endpoints)) => (Ok(endpoints), Duration::from_secs(1)),
-                        Err(e) => (Err(e), Duration::from_secs(1)),
-                    }
-                }
-                source => match lookup(source).await {
-                    Ok((endpoints, ttl)) => {
-                        failures = 0;
-                        (Ok(endpoints), ttl.clamp(s.min_interval, s.max_interval))
-                    }
-                    Err(e) => {
-                        failures += 1;
-                        let back_off = s.min_interval.saturating_mul(1 << failures.min(6));
-                        (Err(e), back_off.min(s.max_interval))
-                    }
-                },
-            };
-            if state.take(result, s.hold) {
-                match target.upgrade() {
-                    Some(t) => t.refresh(),
-                    None => return,
-                }
-            }
-            // Only now: a consumer woken by the first answer finds its endpoints in the set.
-            state.looked();
-            tokio::time::sleep(next).await;
+    let s = settings().clone();
+    let mut failures = 0u32;
+    let mut file_seen = None;
+    loop {
+        if target.strong_count() == 0 {
+            return;
         }
+        let (result, next) = match &state.source {
+            Source::File(path) => {
+                let read = read_file(path, &mut file_seen);
+                match read {
+                    Ok(None) => {
+                        // Unchanged and still valid: as good as a fresh answer.
+                        state.confirm();
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                    Ok(Some(endpoints)) => (Ok(endpoints), Duration::from_secs(1)),
+                    Err(e) => (Err(e), Duration::from_secs(1)),
+                }
+            }
+            source => match lookup(source).await {
+                Ok((endpoints, ttl)) => {
+                    failures = 0;
+                    (Ok(endpoints), ttl.clamp(s.min_interval, s.max_interval))
+                }
+                Err(e) => {
+                    failures += 1;
+                    let back_off = s.min_interval.saturating_mul(1 << failures.min(6));
+                    (Err(e), back_off.min(s.max_interval))
+                }
+            },
+        };
+        if state.take(result, s.hold) {
+            match target.upgrade() {
+                Some(t) => t.refresh(),
+                None => return,
+            }
+        }
+        // Only now: a consumer woken by the first answer finds its endpoints in the set.
+        state.looked();
+        tokio::time::sleep(next).await;
     }
 }
 
