@@ -228,6 +228,16 @@ pub struct ServerArgs {
     /// Failing checks in a row that take an endpoint out. Default 3.
     #[arg(long, value_name = "N")]
     pub health_fall: Option<u32>,
+    /// Authenticate to Redis before relaying, with the password in this file (mode 0600; read
+    /// for every connection, so a new one is used at once). Consumers then need no AUTH.
+    #[arg(long, value_name = "PATH")]
+    pub redis_password_file: Option<std::path::PathBuf>,
+    /// ... or with the password in this environment variable.
+    #[arg(long, value_name = "VAR")]
+    pub redis_password_env: Option<String>,
+    /// The ACL user to authenticate as (AUTH user password). Default: the default user.
+    #[arg(long, value_name = "USER")]
+    pub redis_user: Option<String>,
     /// /_status checks the service with an HTTP GET of this http:// or https:// URL, sent over
     /// a connection to --target; only a 200 is healthy. Without it, a TCP connect is the check.
     #[arg(long, value_name = "URL")]
@@ -400,6 +410,9 @@ impl ServerArgs {
         f.health_timeout = self.health_timeout;
         f.health_rise = self.health_rise;
         f.health_fall = self.health_fall;
+        f.redis_password_file = self.redis_password_file;
+        f.redis_password_env = self.redis_password_env;
+        f.redis_user = self.redis_user;
         (f, process)
     }
 }

@@ -38,6 +38,7 @@ pub mod outbound;
 pub mod outcome;
 pub mod peer_pool;
 pub mod proxy_protocol;
+pub mod redis;
 pub mod relay;
 pub mod status;
 pub mod tls;

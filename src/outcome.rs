@@ -22,11 +22,13 @@ pub enum Outcome {
     Expired,
     /// The route had no endpoint to connect to (discovery found none).
     NoEndpoint,
+    /// Redis refused the ambassador's credentials (the consumer got a RESP error).
+    AuthFailed,
 }
 
 impl Outcome {
     /// Every outcome, in metric order.
-    pub const ALL: [Outcome; 11] = [
+    pub const ALL: [Outcome; 12] = [
         Outcome::Ok,
         Outcome::Idle,
         Outcome::HandshakeFailed,
@@ -38,6 +40,7 @@ impl Outcome {
         Outcome::Aborted,
         Outcome::Expired,
         Outcome::NoEndpoint,
+        Outcome::AuthFailed,
     ];
 
     pub fn index(self) -> usize {
@@ -60,6 +63,7 @@ impl Outcome {
             Outcome::Aborted => "aborted",
             Outcome::Expired => "expired",
             Outcome::NoEndpoint => "no_endpoint",
+            Outcome::AuthFailed => "auth_failed",
         }
     }
 }

@@ -33,11 +33,11 @@ use crate::net::{Address, Listener, PeerAddr, Stream};
 use crate::outbound::{self, Early};
 use crate::outcome::{Failure, Outcome, fail};
 use crate::peer_pool::{PeerPool, Peers};
-use crate::relay;
 use crate::tls::{self, ClientTls, ServerStream, ServerTls};
 use crate::upstream::discovery::SourceView;
 use crate::upstream::{Endpoint, Routes, Set, join_all};
 use crate::{dial, health};
+use crate::{redis, relay};
 
 /// Why a tunnel could not start.
 #[derive(Debug, thiserror::Error)]
@@ -400,7 +400,26 @@ async fn serve_stream(
             carrier.refuse(code, &f.detail).await;
             Err(f)
         }
-        Ok((plain, _in_use)) => {
+        Ok((mut plain, _in_use)) => 'relayed: {
+            if let Some(creds) = &cfg.redis_auth
+                && let Err(why) = redis::authenticate(&mut plain, creds, cfg.connect_timeout).await
+            {
+                // The consumer reads a RESP error it understands, then EOF.
+                carrier.ready();
+                let reply = format!("-ERR legate: upstream authentication failed: {why}\r\n");
+                let plain =
+                    tokio::io::join(std::io::Cursor::new(reply.into_bytes()), tokio::io::sink());
+                let totals = carrier.relay(plain, cfg.close_timeout, false, None).await;
+                rec.totals = relay::Totals {
+                    up: totals.down,
+                    down: totals.up,
+                    ..totals
+                };
+                break 'relayed Err(fail(
+                    Outcome::AuthFailed,
+                    format!("Redis refused the credentials: {why}"),
+                ));
+            }
             carrier.ready();
             let totals = carrier
                 .relay(plain, cfg.close_timeout, false, cfg.max_conn_lifetime)

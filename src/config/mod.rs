@@ -74,6 +74,11 @@ pub struct TunnelFile {
     pub health_timeout: Option<String>,
     pub health_rise: Option<u32>,
     pub health_fall: Option<u32>,
+    /// Server side: authenticate to Redis before relaying, with the password in this file
+    /// (mode 0600) or this environment variable, as `redis_user` (an ACL user) if given.
+    pub redis_password_file: Option<PathBuf>,
+    pub redis_password_env: Option<String>,
+    pub redis_user: Option<String>,
     /// Client side: the route to ask the server for.
     pub route: Option<String>,
     pub cert: Option<PathBuf>,
@@ -165,6 +170,8 @@ pub struct TunnelConfig {
     pub balance: Balance,
     /// Server side: active checks of the service endpoints, if asked for.
     pub health_check: Option<HealthCheck>,
+    /// Server side: the credentials sent to Redis before the consumer's bytes.
+    pub redis_auth: Option<crate::redis::Credentials>,
     /// Client side: the route it asks for ("" for the server's default target).
     pub route: String,
     pub tls: tls::Files,
@@ -522,6 +529,9 @@ impl TunnelFile {
         };
         let server_name = self.server_name(&mut p, side, target.as_ref());
         let target_status = self.target_status(&mut p, side);
+        // Before the problems are counted: each of these reports its own.
+        let health_check = self.health_check(&mut p, side);
+        let redis_auth = self.redis_auth(&mut p, side, base);
         if target_status.is_some() && target.is_none() {
             p.push(
                 "--target-status needs --target: the check is sent over a connection to it".into(),
@@ -537,7 +547,8 @@ impl TunnelFile {
             target,
             routes,
             balance: self.balance.unwrap_or_default(),
-            health_check: self.health_check(&mut p, side),
+            health_check,
+            redis_auth,
             route,
             tls: tls_files,
             tls_versions,
@@ -933,6 +944,48 @@ impl TunnelFile {
         })
     }
 
+    /// `redis_password_file` / `redis_password_env` and `redis_user`: server side, one source,
+    /// and the password readable now (checked at startup, read again for every connection).
+    fn redis_auth(
+        &self,
+        p: &mut Vec<String>,
+        side: Side,
+        base: Option<&Path>,
+    ) -> Option<crate::redis::Credentials> {
+        use crate::redis::{Credentials, PasswordSource};
+        let password = match (&self.redis_password_file, &self.redis_password_env) {
+            (None, None) => {
+                if self.redis_user.is_some() {
+                    p.push(
+                        "--redis-user needs --redis-password-file or --redis-password-env".into(),
+                    );
+                }
+                return None;
+            }
+            (Some(_), Some(_)) => {
+                p.push("give --redis-password-file or --redis-password-env, not both".into());
+                return None;
+            }
+            (Some(file), None) => PasswordSource::File(resolve(base, file)),
+            (None, Some(var)) => PasswordSource::Env(var.clone()),
+        };
+        if side == Side::Client {
+            p.push(
+                "--redis-password-* is server-side: the ambassador next to Redis authenticates"
+                    .into(),
+            );
+            return None;
+        }
+        let creds = Credentials {
+            user: self.redis_user.clone(),
+            password,
+        };
+        if let Err(e) = creds.password() {
+            p.push(e);
+        }
+        Some(creds)
+    }
+
     /// `--target-status`: an `http://` or `https://` URL, server side only.
     fn target_status(&self, p: &mut Vec<String>, side: Side) -> Option<TargetStatus> {
         let url = self.target_status.as_deref()?;
@@ -1116,6 +1169,19 @@ fn one_line(e: &impl fmt::Display) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn health_and_redis_keys_are_checked_before_the_config_is_built() {
+        let with = |extra: &str| GOOD.replace("pool_size = 2", &format!("pool_size = 2\n{extra}"));
+        let e = from_toml(&with("health_interval = \"1s\""), None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--health-* flags are server-side"), "{e}");
+        let e = from_toml(&with("redis_password_env = \"X\""), None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--redis-password-* is server-side"), "{e}");
+    }
 
     #[test]
     fn target_status_urls() {

@@ -370,6 +370,12 @@ pub struct Redis {
 
 impl Redis {
     pub fn start() -> Redis {
+        Redis::start_with(&[])
+    }
+
+    /// A redis-server with `extra` options (e.g. `--requirepass`), ready when it answers PING
+    /// (with PONG, or asking for authentication).
+    pub fn start_with(extra: &[&str]) -> Redis {
         let bin = "redis-server";
         for _ in 0..5 {
             let port = free_port();
@@ -379,6 +385,7 @@ impl Redis {
                 .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
                 .arg("--dir")
                 .arg(dir.path())
+                .args(extra)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
@@ -390,9 +397,11 @@ impl Redis {
                     return Some(false); // lost the port race; try another
                 }
                 let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-                resp(&mut s, &[b"PING"])
-                    .ok()
-                    .map(|r| r == Reply::Simple("PONG".into()))
+                resp(&mut s, &[b"PING"]).ok().map(|r| match r {
+                    Reply::Simple(pong) => pong == "PONG",
+                    Reply::Error(e) => e.starts_with("NOAUTH"),
+                    _ => false,
+                })
             });
             if ready {
                 return Redis {

@@ -1,0 +1,162 @@
+//! Credentials injection (issue 17, first part): a server ambassador authenticates to Redis
+//! before the consumer's bytes, so a consumer that sends no AUTH reaches a Redis that wants one.
+
+mod harness;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::Command;
+
+use harness::{Legate, Pki, Redis, Reply, connect, legate_bin};
+
+/// A private file holding `secret` (and a trailing newline, as `echo` writes it).
+fn password_file(pki: &Pki, secret: &str, mode: u32) -> PathBuf {
+    let path = pki.path("redis.pw");
+    std::fs::write(&path, format!("{secret}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    path
+}
+
+#[test]
+fn a_consumer_without_auth_reaches_a_requirepass_redis() {
+    let pki = Pki::new();
+    let redis = Redis::start_with(&["--requirepass", "s3cret pw"]);
+    let file = password_file(&pki, "s3cret pw", 0o600);
+    let server = Legate::server(
+        &pki,
+        &redis.addr(),
+        &[
+            "--allow-cn=client",
+            &format!("--redis-password-file={}", file.display()),
+        ],
+    );
+    let client = Legate::client(&pki, "client", server.addr(), &[]);
+    let mut s = connect(client.addr());
+    assert_eq!(
+        harness::resp(&mut s, &[b"SET", b"k", b"v"]).unwrap(),
+        Reply::Simple("OK".into())
+    );
+    assert_eq!(
+        harness::resp(&mut s, &[b"GET", b"k"]).unwrap(),
+        Reply::Bulk(Some(b"v".to_vec()))
+    );
+    // The secret is in no log line.
+    assert!(
+        !server.log.text().contains("s3cret"),
+        "{}",
+        server.log.text()
+    );
+}
+
+#[test]
+fn an_acl_user_from_the_environment() {
+    let pki = Pki::new();
+    // redis-server takes a directive's words as separate arguments.
+    let redis = Redis::start_with(&[
+        "--user", "app", "on", ">apppw", "~*", "&*", "+@all", "--user", "default", "off",
+    ]);
+    let mut args = vec![
+        "server".to_string(),
+        "--listen=127.0.0.1:0".into(),
+        format!("--target={}", redis.addr()),
+        "--allow-cn=client".into(),
+        "--redis-user=app".into(),
+        "--redis-password-env=CACHE_PW".into(),
+    ];
+    args.extend(pki.flags("server"));
+    let server = Legate::start_with_env(&args, 1, &[("CACHE_PW", "apppw")]);
+    let client = Legate::client(&pki, "client", server.addr(), &[]);
+    let mut s = connect(client.addr());
+    assert_eq!(
+        harness::resp(&mut s, &[b"ACL", b"WHOAMI"]).unwrap(),
+        Reply::Bulk(Some(b"app".to_vec()))
+    );
+}
+
+#[test]
+fn a_wrong_secret_gives_the_consumer_a_resp_error_then_eof() {
+    let pki = Pki::new();
+    let redis = Redis::start_with(&["--requirepass", "right"]);
+    let file = password_file(&pki, "wrong", 0o600);
+    let server = Legate::server(
+        &pki,
+        &redis.addr(),
+        &[
+            "--allow-cn=client",
+            &format!("--redis-password-file={}", file.display()),
+        ],
+    );
+    let client = Legate::client(&pki, "client", server.addr(), &[]);
+    let mut s = connect(client.addr());
+    s.write_all(b"*1\r\n$4\r\nPING\r\n").unwrap();
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert!(
+        line.starts_with("-ERR legate: upstream authentication failed: WRONGPASS"),
+        "{line}"
+    );
+    let mut rest = Vec::new();
+    r.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "EOF after the error: {rest:?}");
+    let logged = server.log.wait_for(&["outcome=auth_failed"]);
+    assert!(!logged.contains("wrong"), "{logged}");
+}
+
+#[test]
+fn a_thousand_pipelined_sets_sent_before_auth_finished_all_apply_in_order() {
+    let pki = Pki::new();
+    let redis = Redis::start_with(&["--requirepass", "pw"]);
+    let file = password_file(&pki, "pw", 0o600);
+    let server = Legate::server(
+        &pki,
+        &redis.addr(),
+        &[
+            "--allow-cn=client",
+            &format!("--redis-password-file={}", file.display()),
+        ],
+    );
+    let client = Legate::client(&pki, "client", server.addr(), &[]);
+    let mut s = connect(client.addr());
+    let mut batch = Vec::new();
+    for i in 0..1000 {
+        let v = i.to_string();
+        batch.extend_from_slice(
+            format!("*3\r\n$3\r\nSET\r\n$1\r\nk\r\n${}\r\n{v}\r\n", v.len()).as_bytes(),
+        );
+    }
+    // All at once, right after connecting: the ambassador is still authenticating.
+    s.write_all(&batch).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    for i in 0..1000 {
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        assert_eq!(line, "+OK\r\n", "reply {i}");
+    }
+    assert_eq!(
+        harness::resp(&mut s, &[b"GET", b"k"]).unwrap(),
+        Reply::Bulk(Some(b"999".to_vec()))
+    );
+}
+
+#[test]
+fn a_password_file_others_can_read_is_refused_at_startup() {
+    let pki = Pki::new();
+    let file = password_file(&pki, "pw", 0o644);
+    let out = Command::new(legate_bin())
+        .args([
+            "server",
+            "--listen=127.0.0.1:0",
+            "--target=127.0.0.1:6379",
+            "--allow-all",
+        ])
+        .arg(format!("--redis-password-file={}", file.display()))
+        .args(pki.flags("server"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("chmod 600") && !err.contains("pw\n"), "{err}");
+}
