@@ -18,20 +18,26 @@ fn password_file(pki: &Pki, secret: &str, mode: u32) -> PathBuf {
     path
 }
 
-#[test]
-fn a_consumer_without_auth_reaches_a_requirepass_redis() {
-    let pki = Pki::new();
-    let redis = Redis::start_with(&["--requirepass", "s3cret pw"]);
-    let file = password_file(&pki, "s3cret pw", 0o600);
+/// A server ambassador in front of `redis` with the password in `file`, and a client.
+fn pair(pki: &Pki, redis: &Redis, file: &std::path::Path) -> (Legate, Legate) {
     let server = Legate::server(
-        &pki,
+        pki,
         &redis.addr(),
         &[
             "--allow-cn=client",
             &format!("--redis-password-file={}", file.display()),
         ],
     );
-    let client = Legate::client(&pki, "client", server.addr(), &[]);
+    let client = Legate::client(pki, "client", server.addr(), &[]);
+    (server, client)
+}
+
+#[test]
+fn a_consumer_without_auth_reaches_a_requirepass_redis() {
+    let pki = Pki::new();
+    let redis = Redis::start_with(&["--requirepass", "s3cret pw"]);
+    let file = password_file(&pki, "s3cret pw", 0o600);
+    let (server, client) = pair(&pki, &redis, &file);
     let mut s = connect(client.addr());
     assert_eq!(
         harness::resp(&mut s, &[b"SET", b"k", b"v"]).unwrap(),
@@ -79,15 +85,7 @@ fn a_wrong_secret_gives_the_consumer_a_resp_error_then_eof() {
     let pki = Pki::new();
     let redis = Redis::start_with(&["--requirepass", "right"]);
     let file = password_file(&pki, "wrong", 0o600);
-    let server = Legate::server(
-        &pki,
-        &redis.addr(),
-        &[
-            "--allow-cn=client",
-            &format!("--redis-password-file={}", file.display()),
-        ],
-    );
-    let client = Legate::client(&pki, "client", server.addr(), &[]);
+    let (server, client) = pair(&pki, &redis, &file);
     let mut s = connect(client.addr());
     s.write_all(b"*1\r\n$4\r\nPING\r\n").unwrap();
     let mut r = BufReader::new(s);
@@ -109,15 +107,7 @@ fn a_thousand_pipelined_sets_sent_before_auth_finished_all_apply_in_order() {
     let pki = Pki::new();
     let redis = Redis::start_with(&["--requirepass", "pw"]);
     let file = password_file(&pki, "pw", 0o600);
-    let server = Legate::server(
-        &pki,
-        &redis.addr(),
-        &[
-            "--allow-cn=client",
-            &format!("--redis-password-file={}", file.display()),
-        ],
-    );
-    let client = Legate::client(&pki, "client", server.addr(), &[]);
+    let (_server, client) = pair(&pki, &redis, &file);
     let mut s = connect(client.addr());
     let mut batch = Vec::new();
     for i in 0..1000 {
