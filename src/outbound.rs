@@ -53,7 +53,7 @@ pub async fn service(
     let (mut plain, in_use) = loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let next = set.pick(&tried).filter(|_| !left.is_zero());
-        if next.is_none() && tried.is_empty() && set.endpoints().is_empty() {
+        if next.is_none() && tried.is_empty() && set.is_empty() {
             let detail = no_endpoint(set);
             return Err((RefuseCode::NoEndpoint, fail(Outcome::NoEndpoint, detail)));
         }
@@ -65,7 +65,7 @@ pub async fn service(
             return Err((RefuseCode::DialFailed, fail(Outcome::DialFailed, detail)));
         };
         tried.push(endpoint.id);
-        let others = tried.len() < set.endpoints().len();
+        let others = tried.len() < set.len();
         let budget = if others { left / 2 } else { left };
         rec.target = Some(endpoint.spec.addr.to_string());
         match dial::dial(&endpoint.spec.addr, budget).await {
@@ -157,7 +157,7 @@ pub async fn peer(
         .await;
     let mut tried = Vec::new();
     let mut last = None;
-    if peers.set.endpoints().is_empty() {
+    if peers.set.is_empty() {
         return Err(fail(Outcome::NoEndpoint, no_endpoint(&peers.set)));
     }
     while let Some(endpoint) = peers.set.pick(&tried) {
@@ -170,7 +170,7 @@ pub async fn peer(
         match on_pool(&pool, cfg, consumer, rec, early).await {
             Ok(carrier) => return Ok((carrier, endpoint.begin())),
             Err(Settled::Elsewhere(f)) => {
-                if tried.len() < peers.set.endpoints().len() {
+                if tried.len() < peers.set.len() {
                     tracing::debug!(tunnel = %cfg.name, endpoint = %endpoint.spec.addr, error = %f.detail, "trying the next server");
                 }
                 last = Some(f);

@@ -9,7 +9,7 @@ mod harness;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -17,8 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use harness::{
-    Backend, DEADLINE, Legate, Pki, connect, eventually, ghost_metrics, http_get, legate_bin,
-    pkcs12, read_all, read_until_closed, status_addr,
+    Backend, DEADLINE, Legate, Pki, connect, eventually, exchange, ghost_metrics, http_get,
+    legate_bin, pkcs12, read_until_closed, refused_at_startup, status_addr,
 };
 
 const COUNTERS: [&str; 6] = [
@@ -73,14 +73,6 @@ fn curl(args: &[&str]) -> String {
         .expect("curl is needed (apt-get install curl)");
     assert!(out.status.success(), "curl {args:?}: {out:?}");
     String::from_utf8(out.stdout).unwrap()
-}
-
-/// Sends `msg` through `addr`, half-closes, and returns the whole answer.
-fn round_trip(addr: SocketAddr, msg: &[u8]) -> Vec<u8> {
-    let mut s = connect(addr);
-    s.write_all(msg).unwrap();
-    s.shutdown(Shutdown::Write).unwrap();
-    read_all(&mut s)
 }
 
 #[test]
@@ -151,7 +143,7 @@ fn metrics_move_under_churn_a_handshake_flood_and_stalled_handshakes() {
 
     // A churn of 600 connections, each a TLS connection of its own (raw, as ghostunnel's).
     for _ in 0..600 {
-        assert_eq!(round_trip(client.addr(), b"x"), b"ok:x");
+        assert_eq!(exchange(client.addr(), b"x"), b"ok:x");
     }
     for status in [s_status, c_status] {
         metric_becomes(status, "conn.open", 0.0);
@@ -242,7 +234,7 @@ fn a_failing_accept_counts_as_an_accept_error_and_the_server_recovers() {
     );
 
     let client = Legate::client(&pki, "client", server.addr(), &["--raw"]);
-    assert_eq!(round_trip(client.addr(), b"after"), b"ok:after");
+    assert_eq!(exchange(client.addr(), b"after"), b"ok:after");
     metric_becomes(status, "accept.success", 1.0);
 }
 
@@ -354,15 +346,13 @@ fn target_status_checks_the_backend_over_http_through_the_target() {
     assert_eq!(doc["backend_error"], "target returned status: 500");
 
     // Only http:// and https:// can be checked: one line, exit 2.
-    let out = Command::new(legate_bin())
-        .args(["server", "--listen=127.0.0.1:0", "--allow-all"])
-        .arg(format!("--target={}", backend.target()))
-        .arg("--target-status=ftp://health.internal/")
-        .args(pki.flags("server"))
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2), "{out:?}");
-    let err = String::from_utf8_lossy(&out.stderr);
+    let mut args: Vec<String> = ["server", "--listen=127.0.0.1:0", "--allow-all"]
+        .map(String::from)
+        .into();
+    args.push(format!("--target={}", backend.target()));
+    args.push("--target-status=ftp://health.internal/".into());
+    args.extend(pki.flags("server"));
+    let err = refused_at_startup(&args);
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("only http:// and https://"), "{err}");
 }
@@ -419,7 +409,7 @@ fn curl_reads_the_status_over_https_on_both_sides_with_gen_certs_files() {
         ],
         1,
     );
-    assert_eq!(round_trip(client.addr(), b"hi"), b"ok:hi");
+    assert_eq!(exchange(client.addr(), b"hi"), b"ok:hi");
     // The server's certificate is for localhost; the client's for its own name, "client".
     for (side, name) in [(&server, "localhost"), (&client, "client")] {
         let (scheme, port) = status_url(side);
@@ -490,7 +480,7 @@ fn a_ghostunnel_command_line_with_pkcs12_and_unix_sockets() {
         ],
         1,
     );
-    assert_eq!(round_trip(client.addr(), b"p12"), b"ok:p12");
+    assert_eq!(exchange(client.addr(), b"p12"), b"ok:p12");
     eventually("the status socket", DEADLINE, || {
         status_sock.exists().then_some(())
     });
@@ -530,7 +520,7 @@ fn disable_authentication_asks_for_no_certificate_and_status_falls_back_to_http(
         ],
         1,
     );
-    assert_eq!(round_trip(anonymous.addr(), b"anon"), b"ok:anon");
+    assert_eq!(exchange(anonymous.addr(), b"anon"), b"ok:anon");
     // No certificate to serve with: the bare status address is plain HTTP.
     let (scheme, port) = status_url(&anonymous);
     assert_eq!(scheme, "http");
@@ -551,22 +541,20 @@ fn disable_authentication_asks_for_no_certificate_and_status_falls_back_to_http(
         ],
         1,
     );
-    assert_eq!(round_trip(client.addr(), b"foreign"), b"ok:foreign");
+    assert_eq!(exchange(client.addr(), b"foreign"), b"ok:foreign");
 
     // Asking for HTTPS status with no certificate is one clear line.
-    let out = Command::new(legate_bin())
-        .args([
-            "client",
-            "--listen=127.0.0.1:0",
-            "--target=localhost:1",
-            "--disable-authentication",
-            "--status=https://127.0.0.1:0",
-        ])
-        .arg(format!("--cacert={}", pki.ca_cert().display()))
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2), "{out:?}");
-    let err = String::from_utf8_lossy(&out.stderr);
+    let mut args: Vec<String> = [
+        "client",
+        "--listen=127.0.0.1:0",
+        "--target=localhost:1",
+        "--disable-authentication",
+        "--status=https://127.0.0.1:0",
+    ]
+    .map(String::from)
+    .into();
+    args.push(format!("--cacert={}", pki.ca_cert().display()));
+    let err = refused_at_startup(&args);
     assert!(err.contains("HTTPS needs a certificate"), "{err}");
 }
 
@@ -630,19 +618,18 @@ fn enable_pprof_serves_the_live_task_count_as_a_goroutine_profile() {
     });
 
     // Without --status there is nowhere to serve it.
-    let out = Command::new(legate_bin())
-        .args([
-            "server",
-            "--listen=127.0.0.1:0",
-            "--allow-all",
-            "--enable-pprof",
-        ])
-        .arg(format!("--target={}", backend.target()))
-        .args(pki.flags("server"))
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2), "{out:?}");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--enable-pprof needs --status"));
+    let mut args: Vec<String> = [
+        "server",
+        "--listen=127.0.0.1:0",
+        "--allow-all",
+        "--enable-pprof",
+    ]
+    .map(String::from)
+    .into();
+    args.push(format!("--target={}", backend.target()));
+    args.extend(pki.flags("server"));
+    let err = refused_at_startup(&args);
+    assert!(err.contains("--enable-pprof needs --status"), "{err}");
 }
 
 #[test]

@@ -6,9 +6,8 @@ mod harness;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
-use std::process::Command;
 
-use harness::{Legate, Pki, Redis, Reply, connect, legate_bin};
+use harness::{Legate, Pki, Redis, Reply, connect};
 
 /// A private file holding `secret` (and a trailing newline, as `echo` writes it).
 fn password_file(pki: &Pki, secret: &str, mode: u32) -> PathBuf {
@@ -134,19 +133,17 @@ fn a_thousand_pipelined_sets_sent_before_auth_finished_all_apply_in_order() {
 fn a_password_file_others_can_read_is_refused_at_startup() {
     let pki = Pki::new();
     let file = password_file(&pki, "pw", 0o644);
-    let out = Command::new(legate_bin())
-        .args([
-            "server",
-            "--listen=127.0.0.1:0",
-            "--target=127.0.0.1:6379",
-            "--allow-all",
-        ])
-        .arg(format!("--redis-password-file={}", file.display()))
-        .args(pki.flags("server"))
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2), "{out:?}");
-    let err = String::from_utf8_lossy(&out.stderr);
+    let mut args: Vec<String> = [
+        "server",
+        "--listen=127.0.0.1:0",
+        "--target=127.0.0.1:6379",
+        "--allow-all",
+    ]
+    .map(String::from)
+    .into();
+    args.push(format!("--redis-password-file={}", file.display()));
+    args.extend(pki.flags("server"));
+    let err = harness::refused_at_startup(&args);
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("chmod 600") && !err.contains("pw\n"), "{err}");
 }

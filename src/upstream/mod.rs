@@ -225,7 +225,7 @@ impl Set {
     /// Waits, while the set is empty, for each source's first lookup (or `deadline`): the
     /// first consumers after startup find the endpoints discovered by then.
     pub async fn ready(&self, deadline: tokio::time::Instant) {
-        if !self.endpoints().is_empty() {
+        if !self.is_empty() {
             return;
         }
         for source in &self.sources {
@@ -260,6 +260,15 @@ impl Set {
     /// The endpoints now.
     pub fn endpoints(&self) -> Arc<Vec<Arc<Endpoint>>> {
         self.endpoints.load_full()
+    }
+
+    /// How many endpoints there are now (without taking a reference to the list).
+    pub fn len(&self) -> usize {
+        self.endpoints.load().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Takes `upstream`'s endpoints (its sources are the set's own: a change of sources makes

@@ -583,6 +583,13 @@ pub fn exchange(addr: SocketAddr, msg: &[u8]) -> Vec<u8> {
     read_until_closed(&mut s)
 }
 
+/// Runs `legate ARGS`, which must refuse to start: exit 2. Returns what it wrote to stderr.
+pub fn refused_at_startup(args: &[String]) -> String {
+    let out = Command::new(legate_bin()).args(args).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// Reads until the tunnel closes the connection. A connection closed with our request unread
 /// may end in a reset instead of a FIN; both count as closed.
 pub fn read_until_closed(s: &mut TcpStream) -> Vec<u8> {
