@@ -41,7 +41,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Carrier<S> {
     }
 
     /// Relays between `plain` and this carrier until both directions end, or `close_timeout`
-    /// after the first. `sent_end`: the plain side's end was already sent (before READY).
+    /// after the first, `lifetime`, or `stop`. `sent_end`: the plain side's end was already sent
+    /// (before READY).
     /// `Totals::up` counts plain → carrier, `down` carrier → plain.
     pub async fn relay<P: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
@@ -49,11 +50,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Carrier<S> {
         close_timeout: Duration,
         sent_end: bool,
         lifetime: Option<Duration>,
+        stop: Option<tokio_util::sync::CancellationToken>,
     ) -> Totals {
-        let deadline = lifetime.map(|d| tokio::time::Instant::now() + d);
+        let end = relay::End {
+            deadline: lifetime.map(|d| tokio::time::Instant::now() + d),
+            stop,
+        };
         match self {
-            Carrier::Raw(tls) => relay::relay(plain, &mut **tls, close_timeout, deadline).await,
-            Carrier::Stream(s) => s.relay(plain, close_timeout, sent_end, deadline).await,
+            Carrier::Raw(tls) => relay::relay(plain, &mut **tls, close_timeout, end).await,
+            Carrier::Stream(s) => s.relay(plain, close_timeout, sent_end, end).await,
         }
     }
 }

@@ -238,6 +238,23 @@ pub struct ServerArgs {
     /// The ACL user to authenticate as (AUTH user password). Default: the default user.
     #[arg(long, value_name = "USER")]
     pub redis_user: Option<String>,
+    /// Authenticate with HELLO N AUTH user password (N = 2 or 3: the RESP version the
+    /// connection then speaks) instead of AUTH.
+    #[arg(long, value_name = "N")]
+    pub redis_hello: Option<u8>,
+    /// The consumer's own leading AUTH (and HELLO's AUTH): pass (relay it, the default) or
+    /// local (answer AUTH with +OK here, strip AUTH from HELLO): the ambassador's credentials
+    /// are then the only ones Redis sees.
+    #[arg(long, value_name = "POLICY")]
+    pub redis_consumer_auth: Option<crate::redis::ConsumerAuth>,
+    /// "master": a stream reaches the target only while it is a Redis master (HELLO's role,
+    /// checked on each connection; refused with not_master otherwise, so a client ambassador
+    /// tries its next server). Streams open on a Redis that stops being master are closed.
+    #[arg(long, value_name = "ROLE")]
+    pub require_role: Option<String>,
+    /// The target speaks Redis (implied by --redis-* and --require-role): "redis" or "tcp".
+    #[arg(long, value_name = "PROTOCOL", value_parser = parse_protocol)]
+    pub protocol: Option<crate::config::Protocol>,
     /// /_status checks the service with an HTTP GET of this http:// or https:// URL, sent over
     /// a connection to --target; only a 200 is healthy. Without it, a TCP connect is the check.
     #[arg(long, value_name = "URL")]
@@ -413,6 +430,10 @@ impl ServerArgs {
         f.redis_password_file = self.redis_password_file;
         f.redis_password_env = self.redis_password_env;
         f.redis_user = self.redis_user;
+        f.redis_hello = self.redis_hello;
+        f.redis_consumer_auth = self.redis_consumer_auth;
+        f.require_role = self.require_role;
+        f.protocol = self.protocol;
         (f, process)
     }
 }
@@ -434,5 +455,13 @@ impl ClientArgs {
         f.pool_size = self.pool_size;
         f.peer_is_legate = self.peer_is_legate;
         (f, process)
+    }
+}
+
+fn parse_protocol(s: &str) -> Result<crate::config::Protocol, String> {
+    match s {
+        "redis" => Ok(crate::config::Protocol::Redis),
+        "tcp" => Ok(crate::config::Protocol::Tcp),
+        _ => Err(format!("--protocol {s:?}: write redis or tcp")),
     }
 }

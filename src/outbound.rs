@@ -19,6 +19,7 @@ use crate::net::Stream;
 use crate::outcome::{Failure, Outcome, fail};
 use crate::peer_pool::{Dialed, PeerPool, Peers};
 use crate::proxy_protocol;
+use crate::redis::{self, Refusal};
 use crate::relay;
 use crate::tls::ClientStream;
 use crate::upstream::{InUse, Set};
@@ -50,7 +51,8 @@ pub async fn service(
     set.ready(deadline).await;
     let mut tried = Vec::new();
     let mut errors = Vec::new();
-    let (mut plain, in_use) = loop {
+    let mut not_master = false;
+    loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let next = set.pick(&tried).filter(|_| !left.is_zero());
         if next.is_none() && tried.is_empty() && set.is_empty() {
@@ -58,6 +60,12 @@ pub async fn service(
             return Err((RefuseCode::NoEndpoint, fail(Outcome::NoEndpoint, detail)));
         }
         let Some(endpoint) = next else {
+            if (not_master || tried.is_empty()) && set.gated() {
+                // A refusal the client ambassador takes to its next server.
+                errors.push("no endpoint is a Redis master now".into());
+                let detail = errors.join("; ");
+                return Err((RefuseCode::NotMaster, fail(Outcome::NotMaster, detail)));
+            }
             if errors.is_empty() {
                 errors.push(format!("no time left within {:?}", cfg.connect_timeout));
             }
@@ -68,35 +76,57 @@ pub async fn service(
         let others = tried.len() < set.len();
         let budget = if others { left / 2 } else { left };
         rec.target = Some(endpoint.spec.addr.to_string());
-        match dial::dial(&endpoint.spec.addr, budget).await {
+        let mut plain = match dial::dial(&endpoint.spec.addr, budget).await {
             Ok(plain) => {
                 endpoint.succeeded();
-                break (plain, endpoint.begin());
+                plain
             }
             Err(e) => {
                 endpoint.failed(&e.to_string());
                 errors.push(e.to_string());
+                continue;
+            }
+        };
+        plain.tune(None);
+        if cfg.proxy_protocol {
+            let header = proxy_protocol::Header {
+                source: rec.consumer.or(rec.peer.socket_addr()),
+                destination: info.destination,
+                tls_version: info.tls_version.clone(),
+                common_name: rec
+                    .identity
+                    .as_ref()
+                    .and_then(|id| id.common_names.first().cloned()),
+                identity: rec.identity.as_ref().map(ToString::to_string),
+            };
+            if let Err(e) = plain.write_all(&header.encode()).await {
+                let detail = format!("sending the PROXY header to the target failed: {e}");
+                return Err((RefuseCode::DialFailed, fail(Outcome::DialFailed, detail)));
             }
         }
-    };
-    plain.tune(None);
-    if cfg.proxy_protocol {
-        let header = proxy_protocol::Header {
-            source: rec.consumer.or(rec.peer.socket_addr()),
-            destination: info.destination,
-            tls_version: info.tls_version.clone(),
-            common_name: rec
-                .identity
-                .as_ref()
-                .and_then(|id| id.common_names.first().cloned()),
-            identity: rec.identity.as_ref().map(ToString::to_string),
+        let Some(settings) = set.redis.as_deref().filter(|r| r.prepares()) else {
+            return Ok((plain, endpoint.begin()));
         };
-        if let Err(e) = plain.write_all(&header.encode()).await {
-            let detail = format!("sending the PROXY header to the target failed: {e}");
-            return Err((RefuseCode::DialFailed, fail(Outcome::DialFailed, detail)));
+        // Taken before the check: a demotion after it still closes this session.
+        let in_use = endpoint.begin();
+        match redis::prepare(&mut plain, settings, budget.max(left / 2)).await {
+            Ok(()) => return Ok((plain, in_use)),
+            Err(Refusal::Auth(why)) => {
+                // The consumer reads this as a RESP error (tunnel::serve_stream).
+                return Err((RefuseCode::DialFailed, fail(Outcome::AuthFailed, why)));
+            }
+            Err(Refusal::NotMaster(why)) => {
+                endpoint.not_master(&why);
+                set.recheck();
+                not_master = true;
+                errors.push(format!("{}: {why}", endpoint.spec.addr));
+            }
+            Err(Refusal::Failed(why)) => {
+                endpoint.failed(&why);
+                errors.push(format!("{}: {why}", endpoint.spec.addr));
+            }
         }
     }
-    Ok((plain, in_use))
 }
 
 /// Why a set has no endpoint: its sources' errors, if any.
@@ -306,7 +336,8 @@ async fn answer(
                             RefuseCode::DialFailed
                             | RefuseCode::Unavailable
                             | RefuseCode::Draining
-                            | RefuseCode::NoEndpoint => {
+                            | RefuseCode::NoEndpoint
+                            | RefuseCode::NotMaster => {
                                 Err(Settled::Elsewhere(fail(Outcome::Refused, why)))
                             }
                             _ => Err(refused(why)),

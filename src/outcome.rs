@@ -24,11 +24,14 @@ pub enum Outcome {
     NoEndpoint,
     /// Redis refused the ambassador's credentials (the consumer got a RESP error).
     AuthFailed,
+    /// A Redis route that requires a master had none, or its Redis stopped being master
+    /// while the stream was open.
+    NotMaster,
 }
 
 impl Outcome {
     /// Every outcome, in metric order.
-    pub const ALL: [Outcome; 12] = [
+    pub const ALL: [Outcome; 13] = [
         Outcome::Ok,
         Outcome::Idle,
         Outcome::HandshakeFailed,
@@ -41,6 +44,7 @@ impl Outcome {
         Outcome::Expired,
         Outcome::NoEndpoint,
         Outcome::AuthFailed,
+        Outcome::NotMaster,
     ];
 
     pub fn index(self) -> usize {
@@ -64,6 +68,7 @@ impl Outcome {
             Outcome::Expired => "expired",
             Outcome::NoEndpoint => "no_endpoint",
             Outcome::AuthFailed => "auth_failed",
+            Outcome::NotMaster => "not_master",
         }
     }
 }

@@ -133,6 +133,24 @@ pub struct Totals {
     pub failed: Option<String>,
     /// The relay was cut at its deadline (`--max-conn-lifetime`).
     pub expired: bool,
+    /// The relay was stopped from outside (its Redis stopped being master).
+    pub stopped: bool,
+}
+
+/// What may end a relay before its two sides do.
+#[derive(Debug, Default, Clone)]
+pub struct End {
+    /// `--max-conn-lifetime`.
+    pub deadline: Option<Instant>,
+    /// Cancelled when the session must end (its endpoint stopped being master).
+    pub stop: Option<tokio_util::sync::CancellationToken>,
+}
+
+/// Why [`until`] gave up on its work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Cut {
+    Deadline,
+    Stopped,
 }
 
 /// Whether an error that ended a direction means the link failed, rather than that the peer
@@ -147,25 +165,32 @@ pub(crate) fn note_failure(e: &io::Error, failed: &std::sync::OnceLock<String>) 
     }
 }
 
-/// Runs `work` until `deadline`, if there is one; `None` if the deadline came first.
-pub(crate) async fn until<T>(
-    deadline: Option<Instant>,
-    work: impl Future<Output = T>,
-) -> Option<T> {
-    match deadline {
-        Some(d) => tokio::time::timeout_at(d, work).await.ok(),
-        None => Some(work.await),
+/// Runs `work` until `end`'s deadline or stop, if any; which came first otherwise.
+pub(crate) async fn until<T>(end: &End, work: impl Future<Output = T>) -> Result<T, Cut> {
+    let stopped = async {
+        match &end.stop {
+            Some(stop) => stop.cancelled().await,
+            None => std::future::pending().await,
+        }
+    };
+    let timed = async {
+        match end.deadline {
+            Some(d) => tokio::time::timeout_at(d, work)
+                .await
+                .map_err(|_| Cut::Deadline),
+            None => Ok(work.await),
+        }
+    };
+    tokio::select! {
+        biased;
+        r = timed => r,
+        () = stopped => Err(Cut::Stopped),
     }
 }
 
 /// Relays until both directions end or the close timeout passes after the first one, or until
 /// `deadline`.
-pub async fn relay<A, B>(
-    inbound: A,
-    outbound: B,
-    close_timeout: Duration,
-    deadline: Option<Instant>,
-) -> Totals
+pub async fn relay<A, B>(inbound: A, outbound: B, close_timeout: Duration, end: End) -> Totals
 where
     A: AsyncRead + AsyncWrite,
     B: AsyncRead + AsyncWrite,
@@ -192,13 +217,14 @@ where
         };
         tokio::time::timeout(close_timeout, rest).await.is_err()
     };
-    let cut = until(deadline, both).await;
+    let cut = until(&end, both).await;
     Totals {
         up: up.load(Ordering::Relaxed),
         down: down.load(Ordering::Relaxed),
         cut: cut.unwrap_or(false),
         failed: failed.get().cloned(),
-        expired: cut.is_none(),
+        expired: cut == Err(Cut::Deadline),
+        stopped: cut == Err(Cut::Stopped),
     }
 }
 
@@ -287,7 +313,12 @@ mod tests {
         // consumer <-> (a_far, a_near) relay (b_near, b_far) <-> backend
         let (mut consumer, a_near) = duplex(64);
         let (b_near, mut backend) = duplex(64);
-        let relay = tokio::spawn(relay(a_near, b_near, Duration::from_secs(5), None));
+        let relay = tokio::spawn(relay(
+            a_near,
+            b_near,
+            Duration::from_secs(5),
+            End::default(),
+        ));
 
         consumer.write_all(b"question").await.unwrap();
         consumer.shutdown().await.unwrap();
@@ -348,7 +379,13 @@ mod tests {
             (io::ErrorKind::UnexpectedEof, false),
         ] {
             let (_consumer, near) = duplex(64);
-            let totals = relay(near, Failing(kind), Duration::from_millis(50), None).await;
+            let totals = relay(
+                near,
+                Failing(kind),
+                Duration::from_millis(50),
+                End::default(),
+            )
+            .await;
             assert_eq!(totals.failed.is_some(), failed, "{kind:?} (raw)");
         }
     }
@@ -357,7 +394,12 @@ mod tests {
     async fn close_timeout_cuts_the_open_direction() {
         let (mut consumer, a_near) = duplex(64);
         let (b_near, _backend) = duplex(64);
-        let relay = tokio::spawn(relay(a_near, b_near, Duration::from_millis(50), None));
+        let relay = tokio::spawn(relay(
+            a_near,
+            b_near,
+            Duration::from_millis(50),
+            End::default(),
+        ));
         consumer.shutdown().await.unwrap();
         let totals = relay.await.unwrap();
         assert!(totals.cut);

@@ -308,7 +308,13 @@ async fn serve_consumer(t: &Shared, peers: &Peers, mut tcp: Stream, peer: PeerAd
         let (early_len, sent_end) = (early.len(), early.done);
         drop(early);
         let totals = carrier
-            .relay(&mut tcp, cfg.close_timeout, sent_end, cfg.max_conn_lifetime)
+            .relay(
+                &mut tcp,
+                cfg.close_timeout,
+                sent_end,
+                cfg.max_conn_lifetime,
+                None,
+            )
             .await;
         rec.totals = relay::Totals {
             up: early_len + totals.up,
@@ -387,6 +393,7 @@ async fn serve_stream(
     rec.consumer = open.as_ref().and_then(|o| o.consumer);
     let set = t.routes.get(route);
     let service = Box::pin(outbound::service(cfg, set.as_deref(), &mut rec, info)).await;
+    let redis = set.as_ref().and_then(|s| s.redis.clone());
     // Not held for the relay: a set a reload replaced goes (with its tasks) as soon as no new
     // connection can pick from it.
     drop(set);
@@ -396,34 +403,47 @@ async fn serve_stream(
             .accepted(service.as_ref().map(|_| ()).map_err(|_| false));
     }
     let result = match service {
+        Err((_, f)) if f.outcome == Outcome::AuthFailed => {
+            // The consumer reads a RESP error it understands, then EOF.
+            carrier.ready();
+            let reply = format!(
+                "-ERR legate: upstream authentication failed: {}\r\n",
+                f.detail
+            );
+            let plain =
+                tokio::io::join(std::io::Cursor::new(reply.into_bytes()), tokio::io::sink());
+            let totals = carrier
+                .relay(plain, cfg.close_timeout, false, None, None)
+                .await;
+            rec.totals = relay::Totals {
+                up: totals.down,
+                down: totals.up,
+                ..totals
+            };
+            Err(fail(
+                Outcome::AuthFailed,
+                format!("Redis refused the credentials: {}", f.detail),
+            ))
+        }
         Err((code, f)) => {
             carrier.refuse(code, &f.detail).await;
             Err(f)
         }
-        Ok((mut plain, _in_use)) => 'relayed: {
-            if let Some(creds) = &cfg.redis_auth
-                && let Err(why) = redis::authenticate(&mut plain, creds, cfg.connect_timeout).await
-            {
-                // The consumer reads a RESP error it understands, then EOF.
-                carrier.ready();
-                let reply = format!("-ERR legate: upstream authentication failed: {why}\r\n");
-                let plain =
-                    tokio::io::join(std::io::Cursor::new(reply.into_bytes()), tokio::io::sink());
-                let totals = carrier.relay(plain, cfg.close_timeout, false, None).await;
-                rec.totals = relay::Totals {
-                    up: totals.down,
-                    down: totals.up,
-                    ..totals
-                };
-                break 'relayed Err(fail(
-                    Outcome::AuthFailed,
-                    format!("Redis refused the credentials: {why}"),
-                ));
-            }
+        Ok((plain, in_use)) => {
             carrier.ready();
-            let totals = carrier
-                .relay(plain, cfg.close_timeout, false, cfg.max_conn_lifetime)
-                .await;
+            // A gated Redis route's sessions end when their Redis stops being master.
+            let stop = redis
+                .as_ref()
+                .filter(|r| r.require_master)
+                .map(|_| in_use.0.sessions());
+            let (close, lifetime) = (cfg.close_timeout, cfg.max_conn_lifetime);
+            let totals = match redis.as_ref().map(|r| r.consumer_auth) {
+                Some(redis::ConsumerAuth::Local) => {
+                    let plain = redis::leading::Filtered::new(plain);
+                    carrier.relay(plain, close, false, lifetime, stop).await
+                }
+                _ => carrier.relay(plain, close, false, lifetime, stop).await,
+            };
             // The carrier is the client's end: what it sends goes up to the service.
             rec.totals = relay::Totals {
                 up: totals.down,
@@ -528,6 +548,12 @@ async fn serve_mux(
 /// A relay cut at `--max-conn-lifetime` is reported as `expired`; one that ended on a failed
 /// link (not a close), as `aborted`.
 fn relay_failure(rec: &Record) -> Result<(), Failure> {
+    if rec.totals.stopped {
+        return Err(fail(
+            Outcome::NotMaster,
+            "closed: its Redis is no longer the master this route uses",
+        ));
+    }
     if rec.totals.expired {
         return Err(fail(
             Outcome::Expired,

@@ -1,14 +1,30 @@
-//! The reply to AUTH from Redis: any bytes give a status, "incomplete", or a one-line
-//! error, never a panic.
+//! Bytes from Redis, a Sentinel or a consumer: RESP values parse, wait for more, or give a
+//! one-line error, never a panic or more than the bound; the consumer's leading commands
+//! (`consumer_auth = "local"`) are rewritten without losing a byte that is not theirs.
 #![no_main]
 
-use legate::redis;
+use legate::redis::{leading::Leading, resp};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    match redis::parse_status(data) {
-        Ok(Some((_, used))) => assert!(used >= 3 && used <= data.len()),
-        Ok(None) => assert!(data.len() <= redis::MAX_REPLY),
-        Err(e) => assert!(!e.is_empty() && !e.contains('\n')),
+    match resp::parse(data, 4096) {
+        Ok(Some((_, used))) => assert!(used >= 3 && used <= data.len().min(4096)),
+        Ok(None) => assert!(data.len() <= 4096),
+        Err(e) => assert!(!e.0.is_empty() && !e.0.contains('\n')),
+    }
+    // Fed in two pieces split at the first byte's value: the same output as whole.
+    let cut = data.first().map_or(0, |b| *b as usize).min(data.len());
+    let (mut whole, mut split) = (Leading::default(), Leading::default());
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    whole.consumer(data, &mut a);
+    whole.end(&mut a);
+    split.consumer(&data[..cut], &mut b);
+    split.consumer(&data[cut..], &mut b);
+    split.end(&mut b);
+    assert_eq!(a, b);
+    assert_eq!(whole.slots, split.slots);
+    if whole.slots.is_empty() {
+        // Nothing answered here: every byte went on to Redis, in order.
+        assert_eq!(a, data);
     }
 });

@@ -17,7 +17,8 @@ use crate::tls::{self, Rules, TlsVersions};
 
 mod upstream;
 pub use upstream::{
-    Balance, DiscoverySettings, EndpointSpec, HealthCheck, MAX_WEIGHT, Source, Targets, Upstream,
+    Balance, DiscoverySettings, EndpointSpec, HealthCheck, MAX_WEIGHT, Protocol, RedisKeys, Source,
+    Targets, Upstream,
 };
 
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -74,11 +75,20 @@ pub struct TunnelFile {
     pub health_timeout: Option<String>,
     pub health_rise: Option<u32>,
     pub health_fall: Option<u32>,
+    /// `"redis"` (implied by any `redis_*` key or `require_role`) or `"tcp"`: for the default
+    /// target, and every route table that does not say otherwise.
+    pub protocol: Option<Protocol>,
     /// Server side: authenticate to Redis before relaying, with the password in this file
     /// (mode 0600) or this environment variable, as `redis_user` (an ACL user) if given.
     pub redis_password_file: Option<PathBuf>,
     pub redis_password_env: Option<String>,
     pub redis_user: Option<String>,
+    /// Authenticate with `HELLO n AUTH` (n = 2 or 3) instead of `AUTH`.
+    pub redis_hello: Option<u8>,
+    /// The consumer's own leading AUTH: `pass` (relayed) or `local` (answered here).
+    pub redis_consumer_auth: Option<crate::redis::ConsumerAuth>,
+    /// Server side: `"master"`: streams reach Redis only while it is master (`not_master`).
+    pub require_role: Option<String>,
     /// Client side: the route to ask the server for.
     pub route: Option<String>,
     pub cert: Option<PathBuf>,
@@ -170,8 +180,6 @@ pub struct TunnelConfig {
     pub balance: Balance,
     /// Server side: active checks of the service endpoints, if asked for.
     pub health_check: Option<HealthCheck>,
-    /// Server side: the credentials sent to Redis before the consumer's bytes.
-    pub redis_auth: Option<crate::redis::Credentials>,
     /// Client side: the route it asks for ("" for the server's default target).
     pub route: String,
     pub tls: tls::Files,
@@ -531,7 +539,7 @@ impl TunnelFile {
         let target_status = self.target_status(&mut p, side);
         // Before the problems are counted: each of these reports its own.
         let health_check = self.health_check(&mut p, side);
-        let redis_auth = self.redis_auth(&mut p, side, base);
+        let (target, routes) = self.redis_routes(&mut p, side, base, target, routes);
         if target_status.is_some() && target.is_none() {
             p.push(
                 "--target-status needs --target: the check is sent over a connection to it".into(),
@@ -548,7 +556,6 @@ impl TunnelFile {
             routes,
             balance: self.balance.unwrap_or_default(),
             health_check,
-            redis_auth,
             route,
             tls: tls_files,
             tls_versions,
@@ -944,46 +951,51 @@ impl TunnelFile {
         })
     }
 
-    /// `redis_password_file` / `redis_password_env` and `redis_user`: server side, one source,
-    /// and the password readable now (checked at startup, read again for every connection).
-    fn redis_auth(
+    /// The tunnel's Redis keys, as written.
+    fn redis_keys(&self) -> RedisKeys {
+        RedisKeys {
+            protocol: self.protocol,
+            password_file: self.redis_password_file.clone(),
+            password_env: self.redis_password_env.clone(),
+            user: self.redis_user.clone(),
+            hello: self.redis_hello,
+            consumer_auth: self.redis_consumer_auth,
+            require_role: self.require_role.clone(),
+        }
+    }
+
+    /// Each upstream's Redis settings: the default target's from the tunnel's keys, a route's
+    /// from its table's keys over the tunnel's. Server side only: the ambassador next to Redis
+    /// speaks to it.
+    fn redis_routes(
         &self,
         p: &mut Vec<String>,
         side: Side,
         base: Option<&Path>,
-    ) -> Option<crate::redis::Credentials> {
-        use crate::redis::{Credentials, PasswordSource};
-        let password = match (&self.redis_password_file, &self.redis_password_env) {
-            (None, None) => {
-                if self.redis_user.is_some() {
-                    p.push(
-                        "--redis-user needs --redis-password-file or --redis-password-env".into(),
-                    );
-                }
-                return None;
-            }
-            (Some(_), Some(_)) => {
-                p.push("give --redis-password-file or --redis-password-env, not both".into());
-                return None;
-            }
-            (Some(file), None) => PasswordSource::File(resolve(base, file)),
-            (None, Some(var)) => PasswordSource::Env(var.clone()),
-        };
+        mut target: Option<Upstream>,
+        mut routes: BTreeMap<String, Upstream>,
+    ) -> (Option<Upstream>, BTreeMap<String, Upstream>) {
+        let keys = self.redis_keys();
         if side == Side::Client {
-            p.push(
-                "--redis-password-* is server-side: the ambassador next to Redis authenticates"
-                    .into(),
-            );
-            return None;
+            if keys != RedisKeys::default() {
+                p.push("--redis-* and --require-role are server-side: the ambassador next to Redis speaks to it".into());
+            }
+            return (target, routes);
         }
-        let creds = Credentials {
-            user: self.redis_user.clone(),
-            password,
-        };
-        if let Err(e) = creds.password() {
-            p.push(e);
+        if let Some(t) = &mut target {
+            t.redis = keys.settings("--target", p, base);
         }
-        Some(creds)
+        for (name, u) in &mut routes {
+            let own = self
+                .routes
+                .get(name)
+                .map(Targets::redis_keys)
+                .unwrap_or_default();
+            u.redis = own
+                .over(&keys)
+                .settings(&format!("route {name:?}"), p, base);
+        }
+        (target, routes)
     }
 
     /// `--target-status`: an `http://` or `https://` URL, server side only.
@@ -1180,7 +1192,10 @@ mod tests {
         let e = from_toml(&with("redis_password_env = \"X\""), None)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("--redis-password-* is server-side"), "{e}");
+        assert!(
+            e.contains("--redis-* and --require-role are server-side"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -34,6 +34,145 @@ pub enum Targets {
 pub struct RouteTable {
     pub target: Box<Targets>,
     pub balance: Option<Balance>,
+    /// `"redis"` (implied by any `redis_*` key or `require_role`) or `"tcp"`.
+    pub protocol: Option<Protocol>,
+    pub redis_password_file: Option<std::path::PathBuf>,
+    pub redis_password_env: Option<String>,
+    pub redis_user: Option<String>,
+    pub redis_hello: Option<u8>,
+    pub redis_consumer_auth: Option<crate::redis::ConsumerAuth>,
+    pub require_role: Option<String>,
+}
+
+/// What a route speaks: bytes, or Redis (credentials, roles).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Redis,
+}
+
+/// The Redis keys of a tunnel or of a route table, as written.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RedisKeys {
+    pub protocol: Option<Protocol>,
+    pub password_file: Option<std::path::PathBuf>,
+    pub password_env: Option<String>,
+    pub user: Option<String>,
+    pub hello: Option<u8>,
+    pub consumer_auth: Option<crate::redis::ConsumerAuth>,
+    pub require_role: Option<String>,
+}
+
+impl RedisKeys {
+    /// These keys, each one not given taken from `base` (a route's over its tunnel's). The
+    /// password's source goes as a pair: a route naming a file does not also get the tunnel's
+    /// variable.
+    pub fn over(&self, base: &RedisKeys) -> RedisKeys {
+        let own_secret = self.password_file.is_some() || self.password_env.is_some();
+        let (password_file, password_env) = if own_secret {
+            (self.password_file.clone(), self.password_env.clone())
+        } else {
+            (base.password_file.clone(), base.password_env.clone())
+        };
+        RedisKeys {
+            protocol: self.protocol.or(base.protocol),
+            password_file,
+            password_env,
+            user: self.user.clone().or_else(|| base.user.clone()),
+            hello: self.hello.or(base.hello),
+            consumer_auth: self.consumer_auth.or(base.consumer_auth),
+            require_role: self
+                .require_role
+                .clone()
+                .or_else(|| base.require_role.clone()),
+        }
+    }
+
+    fn any_redis_key(&self) -> bool {
+        self.password_file.is_some()
+            || self.password_env.is_some()
+            || self.user.is_some()
+            || self.hello.is_some()
+            || self.consumer_auth.is_some()
+            || self.require_role.is_some()
+    }
+
+    /// The route's Redis settings: `None` for a plain TCP route. Every problem goes to `p`,
+    /// prefixed with `what`; the password must be readable now.
+    pub fn settings(
+        &self,
+        what: &str,
+        p: &mut Vec<String>,
+        base: Option<&Path>,
+    ) -> Option<crate::redis::Settings> {
+        use crate::redis::{Credentials, PasswordSource, Settings};
+        match self.protocol {
+            Some(Protocol::Tcp) if self.any_redis_key() => {
+                p.push(format!(
+                    "{what}: redis_* keys and require_role need protocol = \"redis\", not \"tcp\""
+                ));
+                return None;
+            }
+            Some(Protocol::Tcp) => return None,
+            None if !self.any_redis_key() => return None,
+            _ => {}
+        }
+        let password = match (&self.password_file, &self.password_env) {
+            (None, None) => None,
+            (Some(_), Some(_)) => {
+                p.push(format!(
+                    "{what}: give --redis-password-file or --redis-password-env, not both"
+                ));
+                None
+            }
+            (Some(file), None) => Some(PasswordSource::File(match base {
+                Some(b) if file.is_relative() => b.join(file),
+                _ => file.clone(),
+            })),
+            (None, Some(var)) => Some(PasswordSource::Env(var.clone())),
+        };
+        if self.user.is_some() && password.is_none() {
+            p.push(format!(
+                "{what}: --redis-user needs --redis-password-file or --redis-password-env"
+            ));
+        }
+        let credentials = password.map(|password| Credentials {
+            user: self.user.clone(),
+            password,
+        });
+        if let Some(Err(e)) = credentials.as_ref().map(Credentials::password) {
+            p.push(format!("{what}: {e}"));
+        }
+        if let Some(n) = self.hello
+            && !(2..=3).contains(&n)
+        {
+            p.push(format!(
+                "{what}: --redis-hello {n}: write 2 or 3 (the RESP version HELLO asks for)"
+            ));
+        }
+        if self.hello.is_some() && credentials.is_none() {
+            p.push(format!(
+                "{what}: --redis-hello authenticates: it needs --redis-password-file or --redis-password-env"
+            ));
+        }
+        let require_master = match self.require_role.as_deref() {
+            None => false,
+            Some("master") => true,
+            Some(other) => {
+                p.push(format!(
+                    "{what}: require_role {other:?}: the one role that can be required is \"master\""
+                ));
+                false
+            }
+        };
+        Some(Settings {
+            credentials,
+            hello: self.hello,
+            consumer_auth: self.consumer_auth.unwrap_or_default(),
+            require_master,
+        })
+    }
 }
 
 impl Targets {
@@ -42,6 +181,22 @@ impl Targets {
             Targets::One(s) => std::slice::from_ref(s),
             Targets::Many(v) => v,
             Targets::Table(t) => t.target.items(),
+        }
+    }
+
+    /// The Redis keys a route table gives itself.
+    pub fn redis_keys(&self) -> RedisKeys {
+        match self {
+            Targets::Table(t) => RedisKeys {
+                protocol: t.protocol,
+                password_file: t.redis_password_file.clone(),
+                password_env: t.redis_password_env.clone(),
+                user: t.redis_user.clone(),
+                hello: t.redis_hello,
+                consumer_auth: t.redis_consumer_auth,
+                require_role: t.require_role.clone(),
+            },
+            _ => RedisKeys::default(),
         }
     }
 
@@ -267,6 +422,8 @@ pub struct Upstream {
     pub sources: Vec<Source>,
     /// Its own balance policy (a route table's), else the tunnel's.
     pub balance: Option<Balance>,
+    /// A Redis route: credentials, the consumer's AUTH, the role required.
+    pub redis: Option<crate::redis::Settings>,
 }
 
 impl Upstream {
@@ -293,6 +450,7 @@ impl Upstream {
             endpoints,
             sources,
             balance: targets.balance(),
+            redis: None,
         })
     }
 

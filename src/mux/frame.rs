@@ -59,6 +59,8 @@ pub enum RefuseCode {
     Draining = 6,
     /// The route has no endpoint now (discovery found none, or lost them past the hold time).
     NoEndpoint = 7,
+    /// The route is a Redis route that requires a master, and no endpoint is one now.
+    NotMaster = 8,
 }
 
 impl RefuseCode {
@@ -71,6 +73,7 @@ impl RefuseCode {
             5 => RefuseCode::Unavailable,
             6 => RefuseCode::Draining,
             7 => RefuseCode::NoEndpoint,
+            8 => RefuseCode::NotMaster,
             _ => return None,
         })
     }
@@ -84,6 +87,7 @@ impl RefuseCode {
             RefuseCode::Unavailable => "unavailable",
             RefuseCode::Draining => "draining",
             RefuseCode::NoEndpoint => "no_endpoint",
+            RefuseCode::NotMaster => "not_master",
         }
     }
 }

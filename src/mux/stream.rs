@@ -9,8 +9,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Notify, mpsc};
@@ -201,7 +199,7 @@ impl Stream {
         plain: P,
         close_timeout: Duration,
         sent_end: bool,
-        deadline: Option<Instant>,
+        end: relay::End,
     ) -> Totals {
         let (mut plain_r, mut plain_w) = tokio::io::split(plain);
         let out_count = AtomicU64::new(0);
@@ -222,7 +220,7 @@ impl Stream {
         // connection died.
         let both = relay::both_directions(outward, inward, close_timeout, Result::is_err);
         let mut both = std::pin::pin!(both);
-        let ended = relay::until(deadline, async {
+        let ended = relay::until(&end, async {
             tokio::select! {
                 r = &mut both => r,
                 _ = window.was_reset() => (Err(true), None, false),
@@ -235,8 +233,12 @@ impl Stream {
             }
         })
         .await;
-        let expired = ended.is_none();
-        // Cut at the deadline: not ended, so dropping the stream resets it.
+        let (expired, stopped) = match &ended {
+            Err(relay::Cut::Deadline) => (true, false),
+            Err(relay::Cut::Stopped) => (false, true),
+            Ok(_) => (false, false),
+        };
+        // Cut at the deadline or stopped: not ended, so dropping the stream resets it.
         let (first, second, cut) = ended.unwrap_or((Err(false), None, false));
         let second = second.unwrap_or(Err(false));
         self.peer_reset = matches!(first, Err(true)) || matches!(second, Err(true));
@@ -250,6 +252,7 @@ impl Stream {
                 .cloned()
                 .or_else(|| self.conn.dead().map(str::to_string).filter(|_| !self.ended)),
             expired,
+            stopped,
         }
     }
 }

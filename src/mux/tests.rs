@@ -9,6 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, duplex};
 
 use super::frame::{self, Frame, Hello};
 use super::*;
+use crate::relay::End;
 
 const PIPE: usize = 64 * 1024;
 const LONG: Duration = Duration::from_secs(10);
@@ -51,7 +52,7 @@ async fn echo_pair() -> (Arc<Conn>, Arc<Conn>) {
             let (near, far) = duplex(PIPE);
             tokio::spawn(echo_service(far));
             s.ready();
-            s.relay(near, LONG, false, None).await
+            s.relay(near, LONG, false, End::default()).await
         });
     });
     let client = Conn::start(Role::Client, client_io, &[], |_, _| {});
@@ -108,7 +109,7 @@ async fn exchange(client: &Arc<Conn>, msg: &[u8]) -> Vec<u8> {
     let mut s = client.open(&open(""), msg, true);
     assert_eq!(s.answer().await, Answer::Ready);
     let (near, mut far) = duplex(PIPE);
-    let relay = tokio::spawn(async move { s.relay(near, LONG, true, None).await });
+    let relay = tokio::spawn(async move { s.relay(near, LONG, true, End::default()).await });
     let mut reply = Vec::new();
     far.read_to_end(&mut reply).await.unwrap();
     let totals = relay.await.unwrap();
@@ -143,7 +144,7 @@ async fn half_close_each_way_keeps_the_other_direction_open() {
     let mut s = client.open(&open(""), b"", false);
     assert_eq!(s.answer().await, Answer::Ready);
     let (near, mut far) = duplex(PIPE);
-    let relay = tokio::spawn(async move { s.relay(near, LONG, false, None).await });
+    let relay = tokio::spawn(async move { s.relay(near, LONG, false, End::default()).await });
     // The consumer writes, then ends its side; the service answers only after that END, and
     // the answer still arrives, followed by the service's own END.
     far.write_all(b"question").await.unwrap();
@@ -166,7 +167,7 @@ async fn the_sender_stops_at_the_window_and_goes_on_when_granted() {
         .unwrap();
     assert_eq!(s.answer().await, Answer::Ready);
     let (near, mut far) = duplex(PIPE);
-    tokio::spawn(async move { s.relay(near, LONG, false, None).await });
+    tokio::spawn(async move { s.relay(near, LONG, false, End::default()).await });
     // The consumer has twice the window to send.
     tokio::spawn(async move {
         let _ = far.write_all(&vec![7u8; 2 * WINDOW as usize]).await;
@@ -231,7 +232,7 @@ async fn a_reset_ends_both_directions_at_once() {
     // The close timeout is long: a reset must not wait for it.
     let totals = tokio::time::timeout(
         Duration::from_secs(5),
-        s.relay(near, Duration::from_secs(3600), false, None),
+        s.relay(near, Duration::from_secs(3600), false, End::default()),
     )
     .await
     .expect("a reset ends the relay");
@@ -249,7 +250,7 @@ async fn goaway_lets_open_streams_finish_and_turns_new_ones_away() {
     let mut first = client.open(&open(""), b"", false);
     assert_eq!(first.answer().await, Answer::Ready);
     let (near, mut far) = duplex(PIPE);
-    let relay = tokio::spawn(async move { first.relay(near, LONG, false, None).await });
+    let relay = tokio::spawn(async move { first.relay(near, LONG, false, End::default()).await });
     far.write_all(b"in flight").await.unwrap();
     server.drain();
     // The client learns of GOAWAY and takes no new streams there...
@@ -294,14 +295,14 @@ async fn a_consumer_that_stops_reading_stalls_only_its_own_stream() {
                 tokio::spawn(echo_service(far));
             }
             s.ready();
-            s.relay(near, LONG, false, None).await
+            s.relay(near, LONG, false, End::default()).await
         });
     });
     let client = Conn::start(Role::Client, client_io, &[], |_, _| {});
     let mut flood = client.open(&open("flood"), b"", false);
     assert_eq!(flood.answer().await, Answer::Ready);
     let (near, _never_read) = duplex(1024);
-    tokio::spawn(async move { flood.relay(near, LONG, false, None).await });
+    tokio::spawn(async move { flood.relay(near, LONG, false, End::default()).await });
     // The flooded stream holds at most its window; the others go on.
     for i in 0..5 {
         let msg = format!("still moving {i}");

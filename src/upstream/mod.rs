@@ -10,10 +10,11 @@
 pub mod active;
 pub mod discovery;
 pub mod passive;
+pub mod role;
 
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use std::collections::BTreeMap;
 
@@ -38,6 +39,19 @@ pub struct Endpoint {
     open: AtomicUsize,
     /// Smooth weighted round robin's current weight (changed under the set's lock).
     current: AtomicI64,
+    /// A Redis route's role gate: whether it may take connections, and what closes the
+    /// sessions open on it when it may no longer.
+    gate: Mutex<Gate>,
+}
+
+/// What role checks say of an endpoint.
+#[derive(Debug, Default)]
+struct Gate {
+    /// The last check's result; `None`: failed, or not run yet.
+    probe: Option<crate::redis::Probe>,
+    eligible: bool,
+    /// Cancelled (and replaced) when it stops being eligible or leaves its set.
+    sessions: CancellationToken,
 }
 
 impl Endpoint {
@@ -50,7 +64,71 @@ impl Endpoint {
             checked: Mutex::default(),
             open: AtomicUsize::new(0),
             current: AtomicI64::new(0),
+            gate: Mutex::default(),
         })
+    }
+
+    fn gate(&self) -> std::sync::MutexGuard<'_, Gate> {
+        self.gate.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether role checks found it may take connections (a gated set's only).
+    pub fn eligible(&self) -> bool {
+        self.gate().eligible
+    }
+
+    /// What the last role check found: its role, or why it failed.
+    pub fn role(&self) -> Option<String> {
+        self.gate()
+            .probe
+            .as_ref()
+            .map(|p| p.role.as_str().to_string())
+    }
+
+    /// Cancelled when the sessions open on it now must end (it stopped being master).
+    pub fn sessions(&self) -> CancellationToken {
+        self.gate().sessions.clone()
+    }
+
+    /// Ends the sessions open on it.
+    pub fn close_sessions(&self, why: &str) {
+        let mut gate = self.gate();
+        if gate.sessions.is_cancelled() {
+            return;
+        }
+        let open = self.open();
+        gate.sessions.cancel();
+        gate.sessions = CancellationToken::new();
+        drop(gate);
+        if open > 0 {
+            tracing::warn!(endpoint = %self.spec.addr, sessions = open, reason = why, "closing the sessions open on this endpoint");
+        }
+    }
+
+    /// Takes a role check's result and whether that makes it eligible; closes its sessions
+    /// when it stops being so.
+    fn gated(&self, probe: Option<crate::redis::Probe>, eligible: bool, why: &str) {
+        let mut gate = self.gate();
+        let was = gate.eligible;
+        gate.probe = probe;
+        gate.eligible = eligible;
+        drop(gate);
+        match (was, eligible) {
+            (false, true) => {
+                tracing::info!(endpoint = %self.spec.addr, "endpoint is master: it takes connections")
+            }
+            (true, false) => {
+                tracing::warn!(endpoint = %self.spec.addr, reason = why, "endpoint is no longer master: it takes no connections");
+                self.close_sessions(why);
+            }
+            _ => {}
+        }
+    }
+
+    /// A connection found it is not master (before the next check did).
+    pub fn not_master(&self, why: &str) {
+        let probe = self.gate().probe.clone().filter(|_| false);
+        self.gated(probe, false, why);
     }
 
     fn checked(&self) -> std::sync::MutexGuard<'_, active::Active> {
@@ -149,6 +227,14 @@ pub struct Set {
     closed: CancellationToken,
     /// Server side without `--unsafe-target`: discovered endpoints must be on loopback.
     local_only: bool,
+    /// A Redis route's settings.
+    pub redis: Option<Arc<crate::redis::Settings>>,
+    /// Only endpoints proven master take connections (`require_role = "master"`).
+    gated: bool,
+    /// Wakes the role checker: the list changed, or a connection found a role changed.
+    recheck: Arc<tokio::sync::Notify>,
+    /// Fires when the first role check has finished.
+    first_check: tokio::sync::watch::Sender<bool>,
 }
 
 impl Set {
@@ -169,7 +255,71 @@ impl Set {
                 .collect(),
             local_only,
             closed: CancellationToken::new(),
+            gated: upstream.redis.as_ref().is_some_and(|r| r.require_master),
+            redis: upstream.redis.clone().map(Arc::new),
+            recheck: Arc::default(),
+            first_check: tokio::sync::watch::Sender::new(false),
         }
+    }
+
+    /// Whether only endpoints proven master take connections.
+    pub fn gated(&self) -> bool {
+        self.gated
+    }
+
+    /// Asks the role checker to look again now.
+    pub fn recheck(&self) {
+        self.recheck.notify_one();
+    }
+
+    /// Checks every endpoint's Redis role until the set is gone: at once, then every
+    /// `interval` or when the list changes or a connection finds a role changed.
+    pub fn check_roles(
+        self: &Arc<Self>,
+        interval: std::time::Duration,
+        timeout: std::time::Duration,
+    ) {
+        let weak = Arc::downgrade(self);
+        let (closed, recheck) = (self.closed.clone(), self.recheck.clone());
+        tokio::spawn(async move {
+            loop {
+                let Some(set) = weak.upgrade() else { return };
+                let Some(settings) = set.redis.clone() else {
+                    return;
+                };
+                let endpoints = set.endpoints();
+                let checks = endpoints.iter().map(|e| {
+                    let settings = settings.clone();
+                    async move {
+                        let mut s = crate::dial::dial(&e.spec.addr, timeout)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        crate::redis::probe(&mut s, &settings, timeout).await
+                    }
+                });
+                let results = join_all(checks).await;
+                let probes: Vec<Option<&crate::redis::Probe>> =
+                    results.iter().map(|r| r.as_ref().ok()).collect();
+                let eligible = role::eligible(&probes);
+                for ((e, result), ok) in endpoints.iter().zip(&results).zip(eligible) {
+                    let why = match result {
+                        Err(e) => format!("role check failed: {e}"),
+                        Ok(p) if p.role != crate::redis::Role::Master => {
+                            format!("Redis is {}", p.role.as_str())
+                        }
+                        Ok(_) => "a master with no replicas while another has some".into(),
+                    };
+                    e.gated(result.as_ref().ok().cloned(), ok, &why);
+                }
+                set.first_check.send_replace(true);
+                drop(set);
+                tokio::select! {
+                    _ = closed.cancelled() => return,
+                    _ = tokio::time::sleep(interval) => {}
+                    _ = recheck.notified() => {}
+                }
+            }
+        });
     }
 
     /// Ends the set's discovery and health checks; connections using it carry on.
@@ -225,11 +375,15 @@ impl Set {
     /// Waits, while the set is empty, for each source's first lookup (or `deadline`): the
     /// first consumers after startup find the endpoints discovered by then.
     pub async fn ready(&self, deadline: tokio::time::Instant) {
-        if !self.is_empty() {
-            return;
+        if self.is_empty() {
+            for source in &self.sources {
+                source.first_lookup(deadline).await;
+            }
         }
-        for source in &self.sources {
-            source.first_lookup(deadline).await;
+        if self.gated {
+            // Every endpoint is down until a check proves its role.
+            let mut first = self.first_check.subscribe();
+            let _ = tokio::time::timeout_at(deadline, first.wait_for(|done| *done)).await;
         }
     }
 
@@ -293,7 +447,15 @@ impl Set {
         let changed =
             new.len() != old.len() || new.iter().zip(old.iter()).any(|(a, b)| a.id != b.id);
         if changed {
-            self.endpoints.store(Arc::new(new));
+            self.endpoints.store(Arc::new(new.clone()));
+            if self.redis.is_some() {
+                // A Redis that left the set (a failover, a Sentinel's word) keeps no sessions:
+                // their writes would go to a Redis no longer chosen.
+                for gone in old.iter().filter(|o| !new.iter().any(|n| n.id == o.id)) {
+                    gone.close_sessions("endpoint removed from its route");
+                }
+                self.recheck();
+            }
         }
         changed
     }
@@ -316,13 +478,15 @@ impl Set {
         // The common case, one endpoint: no choice to make, nothing to allocate (the
         // new-connection rate is measured with it, docs/performance.md).
         if let [only] = all.as_slice() {
-            return (!tried.contains(&only.id)).then(|| only.clone());
+            let free = !tried.contains(&only.id) && (!self.gated || only.eligible());
+            return free.then(|| only.clone());
         }
         let all = self.endpoints();
+        // Role gating is not health: no panic mode past it, a replica never takes writes.
         let untried: Vec<(usize, &Arc<Endpoint>)> = all
             .iter()
             .enumerate()
-            .filter(|(_, e)| !tried.contains(&e.id))
+            .filter(|(_, e)| !tried.contains(&e.id) && (!self.gated || e.eligible()))
             .collect();
         let healthy: Vec<Candidate> = untried
             .iter()
@@ -386,6 +550,17 @@ fn server_set(cfg: &TunnelConfig, u: &Upstream) -> Arc<Set> {
     set.discover();
     if let Some(check) = cfg.health_check {
         set.check_health(check);
+    }
+    if set.gated {
+        // Role checks every second unless --health-interval says otherwise.
+        let (interval, timeout) = cfg.health_check.map_or(
+            (
+                Duration::from_secs(1),
+                cfg.connect_timeout.min(Duration::from_secs(2)),
+            ),
+            |c| (c.interval, c.timeout),
+        );
+        set.check_roles(interval, timeout);
     }
     set
 }
@@ -451,7 +626,11 @@ impl Routes {
     pub fn update(&self, cfg: &TunnelConfig) {
         let old = self.table();
         let keep = |old: Option<&Arc<Set>>, u: &Upstream| match old {
-            Some(set) if set.balance == u.balance.unwrap_or(cfg.balance) && set.same_sources(u) => {
+            Some(set)
+                if set.balance == u.balance.unwrap_or(cfg.balance)
+                    && set.same_sources(u)
+                    && set.redis.as_deref() == u.redis.as_ref() =>
+            {
                 set.update(u);
                 set.clone()
             }

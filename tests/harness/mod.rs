@@ -470,8 +470,10 @@ fn read_reply(r: &mut impl BufRead) -> std::io::Result<Reply> {
                 Reply::Bulk(Some(buf))
             }
         }
-        "*" => {
+        "*" | "%" => {
+            // A RESP3 map (HELLO 3's reply) reads as its keys and values in a row.
             let n: usize = rest.parse().unwrap();
+            let n = if kind == "%" { n * 2 } else { n };
             Reply::Array((0..n).map(|_| read_reply(r)).collect::<Result<_, _>>()?)
         }
         other => panic!("unexpected RESP type {other:?} in {line:?}"),
