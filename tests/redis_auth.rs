@@ -147,3 +147,107 @@ fn a_password_file_others_can_read_is_refused_at_startup() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("chmod 600") && !err.contains("pw\n"), "{err}");
 }
+
+/// A server ambassador with the password in `file` and `--redis-consumer-auth=POLICY`.
+fn pair_with_policy(pki: &Pki, redis: &Redis, file: &std::path::Path, policy: &str) -> Legate {
+    Legate::server(
+        pki,
+        &redis.addr(),
+        &[
+            "--allow-cn=client",
+            &format!("--redis-password-file={}", file.display()),
+            &format!("--redis-consumer-auth={policy}"),
+        ],
+    )
+}
+
+/// The consumer's own AUTH and HELLO 3 AUTH, carrying a stale password: relayed (Redis refuses
+/// them), or answered here (the ambassador's credentials stand and the consumer carries on).
+#[test]
+fn the_consumers_own_auth_is_passed_on_or_answered_here() {
+    let pki = Pki::new();
+    let redis = Redis::start_with(&["--requirepass", "current"]);
+    let file = password_file(&pki, "current", 0o600);
+    for policy in ["pass", "local"] {
+        let server = pair_with_policy(&pki, &redis, &file, policy);
+        let client = Legate::client(&pki, "client", server.addr(), &[]);
+        let mut s = connect(client.addr());
+        let auth = harness::resp(&mut s, &[b"AUTH", b"stale"]).unwrap();
+        let hello =
+            harness::resp(&mut s, &[b"HELLO", b"3", b"AUTH", b"default", b"stale"]).unwrap();
+        match policy {
+            "pass" => {
+                assert!(
+                    matches!(&auth, Reply::Error(e) if e.starts_with("WRONGPASS")),
+                    "{auth:?}"
+                );
+                assert!(
+                    matches!(&hello, Reply::Error(e) if e.starts_with("WRONGPASS")),
+                    "{hello:?}"
+                );
+            }
+            _ => {
+                assert_eq!(auth, Reply::Simple("OK".into()));
+                // HELLO reached Redis without its AUTH: the RESP3 map, protocol 3.
+                let Reply::Array(fields) = &hello else {
+                    panic!("{hello:?}")
+                };
+                let proto = fields
+                    .chunks(2)
+                    .find(|kv| kv[0] == Reply::Bulk(Some(b"proto".to_vec())));
+                assert_eq!(proto.map(|kv| kv[1].clone()), Some(Reply::Int(3)));
+            }
+        }
+        // Either way the connection is the ambassador's, authenticated: it works.
+        assert_eq!(
+            harness::resp(&mut s, &[b"SET", policy.as_bytes(), b"1"]).unwrap(),
+            Reply::Simple("OK".into())
+        );
+        // After the leading commands the relay is a byte copy: a later AUTH reaches Redis.
+        let late = harness::resp(&mut s, &[b"AUTH", b"stale"]).unwrap();
+        assert!(
+            matches!(&late, Reply::Error(e) if e.starts_with("WRONGPASS")),
+            "{late:?}"
+        );
+    }
+}
+
+#[test]
+fn hello_3_authenticates_an_acl_user_in_one_round_trip() {
+    let pki = Pki::new();
+    let redis = Redis::start_with(&[
+        "--user", "app", "on", ">apppw", "~*", "&*", "+@all", "--user", "default", "off",
+    ]);
+    let file = password_file(&pki, "apppw", 0o600);
+    let server = Legate::server(
+        &pki,
+        &redis.addr(),
+        &[
+            "--allow-cn=client",
+            "--redis-user=app",
+            "--redis-hello=3",
+            &format!("--redis-password-file={}", file.display()),
+        ],
+    );
+    let client = Legate::client(&pki, "client", server.addr(), &[]);
+    let mut s = connect(client.addr());
+    assert_eq!(
+        harness::resp(&mut s, &[b"ACL", b"WHOAMI"]).unwrap(),
+        Reply::Bulk(Some(b"app".to_vec()))
+    );
+    // HELLO 3 was what authenticated: the connection speaks RESP3 (a verbatim string here).
+    s.write_all(b"*2\r\n$6\r\nCLIENT\r\n$4\r\nINFO\r\n")
+        .unwrap();
+    let mut got = Vec::new();
+    let text = harness::eventually("CLIENT INFO's reply", harness::DEADLINE, || {
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).ok()?;
+        got.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&got).into_owned();
+        text.ends_with("\r\n").then_some(text)
+    });
+    assert!(
+        text.starts_with('=') && text.contains("user=app") && text.contains("resp=3"),
+        "{text}"
+    );
+}

@@ -976,9 +976,17 @@ impl TunnelFile {
         mut routes: BTreeMap<String, Upstream>,
     ) -> (Option<Upstream>, BTreeMap<String, Upstream>) {
         let keys = self.redis_keys();
+        let sentinel = |u: &Upstream| {
+            u.sources
+                .iter()
+                .any(|s| matches!(s, Source::Sentinel { .. }))
+        };
         if side == Side::Client {
             if keys != RedisKeys::default() {
                 p.push("--redis-* and --require-role are server-side: the ambassador next to Redis speaks to it".into());
+            }
+            if target.iter().any(sentinel) {
+                p.push("sentinel: sources are server-side: the ambassador next to Redis follows its Sentinels".into());
             }
             return (target, routes);
         }

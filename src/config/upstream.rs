@@ -337,6 +337,12 @@ pub enum Source {
     /// `file:PATH`: a TOML file `endpoints = ["ADDR,weight=N", ...]`, reread when it changes
     /// (an atomic rename, a Kubernetes ConfigMap's `..data` swap).
     File(std::path::PathBuf),
+    /// `sentinel:MASTER@HOST:PORT[,HOST:PORT...]`: the master Redis Sentinels name, asked in
+    /// turn, followed by their `+switch-master` announcements.
+    Sentinel {
+        master: String,
+        sentinels: Vec<crate::net::HostPort>,
+    },
 }
 
 impl Source {
@@ -348,6 +354,26 @@ impl Source {
                 Err(format!(
                     "{s:?}: an SRV name looks like srv:_service._tcp.example.org."
                 ))
+            });
+        }
+        if let Some(rest) = s.strip_prefix("sentinel:") {
+            let parsed = rest.split_once('@').and_then(|(master, list)| {
+                let sentinels: Option<Vec<_>> = list
+                    .split(',')
+                    .map(|hp| crate::net::HostPort::parse(hp.trim()).ok())
+                    .collect();
+                Some((master, sentinels?))
+            });
+            return Some(match parsed {
+                Some((master, sentinels)) if !master.is_empty() && !sentinels.is_empty() => {
+                    Ok(Source::Sentinel {
+                        master: master.to_string(),
+                        sentinels,
+                    })
+                }
+                _ => Err(format!(
+                    "{s:?}: write sentinel:MASTER-NAME@HOST:PORT[,HOST:PORT...]"
+                )),
             });
         }
         if let Some(hp) = s.strip_prefix("dns:") {
@@ -379,6 +405,10 @@ impl fmt::Display for Source {
             Source::Srv(name) => write!(f, "srv:{name}"),
             Source::Dns { host, port } => write!(f, "dns:{host}:{port}"),
             Source::File(path) => write!(f, "file:{}", path.display()),
+            Source::Sentinel { master, sentinels } => {
+                let list: Vec<String> = sentinels.iter().map(ToString::to_string).collect();
+                write!(f, "sentinel:{master}@{}", list.join(","))
+            }
         }
     }
 }
@@ -528,7 +558,16 @@ mod tests {
         let routed = Upstream::parse("route", &table, None).unwrap();
         assert_eq!(routed.balance, Some(Balance::RoundRobin));
         assert_eq!(routed.endpoints.len(), 2);
+        let sentinel = Targets::One("sentinel:cache@127.0.0.1:26379, 127.0.0.1:26380".into());
+        let sentinel = Upstream::parse("--target", &sentinel, None).unwrap();
+        assert_eq!(
+            sentinel.to_string(),
+            "sentinel:cache@127.0.0.1:26379,127.0.0.1:26380"
+        );
         for bad in [
+            "sentinel:cache",
+            "sentinel:@127.0.0.1:26379",
+            "sentinel:cache@nope",
             "srv:cache.example",
             "dns:10.0.0.1:6379",
             "dns:cache",

@@ -160,15 +160,47 @@ pub struct Probe {
     pub replicas: Option<usize>,
 }
 
-/// A connection to Redis that sends commands and reads their replies, one at a time.
-struct Conn<'a, S> {
+/// A connection to Redis (or a Sentinel) that sends commands and reads replies.
+pub struct Conn<'a, S> {
     s: &'a mut S,
     buf: Vec<u8>,
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
-    /// Sends `command` and reads its one reply.
-    async fn request(&mut self, args: &[&[u8]]) -> Result<resp::Value, String> {
+impl<'a, S: AsyncRead + AsyncWrite + Unpin> Conn<'a, S> {
+    pub fn new(s: &'a mut S) -> Conn<'a, S> {
+        Conn { s, buf: Vec::new() }
+    }
+
+    /// Sends a command without waiting for its reply.
+    pub async fn send(&mut self, args: &[&[u8]]) -> Result<(), String> {
+        self.s
+            .write_all(&resp::command(args))
+            .await
+            .map_err(|e| format!("sending {} failed: {e}", String::from_utf8_lossy(args[0])))
+    }
+
+    /// The next value Redis sends (a reply, or a published message).
+    pub async fn next(&mut self) -> Result<resp::Value, String> {
+        let mut chunk = [0u8; 1024];
+        loop {
+            if let Some((v, used)) = resp::parse(&self.buf, MAX_REPLY).map_err(|e| e.0)? {
+                self.buf.drain(..used);
+                return Ok(v);
+            }
+            let n = self
+                .s
+                .read(&mut chunk)
+                .await
+                .map_err(|e| format!("reading from Redis failed: {e}"))?;
+            if n == 0 {
+                return Err("the connection closed".into());
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Sends `command` and reads its one reply (nothing may follow it).
+    pub async fn request(&mut self, args: &[&[u8]]) -> Result<resp::Value, String> {
         let name = String::from_utf8_lossy(args[0]).into_owned();
         self.s
             .write_all(&resp::command(args))

@@ -203,6 +203,9 @@ async fn watch(state: Arc<SourceState>, target: Weak<dyn Refresh>) {
     let s = settings().clone();
     let mut failures = 0u32;
     let mut file_seen = None;
+    if let Source::Sentinel { master, sentinels } = &state.source {
+        return follow_sentinels(&state, &target, master, sentinels).await;
+    }
     loop {
         if target.strong_count() == 0 {
             return;
@@ -352,7 +355,210 @@ async fn lookup(source: &Source) -> Result<(Vec<EndpointSpec>, Duration), String
                 .collect();
             dedupe_nonempty(endpoints, host).map(|e| (e, ttl))
         }
-        Source::File(_) => unreachable!("files are read, not looked up"),
+        Source::File(_) | Source::Sentinel { .. } => {
+            unreachable!("files are read and Sentinels followed, not looked up")
+        }
+    }
+}
+
+/// Follows the master Sentinels name for `master`: asks each in turn (the last that answered
+/// first), confirms the answer with `ROLE`, then subscribes to `+switch-master` on that
+/// Sentinel, so a failover is taken the moment it is announced. A Sentinel that goes away (or
+/// says nothing for the longest re-resolution interval) is left for the next; when none
+/// answers, the last master is held for the hold time, as any source's.
+async fn follow_sentinels(
+    state: &SourceState,
+    target: &Weak<dyn Refresh>,
+    master: &str,
+    sentinels: &[HostPort],
+) {
+    let s = settings().clone();
+    let timeout = Duration::from_secs(2);
+    let mut first = 0;
+    let mut failures = 0u32;
+    loop {
+        let mut errors = Vec::new();
+        for i in 0..sentinels.len() {
+            let at = (first + i) % sentinels.len();
+            let sentinel = &sentinels[at];
+            let asked = ask_sentinel(sentinel, master, timeout).await;
+            let addr = match asked {
+                Ok(addr) => addr,
+                Err(e) => {
+                    errors.push(format!("sentinel {sentinel}: {e}"));
+                    continue;
+                }
+            };
+            first = at;
+            failures = 0;
+            if !report(state, target, Ok(vec![master_spec(addr)]), s.hold) {
+                return;
+            }
+            // Until the subscription breaks or goes quiet for the longest interval; then ask
+            // again (a missed announcement is caught by asking).
+            let ended = subscribe(state, target, sentinel, master, s.max_interval).await;
+            if let Err(e) = ended {
+                tracing::debug!(source = %state.source, sentinel = %sentinel, error = %e, "sentinel subscription ended; asking again");
+                // Not a loop of connects against a Sentinel that answers but will not keep one.
+                tokio::time::sleep(s.min_interval).await;
+            }
+            break;
+        }
+        if errors.len() == sentinels.len() {
+            failures += 1;
+            if !report(state, target, Err(errors.join("; ")), s.hold) {
+                return;
+            }
+            let back_off = s.min_interval.saturating_mul(1 << failures.min(6));
+            tokio::time::sleep(back_off.min(s.max_interval)).await;
+        }
+    }
+}
+
+/// Takes a result into the source and tells the target when it changed; false once the
+/// target is gone.
+fn report(
+    state: &SourceState,
+    target: &Weak<dyn Refresh>,
+    result: Result<Vec<EndpointSpec>, String>,
+    hold: Duration,
+) -> bool {
+    if state.take(result, hold) {
+        match target.upgrade() {
+            Some(t) => t.refresh(),
+            None => return false,
+        }
+    }
+    state.looked();
+    target.strong_count() > 0
+}
+
+fn master_spec(addr: HostPort) -> EndpointSpec {
+    EndpointSpec {
+        addr: Address::Tcp(addr),
+        weight: 1,
+        priority: 0,
+        name: None,
+        dns_name: None,
+    }
+}
+
+/// `SENTINEL get-master-addr-by-name`, confirmed by the master's own `ROLE`.
+async fn ask_sentinel(
+    sentinel: &HostPort,
+    master: &str,
+    timeout: Duration,
+) -> Result<HostPort, String> {
+    let work = async {
+        let addr = Address::Tcp(sentinel.clone());
+        let mut s = crate::dial::dial(&addr, timeout)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut conn = crate::redis::Conn::new(&mut s);
+        let reply = conn
+            .request(&[b"SENTINEL", b"get-master-addr-by-name", master.as_bytes()])
+            .await?;
+        let found =
+            master_addr(&reply).ok_or_else(|| format!("it knows no master named {master:?}"))?;
+        confirm_master(&found, timeout).await?;
+        Ok(found)
+    };
+    tokio::time::timeout(timeout * 2, work)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {:?}", timeout * 2)))
+}
+
+/// `[ip, port]` from `get-master-addr-by-name`.
+pub fn master_addr(v: &crate::redis::resp::Value) -> Option<HostPort> {
+    let crate::redis::resp::Value::Array(items) = v else {
+        return None;
+    };
+    let [ip, port] = items.as_slice() else {
+        return None;
+    };
+    Some(HostPort {
+        host: ip.text()?,
+        port: port.text()?.parse().ok()?,
+    })
+}
+
+/// The Redis a Sentinel names says it is master. One that wants credentials the source does
+/// not hold (NOAUTH) cannot say: the Sentinels' word stands, and the route's own role checks,
+/// if any, decide.
+async fn confirm_master(addr: &HostPort, timeout: Duration) -> Result<(), String> {
+    let mut s = crate::dial::dial(&Address::Tcp(addr.clone()), timeout)
+        .await
+        .map_err(|e| format!("the master it names, {addr}: {e}"))?;
+    let reply = crate::redis::Conn::new(&mut s).request(&[b"ROLE"]).await?;
+    match crate::redis::parse_role(&reply) {
+        Some(p) if p.role == crate::redis::Role::Master => Ok(()),
+        Some(p) => Err(format!(
+            "the master it names, {addr}, says it is {}",
+            p.role.as_str()
+        )),
+        None if matches!(&reply, crate::redis::resp::Value::Error(e) if e.starts_with(b"NOAUTH") || e.starts_with(b"NOPERM")) => {
+            Ok(())
+        }
+        None => Err(format!("the master it names, {addr}, did not answer ROLE")),
+    }
+}
+
+/// Subscribes to `+switch-master` on `sentinel` and takes each announcement for `master` at
+/// once; returns when the connection ends or nothing came for `quiet`.
+async fn subscribe(
+    state: &SourceState,
+    target: &Weak<dyn Refresh>,
+    sentinel: &HostPort,
+    master: &str,
+    quiet: Duration,
+) -> Result<(), String> {
+    let hold = settings().hold;
+    let mut s = crate::dial::dial(&Address::Tcp(sentinel.clone()), Duration::from_secs(2))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut conn = crate::redis::Conn::new(&mut s);
+    conn.send(&[b"SUBSCRIBE", b"+switch-master"]).await?;
+    let confirmed = tokio::time::timeout(Duration::from_secs(2), conn.next()).await;
+    confirmed.map_err(|_| "no answer to SUBSCRIBE".to_string())??;
+    // A failover between the question and the subscription is caught by asking once more.
+    let again = ask_sentinel(sentinel, master, Duration::from_secs(2)).await?;
+    if !report(state, target, Ok(vec![master_spec(again)]), hold) {
+        return Ok(());
+    }
+    loop {
+        let Ok(next) = tokio::time::timeout(quiet, conn.next()).await else {
+            return Ok(());
+        };
+        let Some(addr) = switch_master(&next?, master) else {
+            continue;
+        };
+        tracing::info!(source = %state.source, master = %addr, "sentinel announced a new master");
+        if !report(state, target, Ok(vec![master_spec(addr)]), hold) {
+            return Ok(());
+        }
+    }
+}
+
+/// The new master's address in a `+switch-master` message for `master`:
+/// `["message", "+switch-master", "NAME OLD-IP OLD-PORT NEW-IP NEW-PORT"]`.
+pub fn switch_master(v: &crate::redis::resp::Value, master: &str) -> Option<HostPort> {
+    let crate::redis::resp::Value::Array(items) = v else {
+        return None;
+    };
+    let [kind, channel, text] = items.as_slice() else {
+        return None;
+    };
+    if kind.bytes()? != b"message" || channel.bytes()? != b"+switch-master" {
+        return None;
+    }
+    let text = text.text()?;
+    let words: Vec<&str> = text.split(' ').collect();
+    match words.as_slice() {
+        [name, _, _, ip, port] if *name == master => Some(HostPort {
+            host: ip.to_string(),
+            port: port.parse().ok()?,
+        }),
+        _ => None,
     }
 }
 
@@ -395,6 +601,37 @@ mod tests {
         ] {
             assert!(parse_file(bad, None).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn sentinel_answers_and_announcements() {
+        use crate::redis::resp::parse;
+        let v = parse(b"*2\r\n$9\r\n127.0.0.1\r\n$4\r\n6380\r\n", 4096)
+            .unwrap()
+            .unwrap()
+            .0;
+        assert_eq!(master_addr(&v).unwrap().to_string(), "127.0.0.1:6380");
+        assert_eq!(
+            master_addr(&parse(b"*-1\r\n", 64).unwrap().unwrap().0),
+            None
+        );
+        let message = |text: &str| {
+            let bytes =
+                crate::redis::resp::command(&[b"message", b"+switch-master", text.as_bytes()]);
+            parse(&bytes, 4096).unwrap().unwrap().0
+        };
+        let v = message("cache 127.0.0.1 6379 127.0.0.1 6380 extra");
+        assert_eq!(
+            switch_master(&v, "cache"),
+            None,
+            "six words is not the format"
+        );
+        let v = message("cache 127.0.0.1 6379 127.0.0.1 6380");
+        assert_eq!(
+            switch_master(&v, "cache").unwrap().to_string(),
+            "127.0.0.1:6380"
+        );
+        assert_eq!(switch_master(&v, "other"), None);
     }
 
     #[test]
