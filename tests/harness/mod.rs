@@ -417,6 +417,31 @@ impl Redis {
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Sends one command on a fresh connection.
+    pub fn command(&self, args: &[&str]) -> Reply {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+        resp(&mut s, &args).unwrap()
+    }
+}
+
+/// The port a Redis behind `addr` listens on, asked through a fresh connection (which Redis a
+/// route reached).
+pub fn reached_port(addr: SocketAddr) -> Option<u16> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    match resp(&mut s, &[b"CONFIG", b"GET", b"port"]).ok()? {
+        Reply::Array(kv) => match kv.get(1) {
+            Some(Reply::Bulk(Some(p))) => String::from_utf8_lossy(p).parse().ok(),
+            _ => None,
+        },
+        _ => None,
+    }
 }
 
 impl Drop for Redis {

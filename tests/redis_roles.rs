@@ -1,0 +1,260 @@
+//! Master-only routing (issue 17): `require_role = "master"` on a route with several Redis
+//! endpoints, per host behind one client route, and a route that follows Redis Sentinels.
+//! Real redis-server processes, real replication, real failovers.
+
+mod harness;
+
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use harness::{DEADLINE, Legate, Pki, Redis, Reply, connect, eventually, reached_port};
+
+/// `replica` follows `master`, its link up.
+fn replicate(replica: &Redis, master: &Redis) {
+    let port = master.port.to_string();
+    assert_eq!(
+        replica.command(&["REPLICAOF", "127.0.0.1", &port]),
+        Reply::Simple("OK".into())
+    );
+    eventually("the replica's link to come up", DEADLINE, || match replica
+        .command(&["INFO", "replication"])
+    {
+        Reply::Bulk(Some(b)) => String::from_utf8_lossy(&b)
+            .contains("master_link_status:up")
+            .then_some(()),
+        _ => None,
+    });
+    // And the master counts it (ROLE lists a replica once it is online there too).
+    eventually(
+        "the master to list its replica",
+        DEADLINE,
+        || match master.command(&["ROLE"]) {
+            Reply::Array(r) => {
+                matches!(r.get(2), Some(Reply::Array(l)) if !l.is_empty()).then_some(())
+            }
+            _ => None,
+        },
+    );
+}
+
+fn promote(r: &Redis) {
+    assert_eq!(
+        r.command(&["REPLICAOF", "NO", "ONE"]),
+        Reply::Simple("OK".into())
+    );
+}
+
+#[test]
+fn only_the_master_takes_connections_and_one_left_behind_gets_none() {
+    let pki = Pki::new();
+    // `alone` is a master with no replicas; `leader` is a master with one: split brain, where
+    // `alone` is the one a failover left behind.
+    let (alone, leader, replica) = (Redis::start(), Redis::start(), Redis::start());
+    replicate(&replica, &leader);
+    let server = Legate::server(
+        &pki,
+        &alone.addr(),
+        &[
+            "--allow-cn=client",
+            &format!("--target={}", leader.addr()),
+            &format!("--target={}", replica.addr()),
+            "--require-role=master",
+        ],
+    );
+    let client = Legate::client(&pki, "client", server.addr(), &[]);
+    for _ in 0..30 {
+        assert_eq!(
+            reached_port(client.addr()),
+            Some(leader.port),
+            "{}",
+            server.log.text()
+        );
+    }
+    // Take the replica away: two masters, neither with replicas, and both take connections.
+    promote(&replica);
+    eventually("the other master to be used", DEADLINE, || {
+        (0..10)
+            .any(|_| reached_port(client.addr()) != Some(leader.port))
+            .then_some(())
+    });
+}
+
+/// A writer on one connection at a time, reconnecting when it ends: counts failed writes and
+/// READONLY errors on connections opened after `settled`.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<Tally>,
+}
+
+#[derive(Debug, Default)]
+struct Tally {
+    ok: u64,
+    failed: u64,
+    readonly_after_settled: u64,
+    longest_gap: Duration,
+}
+
+impl Writer {
+    fn start(addr: std::net::SocketAddr, settled: Arc<AtomicBool>) -> Writer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut t = Tally::default();
+            let mut last_ok = Instant::now();
+            let mut i = 0u64;
+            while !stopping.load(Ordering::Relaxed) {
+                let opened_settled = settled.load(Ordering::SeqCst);
+                let Ok(mut s) = TcpStream::connect(addr) else {
+                    t.failed += 1;
+                    continue;
+                };
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                while !stopping.load(Ordering::Relaxed) {
+                    i += 1;
+                    let v = i.to_string();
+                    match harness::resp(&mut s, &[b"SET", b"w", v.as_bytes()]) {
+                        Ok(Reply::Simple(_)) => {
+                            t.ok += 1;
+                            t.longest_gap = t.longest_gap.max(last_ok.elapsed());
+                            last_ok = Instant::now();
+                        }
+                        Ok(Reply::Error(e)) => {
+                            t.failed += 1;
+                            if e.starts_with("READONLY") && opened_settled {
+                                t.readonly_after_settled += 1;
+                            }
+                        }
+                        _ => {
+                            t.failed += 1;
+                            break;
+                        }
+                    }
+                }
+            }
+            t
+        });
+        Writer { stop, handle }
+    }
+
+    fn finish(self) -> Tally {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.join().unwrap()
+    }
+}
+
+#[test]
+fn a_swap_of_primary_and_replica_moves_writes_and_closes_sessions_on_the_old_master() {
+    let pki = Pki::new();
+    let (a, b) = (Redis::start(), Redis::start());
+    replicate(&b, &a);
+    let server = Legate::server(
+        &pki,
+        &a.addr(),
+        &[
+            "--allow-cn=client",
+            &format!("--target={}", b.addr()),
+            "--require-role=master",
+            "--health-interval=200ms",
+        ],
+    );
+    let client = Legate::client(&pki, "client", server.addr(), &[]);
+    assert_eq!(reached_port(client.addr()), Some(a.port));
+    let settled = Arc::new(AtomicBool::new(false));
+    let writer = Writer::start(client.addr(), settled.clone());
+    eventually("writes to reach a", DEADLINE, || {
+        matches!(a.command(&["GET", "w"]), Reply::Bulk(Some(_))).then_some(())
+    });
+    // The swap, as an operator (or Sentinel) does it: promote b, then make a its replica.
+    promote(&b);
+    replicate(&a, &b);
+    settled.store(true, Ordering::SeqCst);
+    let before = match b.command(&["GET", "w"]) {
+        Reply::Bulk(Some(v)) => String::from_utf8_lossy(&v).parse::<u64>().unwrap(),
+        other => panic!("{other:?}"),
+    };
+    eventually("writes to go on at b", DEADLINE, || {
+        match b.command(&["GET", "w"]) {
+            Reply::Bulk(Some(v)) => {
+                (String::from_utf8_lossy(&v).parse::<u64>().unwrap() > before + 2000).then_some(())
+            }
+            _ => None,
+        }
+    });
+    let tally = writer.finish();
+    eprintln!("swap under writes: {tally:?}");
+    assert_eq!(tally.readonly_after_settled, 0, "{tally:?}");
+    assert!(tally.ok > 1000, "{tally:?}");
+    // The session on a was closed by the ambassador once a was a replica.
+    server.log.wait_for(&["outcome=not_master"]);
+}
+
+#[test]
+fn per_host_gating_behind_one_client_route_loses_no_new_connection() {
+    let pki = Pki::new();
+    let (a, b) = (Redis::start(), Redis::start());
+    replicate(&b, &a);
+    let gate = |r: &Redis| {
+        Legate::server(
+            &pki,
+            &r.addr(),
+            &["--allow-cn=client", "--require-role=master"],
+        )
+    };
+    let (sa, sb) = (gate(&a), gate(&b));
+    let client = Legate::client(
+        &pki,
+        "client",
+        sa.addr(),
+        &[&format!(
+            "--target=127.0.0.1:{},name=localhost",
+            sb.addr().port()
+        )],
+    );
+    // New connections, one SET each, while the roles swap. A connection whose life spans a
+    // REPLICAOF call could meet either role, so those are counted apart.
+    let swapping = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let worker = {
+        let (swapping, stop, addr) = (swapping.clone(), stop.clone(), client.addr());
+        std::thread::spawn(move || {
+            let (mut ok, mut errors, mut spanning) = (0, Vec::new(), 0);
+            while !stop.load(Ordering::SeqCst) {
+                let during = swapping.load(Ordering::SeqCst);
+                let mut s = connect(addr);
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let r = harness::resp(&mut s, &[b"SET", b"k", b"v"]);
+                if during || swapping.load(Ordering::SeqCst) {
+                    spanning += 1;
+                } else if matches!(r, Ok(Reply::Simple(_))) {
+                    ok += 1;
+                } else {
+                    errors.push(format!("{r:?}"));
+                }
+            }
+            (ok, errors, spanning)
+        })
+    };
+    let step = |f: &dyn Fn()| {
+        std::thread::sleep(Duration::from_millis(300));
+        swapping.store(true, Ordering::SeqCst);
+        f();
+        swapping.store(false, Ordering::SeqCst);
+    };
+    step(&|| promote(&b));
+    step(&|| replicate(&a, &b));
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::SeqCst);
+    let (ok, errors, spanning) = worker.join().unwrap();
+    eprintln!(
+        "per-host gating: {ok} new connections ok, {spanning} spanning a REPLICAOF, errors {errors:?}"
+    );
+    assert!(errors.is_empty(), "{errors:?}");
+    assert!(ok > 50, "{ok}");
+    // Now every new connection reaches b, through a's ambassador refusing with not_master.
+    for _ in 0..10 {
+        assert_eq!(reached_port(client.addr()), Some(b.port));
+    }
+    sa.log.wait_for(&["outcome=not_master"]);
+}
