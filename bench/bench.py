@@ -207,13 +207,15 @@ def socat_plain(procs, c, target, hop):
     return cl
 
 
-def legate(procs, c, target, hop, env=None, client_flags=()):
-    """`env`: extra environment for both sides; `client_flags`: extra flags for the client."""
+def legate(procs, c, target, hop, env=None, client_flags=(), server_flags=()):
+    """`env`: extra environment for both sides; `client_flags` / `server_flags`: extra flags
+    for each side."""
     s, cl = hop["server"], hop["client"]
     env = {**os.environ, "RUST_LOG": "warn", **LEGATE_ENV, **(env or {})}
     procs.start("legate-server", [LEGATE, "server", f"--listen=127.0.0.1:{s}",
                                   f"--target=127.0.0.1:{target}", f"--cert={c}/server.crt",
-                                  f"--key={c}/server.key", f"--cacert={c}/ca.crt", "--allow-cn=client"],
+                                  f"--key={c}/server.key", f"--cacert={c}/ca.crt", "--allow-cn=client",
+                                  *server_flags],
                 env=env)
     procs.start("legate-client", [LEGATE, "client", f"--listen=127.0.0.1:{cl}",
                                   f"--target=127.0.0.1:{hop['dial']}", f"--cert={c}/client.crt",

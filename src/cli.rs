@@ -228,33 +228,13 @@ pub struct ServerArgs {
     /// Failing checks in a row that take an endpoint out. Default 3.
     #[arg(long, value_name = "N")]
     pub health_fall: Option<u32>,
-    /// Authenticate to Redis before relaying, with the password in this file (mode 0600; read
-    /// for every connection, so a new one is used at once). Consumers then need no AUTH.
-    #[arg(long, value_name = "PATH")]
-    pub redis_password_file: Option<std::path::PathBuf>,
-    /// ... or with the password in this environment variable.
-    #[arg(long, value_name = "VAR")]
-    pub redis_password_env: Option<String>,
-    /// The ACL user to authenticate as (AUTH user password). Default: the default user.
-    #[arg(long, value_name = "USER")]
-    pub redis_user: Option<String>,
-    /// Authenticate with HELLO N AUTH user password (N = 2 or 3: the RESP version the
-    /// connection then speaks) instead of AUTH.
-    #[arg(long, value_name = "N")]
-    pub redis_hello: Option<u8>,
-    /// The consumer's own leading AUTH (and HELLO's AUTH): pass (relay it, the default) or
-    /// local (answer AUTH with +OK here, strip AUTH from HELLO): the ambassador's credentials
-    /// are then the only ones Redis sees.
-    #[arg(long, value_name = "POLICY")]
-    pub redis_consumer_auth: Option<crate::redis::ConsumerAuth>,
+    #[command(flatten)]
+    pub redis: RedisArgs,
     /// "master": a stream reaches the target only while it is a Redis master (HELLO's role,
     /// checked on each connection; refused with not_master otherwise, so a client ambassador
     /// tries its next server). Streams open on a Redis that stops being master are closed.
     #[arg(long, value_name = "ROLE")]
     pub require_role: Option<String>,
-    /// The target speaks Redis (implied by --redis-* and --require-role): "redis" or "tcp".
-    #[arg(long, value_name = "PROTOCOL", value_parser = parse_protocol)]
-    pub protocol: Option<crate::config::Protocol>,
     /// /_status checks the service with an HTTP GET of this http:// or https:// URL, sent over
     /// a connection to --target; only a 200 is healthy. Without it, a TCP connect is the check.
     #[arg(long, value_name = "URL")]
@@ -265,10 +245,51 @@ pub struct ServerArgs {
     pub proxy_protocol: bool,
 }
 
+/// A Redis route's credentials, on either side: a server ambassador authenticates to the Redis
+/// next to it; a client ambassador with --raw to a Redis that speaks TLS itself.
+#[derive(Debug, Args)]
+pub struct RedisArgs {
+    /// Authenticate to Redis before relaying, with the password in this file (mode 0600; read
+    /// for every connection, so a new one is used at once). Consumers then need no AUTH.
+    #[arg(long = "redis-password-file", value_name = "PATH")]
+    pub password_file: Option<std::path::PathBuf>,
+    /// ... or with the password in this environment variable.
+    #[arg(long = "redis-password-env", value_name = "VAR")]
+    pub password_env: Option<String>,
+    /// The ACL user to authenticate as (AUTH user password). Default: the default user.
+    #[arg(long = "redis-user", value_name = "USER")]
+    pub user: Option<String>,
+    /// Authenticate with HELLO N AUTH user password (N = 2 or 3: the RESP version the
+    /// connection then speaks) instead of AUTH.
+    #[arg(long = "redis-hello", value_name = "N")]
+    pub hello: Option<u8>,
+    /// The consumer's own leading AUTH (and HELLO's AUTH): pass (relay it, the default) or
+    /// local (answer AUTH with +OK here, strip AUTH from HELLO): the ambassador's credentials
+    /// are then the only ones Redis sees.
+    #[arg(long = "redis-consumer-auth", value_name = "POLICY")]
+    pub consumer_auth: Option<crate::redis::ConsumerAuth>,
+    /// The target speaks Redis (implied by --redis-* and --require-role): "redis" or "tcp".
+    #[arg(long, value_name = "PROTOCOL", value_parser = parse_protocol)]
+    pub protocol: Option<crate::config::Protocol>,
+}
+
+impl RedisArgs {
+    fn apply(self, f: &mut TunnelFile) {
+        f.redis_password_file = self.password_file;
+        f.redis_password_env = self.password_env;
+        f.redis_user = self.user;
+        f.redis_hello = self.hello;
+        f.redis_consumer_auth = self.consumer_auth;
+        f.protocol = self.protocol;
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct ClientArgs {
     #[command(flatten)]
     pub common: CommonArgs,
+    #[command(flatten)]
+    pub redis: RedisArgs,
     /// Require this common name on the server's certificate (repeatable, any matches).
     #[arg(long, value_name = "CN")]
     pub verify_cn: Vec<String>,
@@ -427,13 +448,8 @@ impl ServerArgs {
         f.health_timeout = self.health_timeout;
         f.health_rise = self.health_rise;
         f.health_fall = self.health_fall;
-        f.redis_password_file = self.redis_password_file;
-        f.redis_password_env = self.redis_password_env;
-        f.redis_user = self.redis_user;
-        f.redis_hello = self.redis_hello;
-        f.redis_consumer_auth = self.redis_consumer_auth;
+        self.redis.apply(&mut f);
         f.require_role = self.require_role;
-        f.protocol = self.protocol;
         (f, process)
     }
 }
@@ -454,6 +470,7 @@ impl ClientArgs {
         f.unsafe_listen = self.unsafe_listen;
         f.pool_size = self.pool_size;
         f.peer_is_legate = self.peer_is_legate;
+        self.redis.apply(&mut f);
         (f, process)
     }
 }

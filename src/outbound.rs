@@ -109,7 +109,8 @@ pub async fn service(
         };
         // Taken before the check: a demotion after it still closes this session.
         let in_use = endpoint.begin();
-        match redis::prepare(&mut plain, settings, budget.max(left / 2)).await {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match redis::prepare(&mut plain, settings, left).await {
             Ok(()) => return Ok((plain, in_use)),
             Err(Refusal::Auth(why)) => {
                 // The consumer reads this as a RESP error (tunnel::serve_stream).
@@ -172,8 +173,8 @@ impl Early {
 /// Client side: a carrier for one consumer connection, ready to relay, and the server
 /// ambassador it goes to (counted open while the guard lives). The balancer picks the
 /// ambassador; one that cannot be reached, or refuses the stream without having done anything
-/// with it (`dial_failed`, `unavailable`, `draining`), is passed over for the next with the
-/// same early bytes, so the consumer notices nothing.
+/// with it (`dial_failed`, `unavailable`, `draining`, `no_endpoint`, `not_master`), is passed
+/// over for the next with the same early bytes, so the consumer notices nothing.
 pub async fn peer(
     peers: &Peers,
     cfg: &TunnelConfig,

@@ -251,13 +251,18 @@ fn endpoints(t: &TunnelView) -> Vec<serde_json::Value> {
         .endpoints(&t.cfg)
         .iter()
         .map(|(route, e)| {
-            serde_json::json!({
+            let mut v = serde_json::json!({
                 "route": route,
                 "address": e.spec.addr.to_string(),
                 "weight": e.spec.weight,
                 "state": e.state_name(),
                 "open": e.open(),
-            })
+            });
+            // A Redis route's role checks: what the endpoint last said it is.
+            if let Some(role) = e.role() {
+                v["role"] = role.into();
+            }
+            v
         })
         .collect()
 }

@@ -303,19 +303,43 @@ async fn serve_consumer(t: &Shared, peers: &Peers, mut tcp: Stream, peer: PeerAd
             .inspect_err(|_| rec.totals.up = early.len());
         t.metrics
             .accepted(carrier.as_ref().map(|_| ()).map_err(|_| false));
-        let (mut carrier, _in_use) = carrier?;
+        let (carrier, _in_use) = carrier?;
         // The early bytes will not be sent again: do not hold them for the connection's life.
         let (early_len, sent_end) = (early.len(), early.done);
         drop(early);
-        let totals = carrier
-            .relay(
-                &mut tcp,
-                cfg.close_timeout,
-                sent_end,
-                cfg.max_conn_lifetime,
-                None,
-            )
-            .await;
+        let redis = cfg.target.as_ref().and_then(|u| u.redis.as_ref());
+        let totals = match (redis, carrier) {
+            // --raw to a Redis that speaks TLS: this side authenticates (config checks --raw).
+            (Some(settings), Carrier::Raw(mut tls)) => {
+                if let Err(f) = Box::pin(ready_redis(cfg, settings, &mut tls, &mut tcp)).await {
+                    rec.totals.down = f.1;
+                    return Err(f.0);
+                }
+                let end = relay::End {
+                    deadline: cfg
+                        .max_conn_lifetime
+                        .map(|d| tokio::time::Instant::now() + d),
+                    stop: None,
+                };
+                if settings.consumer_auth == redis::ConsumerAuth::Local {
+                    let redis = redis::leading::Filtered::new(&mut *tls);
+                    relay::relay(&mut tcp, redis, cfg.close_timeout, end).await
+                } else {
+                    relay::relay(&mut tcp, &mut *tls, cfg.close_timeout, end).await
+                }
+            }
+            (_, mut carrier) => {
+                carrier
+                    .relay(
+                        &mut tcp,
+                        cfg.close_timeout,
+                        sent_end,
+                        cfg.max_conn_lifetime,
+                        None,
+                    )
+                    .await
+            }
+        };
         rec.totals = relay::Totals {
             up: early_len + totals.up,
             ..totals
@@ -324,6 +348,37 @@ async fn serve_consumer(t: &Shared, peers: &Peers, mut tcp: Stream, peer: PeerAd
     }
     .await;
     finish(t, &rec, started, result);
+}
+
+/// Client side, straight to a Redis that speaks TLS: readies the connection as a server
+/// ambassador readies its plain one. A refused AUTH is told to the consumer as a RESP error
+/// (the bytes sent to it are returned with the failure).
+async fn ready_redis(
+    cfg: &TunnelConfig,
+    settings: &redis::Settings,
+    tls: &mut crate::tls::ClientStream,
+    consumer: &mut Stream,
+) -> Result<(), (Failure, u64)> {
+    use tokio::io::AsyncWriteExt;
+    if !settings.prepares() {
+        return Ok(());
+    }
+    match redis::prepare(tls, settings, cfg.connect_timeout).await {
+        Ok(()) => Ok(()),
+        Err(redis::Refusal::Auth(why)) => {
+            let reply = format!("-ERR legate: upstream authentication failed: {why}\r\n");
+            let _ = consumer.write_all(reply.as_bytes()).await;
+            let _ = consumer.shutdown().await;
+            let f = fail(
+                Outcome::AuthFailed,
+                format!("Redis refused the credentials: {why}"),
+            );
+            Err((f, reply.len() as u64))
+        }
+        Err(redis::Refusal::NotMaster(why) | redis::Refusal::Failed(why)) => {
+            Err((fail(Outcome::DialFailed, why), 0))
+        }
+    }
 }
 
 /// Server side: handshake and authorize once; then either the one raw stream to the default

@@ -251,3 +251,66 @@ fn hello_3_authenticates_an_acl_user_in_one_round_trip() {
         "{text}"
     );
 }
+
+/// A client ambassador straight to a Redis that speaks TLS itself (`--raw`, no legate server):
+/// it authenticates over that TLS connection, with the same flags a server side takes.
+#[test]
+fn a_client_side_authenticates_to_a_redis_that_speaks_tls() {
+    let pki = Pki::new();
+    let tls_port = harness::free_port();
+    let server = pki.leaf("server");
+    let (cert, key, ca) = (
+        server.cert.display().to_string(),
+        server.key.display().to_string(),
+        pki.ca_cert().display().to_string(),
+    );
+    let _redis = Redis::start_with(&[
+        "--requirepass",
+        "tlspw",
+        "--tls-port",
+        &tls_port.to_string(),
+        "--tls-cert-file",
+        &cert,
+        "--tls-key-file",
+        &key,
+        "--tls-ca-cert-file",
+        &ca,
+        "--tls-auth-clients",
+        "yes",
+    ]);
+    let client_for = |secret: &str, policy: &str| {
+        let file = password_file(&pki, secret, 0o600);
+        let mut args = vec![
+            "client".to_string(),
+            "--listen=127.0.0.1:0".into(),
+            format!("--target=localhost:{tls_port}"),
+            "--raw".into(),
+            format!("--redis-password-file={}", file.display()),
+            format!("--redis-consumer-auth={policy}"),
+        ];
+        args.extend(pki.flags("client"));
+        Legate::start(&args, 1)
+    };
+    let client = client_for("tlspw", "local");
+    let mut s = connect(client.addr());
+    // A stale password of the consumer's own is answered here; the ambassador's stands.
+    assert_eq!(
+        harness::resp(&mut s, &[b"AUTH", b"stale"]).unwrap(),
+        Reply::Simple("OK".into())
+    );
+    assert_eq!(
+        harness::resp(&mut s, &[b"SET", b"k", b"over tls"]).unwrap(),
+        Reply::Simple("OK".into())
+    );
+    drop(client);
+    let wrong = client_for("nope", "pass");
+    let mut s = connect(wrong.addr());
+    let got = String::from_utf8_lossy(&harness::read_until_closed(&mut s)).into_owned();
+    assert!(
+        got.starts_with("-ERR legate: upstream authentication failed: WRONGPASS")
+            && got.ends_with("\r\n")
+            && got.lines().count() == 1,
+        "{got}"
+    );
+    wrong.log.wait_for(&["outcome=auth_failed"]);
+}

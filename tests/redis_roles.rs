@@ -258,3 +258,175 @@ fn per_host_gating_behind_one_client_route_loses_no_new_connection() {
     }
     sa.log.wait_for(&["outcome=not_master"]);
 }
+
+/// A real `redis-server --sentinel` watching `master` as "cache" (quorum 2, down after 1 s).
+struct Sentinel {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Sentinel {
+    fn start(master: &Redis) -> Sentinel {
+        for _ in 0..5 {
+            let port = harness::free_port();
+            let dir = tempfile::tempdir().unwrap();
+            let conf = dir.path().join("sentinel.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor cache 127.0.0.1 {} 2\nsentinel down-after-milliseconds cache 1000\nsentinel failover-timeout cache 10000\n",
+                    dir.path().display(),
+                    master.port
+                ),
+            )
+            .unwrap();
+            let mut child = std::process::Command::new("redis-server")
+                .arg(&conf)
+                .arg("--sentinel")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("redis-server --sentinel");
+            let up = eventually("a sentinel to answer or exit", DEADLINE, || {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return Some(false);
+                }
+                let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+                (harness::resp(&mut s, &[b"PING"]).ok()? == Reply::Simple("PONG".into()))
+                    .then_some(true)
+            });
+            if up {
+                return Sentinel {
+                    child,
+                    port,
+                    _dir: dir,
+                };
+            }
+        }
+        panic!("no sentinel started on any of 5 ports");
+    }
+
+    fn command(&self, args: &[&str]) -> Reply {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+        harness::resp(&mut s, &args).unwrap()
+    }
+
+    /// Clients subscribed to something on this Sentinel.
+    fn subscribers(&self) -> usize {
+        match self.command(&["CLIENT", "LIST"]) {
+            Reply::Bulk(Some(b)) => String::from_utf8_lossy(&b)
+                .lines()
+                .filter(|l| l.contains(" sub=1 "))
+                .count(),
+            _ => 0,
+        }
+    }
+
+    /// Subscribes here to `+switch-master`; the receiver gets the instant each arrives.
+    fn announcements(&self) -> std::sync::mpsc::Receiver<Instant> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        harness::resp(&mut s, &[b"SUBSCRIBE", b"+switch-master"]).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut r = std::io::BufReader::new(s);
+            loop {
+                let mut line = String::new();
+                if std::io::BufRead::read_line(&mut r, &mut line).unwrap_or(0) == 0 {
+                    return;
+                }
+                if line.contains("+switch-master") {
+                    let _ = tx.send(Instant::now());
+                }
+            }
+        });
+        rx
+    }
+}
+
+impl Drop for Sentinel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A master, its replica, three Sentinels that know both, and a server ambassador whose
+/// target follows them, with a client; new connections reach the master.
+fn sentinel_setup(pki: &Pki) -> (Redis, Redis, Vec<Sentinel>, Legate, Legate) {
+    let (m, r) = (Redis::start(), Redis::start());
+    replicate(&r, &m);
+    let sentinels: Vec<Sentinel> = (0..3).map(|_| Sentinel::start(&m)).collect();
+    for s in &sentinels {
+        eventually(
+            "each sentinel to know the replica and the others",
+            DEADLINE,
+            || {
+                let replicas = matches!(s.command(&["SENTINEL", "REPLICAS", "cache"]), Reply::Array(l) if !l.is_empty());
+                let peers = matches!(s.command(&["SENTINEL", "SENTINELS", "cache"]), Reply::Array(l) if l.len() == 2);
+                (replicas && peers).then_some(())
+            },
+        );
+    }
+    let list: Vec<String> = sentinels
+        .iter()
+        .map(|s| format!("127.0.0.1:{}", s.port))
+        .collect();
+    let target = format!("sentinel:cache@{}", list.join(","));
+    let server = Legate::server(pki, &target, &["--allow-cn=client"]);
+    let client = Legate::client(pki, "client", server.addr(), &[]);
+    eventually("the route to reach the master", DEADLINE, || {
+        (reached_port(client.addr()) == Some(m.port)).then_some(())
+    });
+    (m, r, sentinels, server, client)
+}
+
+/// Polls new connections until one reaches `port`; how long after `since` that was.
+fn reached_after(client: &Legate, port: u16, since: Instant) -> Duration {
+    eventually("a new connection to reach the new master", DEADLINE, || {
+        (reached_port(client.addr()) == Some(port)).then_some(())
+    });
+    since.elapsed()
+}
+
+#[test]
+fn a_route_follows_a_sentinel_failover_as_it_is_announced() {
+    let pki = Pki::new();
+    let (_m, r, sentinels, server, client) = sentinel_setup(&pki);
+    let announced = sentinels[1].announcements();
+    eventually("SENTINEL FAILOVER to be taken", DEADLINE, || {
+        (sentinels[2].command(&["SENTINEL", "FAILOVER", "cache"]) == Reply::Simple("OK".into()))
+            .then_some(())
+    });
+    let at = announced.recv_timeout(DEADLINE).expect("+switch-master");
+    let lag = reached_after(&client, r.port, at);
+    eprintln!(
+        "SENTINEL FAILOVER: new connections reach the new master {lag:?} after +switch-master"
+    );
+    assert!(lag < Duration::from_millis(500), "{lag:?}");
+    server.log.wait_for(&["sentinel announced a new master"]);
+}
+
+#[test]
+fn a_frozen_master_with_one_sentinel_down_is_failed_over() {
+    let pki = Pki::new();
+    let (m, r, mut sentinels, _server, client) = sentinel_setup(&pki);
+    // The Sentinel the route asked first goes away: it moves to the next and subscribes there.
+    drop(sentinels.remove(0));
+    eventually(
+        "the route to subscribe on another sentinel",
+        DEADLINE,
+        || (sentinels.iter().map(Sentinel::subscribers).sum::<usize>() >= 1).then_some(()),
+    );
+    let announced = sentinels[0].announcements();
+    // SIGSTOP: the master hangs without closing anything; only the Sentinels notice.
+    unsafe { libc::kill(m.pid(), libc::SIGSTOP) };
+    let at = announced.recv_timeout(DEADLINE).expect("+switch-master");
+    let lag = reached_after(&client, r.port, at);
+    unsafe { libc::kill(m.pid(), libc::SIGCONT) };
+    eprintln!(
+        "SIGSTOP failover: new connections reach the new master {lag:?} after +switch-master"
+    );
+    assert!(lag < Duration::from_millis(500), "{lag:?}");
+}

@@ -982,8 +982,17 @@ impl TunnelFile {
                 .any(|s| matches!(s, Source::Sentinel { .. }))
         };
         if side == Side::Client {
-            if keys != RedisKeys::default() {
-                p.push("--redis-* and --require-role are server-side: the ambassador next to Redis speaks to it".into());
+            // A client speaks to Redis itself only when its target is a Redis that speaks TLS:
+            // a raw connection, no legate server in between.
+            if keys.require_role.is_some() {
+                p.push(
+                    "--require-role is server-side: the ambassador next to Redis checks its role"
+                        .into(),
+                );
+            } else if keys != RedisKeys::default() && !self.raw {
+                p.push("--redis-* on a client side authenticates to a Redis that speaks TLS itself: add --raw (a legate server ambassador does this with the same flags)".into());
+            } else if let Some(t) = &mut target {
+                t.redis = keys.settings("--target", p, base);
             }
             if target.iter().any(sentinel) {
                 p.push("sentinel: sources are server-side: the ambassador next to Redis follows its Sentinels".into());

@@ -1,12 +1,16 @@
-//! Redis: what a server ambassador says to Redis itself before the consumer's bytes. With
-//! `redis_password_file` (or `redis_password_env`), it authenticates the connection (`AUTH
-//! password`, or `AUTH user password` for an ACL user), reads and swallows the reply, and only
-//! then relays: a consumer that knows nothing of credentials reaches a Redis that wants them.
+//! Redis: what an ambassador says to Redis itself before the consumer's bytes, and what a
+//! check asks it.
 //!
-//! In: a connected service stream and the credentials' source. Out: an authenticated stream,
-//! or why not, in one line without the secret. The secret is read from its file (mode 0600
-//! checked) or environment variable for each connection, so a changed file is used at once
-//! and the secret is held nowhere else: not in the config, a log line or `/_status`.
+//! In: a connected stream to Redis and the route's [`Settings`]. Out: [`prepare`] readies the
+//! stream for a consumer, in one round trip where HELLO serves: it authenticates (`AUTH
+//! [user] password`, or `HELLO n AUTH user password`), learns the role when only a master
+//! will do, and swallows the replies; or it says why not ([`Refusal`]), in one line without
+//! the secret. [`probe`] is a role check's look (role, and a master's replicas).
+//!
+//! The secret is read from its file (mode 0600 checked) or environment variable for each
+//! connection, so a changed file is used at once and the secret is held nowhere else: not in
+//! the config, a log line or `/_status`. The replies are read by the bounded [`resp`] reader;
+//! the consumer's own leading AUTH is [`leading`]'s.
 
 use std::path::PathBuf;
 use std::time::Duration;

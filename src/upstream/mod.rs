@@ -127,8 +127,7 @@ impl Endpoint {
 
     /// A connection found it is not master (before the next check did).
     pub fn not_master(&self, why: &str) {
-        let probe = self.gate().probe.clone().filter(|_| false);
-        self.gated(probe, false, why);
+        self.gated(None, false, why);
     }
 
     fn checked(&self) -> std::sync::MutexGuard<'_, active::Active> {
