@@ -263,7 +263,7 @@ fn per_host_gating_behind_one_client_route_loses_no_new_connection() {
 struct Sentinel {
     child: std::process::Child,
     port: u16,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Sentinel {
@@ -281,30 +281,39 @@ impl Sentinel {
                 ),
             )
             .unwrap();
-            let mut child = std::process::Command::new("redis-server")
-                .arg(&conf)
-                .arg("--sentinel")
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .expect("redis-server --sentinel");
-            let up = eventually("a sentinel to answer or exit", DEADLINE, || {
-                if let Ok(Some(_)) = child.try_wait() {
-                    return Some(false);
-                }
-                let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-                (harness::resp(&mut s, &[b"PING"]).ok()? == Reply::Simple("PONG".into()))
-                    .then_some(true)
-            });
-            if up {
-                return Sentinel {
-                    child,
-                    port,
-                    _dir: dir,
-                };
+            if let Some(child) = Sentinel::run(&conf, port) {
+                return Sentinel { child, port, dir };
             }
         }
         panic!("no sentinel started on any of 5 ports");
+    }
+
+    /// Runs a sentinel with `conf` until it answers on `port`; `None` if it exits first.
+    fn run(conf: &std::path::Path, port: u16) -> Option<std::process::Child> {
+        let mut child = std::process::Command::new("redis-server")
+            .arg(conf)
+            .arg("--sentinel")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server --sentinel");
+        let up = eventually("a sentinel to answer or exit", DEADLINE, || {
+            if let Ok(Some(_)) = child.try_wait() {
+                return Some(false);
+            }
+            let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+            (harness::resp(&mut s, &[b"PING"]).ok()? == Reply::Simple("PONG".into()))
+                .then_some(true)
+        });
+        up.then_some(child)
+    }
+
+    /// Stops it and starts it again on the same port with the configuration it rewrote.
+    fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let conf = self.dir.path().join("sentinel.conf");
+        self.child = Sentinel::run(&conf, self.port).expect("the sentinel to come back");
     }
 
     fn command(&self, args: &[&str]) -> Reply {
@@ -428,5 +437,33 @@ fn a_frozen_master_with_one_sentinel_down_is_failed_over() {
     eprintln!(
         "SIGSTOP failover: new connections reach the new master {lag:?} after +switch-master"
     );
+    assert!(lag < Duration::from_millis(500), "{lag:?}");
+}
+
+#[test]
+fn a_route_resubscribes_after_its_sentinel_restarts() {
+    let pki = Pki::new();
+    let (_m, r, mut sentinels, _server, client) = sentinel_setup(&pki);
+    let subscribed = |sentinels: &[Sentinel]| {
+        eventually("the route to subscribe on a sentinel", DEADLINE, || {
+            sentinels.iter().position(|s| s.subscribers() >= 1)
+        })
+    };
+    let first = subscribed(&sentinels);
+    sentinels[first].restart();
+    // The route asks the Sentinel that last answered first: the restarted one takes it back.
+    eventually(
+        "the route to subscribe on the restarted sentinel",
+        DEADLINE,
+        || (sentinels[first].subscribers() >= 1).then_some(()),
+    );
+    let announced = sentinels[first].announcements();
+    let other = (first + 1) % sentinels.len();
+    eventually("SENTINEL FAILOVER to be taken", DEADLINE, || {
+        (sentinels[other].command(&["SENTINEL", "FAILOVER", "cache"]) == Reply::Simple("OK".into()))
+            .then_some(())
+    });
+    let at = announced.recv_timeout(DEADLINE).expect("+switch-master");
+    let lag = reached_after(&client, r.port, at);
     assert!(lag < Duration::from_millis(500), "{lag:?}");
 }

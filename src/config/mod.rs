@@ -401,11 +401,17 @@ pub fn retargeted_only(old: &TunnelConfig, new: &TunnelConfig) -> bool {
     same.target.clone_from(&old.target);
     same.routes.clone_from(&old.routes);
     same.server_name.clone_from(&old.server_name);
-    // A route whose discovery sources or balance policy changed needs a new set: the tunnel
-    // is replaced.
-    type Kept = (String, Vec<Source>, Option<Balance>);
+    // A route whose discovery sources, balance policy or Redis settings changed needs a new
+    // set: the tunnel is replaced.
+    type Kept = (
+        String,
+        Vec<Source>,
+        Option<Balance>,
+        Option<crate::redis::Settings>,
+    );
     let sources = |t: &TunnelConfig| {
-        let kept = |n: &str, u: &Upstream| (n.to_string(), u.sources.clone(), u.balance);
+        let kept =
+            |n: &str, u: &Upstream| (n.to_string(), u.sources.clone(), u.balance, u.redis.clone());
         let mut all: Vec<Kept> = t.routes.iter().map(|(n, u)| kept(n, u)).collect();
         all.extend(t.target.iter().map(|u| kept("", u)));
         all
@@ -1008,9 +1014,19 @@ impl TunnelFile {
                 .get(name)
                 .map(Targets::redis_keys)
                 .unwrap_or_default();
-            u.redis = own
-                .over(&keys)
-                .settings(&format!("route {name:?}"), p, base);
+            // `protocol = "tcp"` on a route opts it out of the tunnel's Redis keys.
+            let merged = if own.protocol == Some(Protocol::Tcp) {
+                own
+            } else {
+                own.over(&keys)
+            };
+            u.redis = merged.settings(&format!("route {name:?}"), p, base);
+        }
+        // What Sentinels name is Redis: a route following them is a Redis route.
+        for u in target.iter_mut().chain(routes.values_mut()) {
+            if u.redis.is_none() && sentinel(u) {
+                u.redis = Some(crate::redis::Settings::default());
+            }
         }
         (target, routes)
     }
@@ -1200,19 +1216,73 @@ mod tests {
     use super::*;
 
     #[test]
+    fn redis_keys_per_route_over_the_tunnels() {
+        // SAFETY: a variable of this test's own.
+        unsafe { std::env::set_var("LEGATE_CONFIG_TEST_PW", "pw") };
+        let server = GOOD
+            .replace(
+                "routes = { queue = \"127.0.0.1:5672\" }",
+                "redis_password_env = \"LEGATE_CONFIG_TEST_PW\"\nroutes = { queue = \"127.0.0.1:5672\", \
+                 sessions = { target = [\"127.0.0.1:1\", \"127.0.0.1:2\"], require_role = \"master\", redis_consumer_auth = \"local\" }, \
+                 plain = { target = \"127.0.0.1:3\", protocol = \"tcp\" } }",
+            );
+        let c = from_toml(&server, None).unwrap();
+        let cache = c.tunnels.iter().find(|t| t.name == "cache").unwrap();
+        let creds = |u: &Upstream| u.redis.as_ref().and_then(|r| r.credentials.clone());
+        assert!(
+            creds(cache.target.as_ref().unwrap()).is_some(),
+            "the tunnel's keys"
+        );
+        let sessions = cache.routes["sessions"].redis.as_ref().unwrap();
+        assert!(sessions.require_master && sessions.credentials.is_some());
+        assert_eq!(sessions.consumer_auth, crate::redis::ConsumerAuth::Local);
+        assert!(cache.routes["plain"].redis.is_none(), "protocol = tcp");
+        for (bad, says) in [
+            (
+                "require_role = \"replica\"",
+                "the one role that can be required",
+            ),
+            ("redis_hello = 4", "write 2 or 3"),
+            (
+                "protocol = \"tcp\"\nrequire_role = \"master\"",
+                "need protocol = \"redis\"",
+            ),
+            ("redis_user = \"u\"", "--redis-user needs"),
+        ] {
+            let text = GOOD.replace(
+                "allow_cn = [\"app\"]",
+                &format!("allow_cn = [\"app\"]\n{bad}"),
+            );
+            let e = from_toml(&text, None).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        // A client side speaks to Redis itself only with --raw.
+        let with = |extra: &str| GOOD.replace("pool_size = 2", &format!("pool_size = 2\n{extra}"));
+        let e = from_toml(
+            &with("redis_password_env = \"LEGATE_CONFIG_TEST_PW\""),
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("add --raw"), "{e}");
+        // Changed Redis settings replace the tunnel; they are not a retarget.
+        let changed = server.replace("require_role = \"master\", ", "");
+        let changed = from_toml(&changed, None).unwrap();
+        let changed = changed.tunnels.iter().find(|t| t.name == "cache").unwrap();
+        assert!(!retargeted_only(cache, changed));
+    }
+
+    #[test]
     fn health_and_redis_keys_are_checked_before_the_config_is_built() {
         let with = |extra: &str| GOOD.replace("pool_size = 2", &format!("pool_size = 2\n{extra}"));
         let e = from_toml(&with("health_interval = \"1s\""), None)
             .unwrap_err()
             .to_string();
         assert!(e.contains("--health-* flags are server-side"), "{e}");
-        let e = from_toml(&with("redis_password_env = \"X\""), None)
+        let e = from_toml(&with("require_role = \"master\""), None)
             .unwrap_err()
             .to_string();
-        assert!(
-            e.contains("--redis-* and --require-role are server-side"),
-            "{e}"
-        );
+        assert!(e.contains("--require-role is server-side"), "{e}");
     }
 
     #[test]

@@ -75,8 +75,10 @@ impl RedisKeys {
         } else {
             (base.password_file.clone(), base.password_env.clone())
         };
+        // A route's own Redis keys make it a Redis route whatever its tunnel says.
+        let own = self.any_redis_key().then_some(Protocol::Redis);
         RedisKeys {
-            protocol: self.protocol.or(base.protocol),
+            protocol: self.protocol.or(own).or(base.protocol),
             password_file,
             password_env,
             user: self.user.clone().or_else(|| base.user.clone()),
