@@ -104,11 +104,14 @@ pub async fn service(
                 return Err((RefuseCode::DialFailed, fail(Outcome::DialFailed, detail)));
             }
         }
-        let Some(settings) = set.redis.as_deref().filter(|r| r.prepares()) else {
+        let Some(settings) = set.redis.as_deref() else {
             return Ok((plain, endpoint.begin()));
         };
         // Taken before the check: a demotion after it still closes this session.
-        let in_use = endpoint.begin();
+        let in_use = endpoint.begin_session();
+        if !settings.prepares() {
+            return Ok((plain, in_use));
+        }
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         match redis::prepare(&mut plain, settings, left).await {
             Ok(()) => return Ok((plain, in_use)),

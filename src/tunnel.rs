@@ -486,11 +486,9 @@ async fn serve_stream(
         }
         Ok((plain, in_use)) => {
             carrier.ready();
-            // A gated Redis route's sessions end when their Redis stops being master.
-            let stop = redis
-                .as_ref()
-                .filter(|r| r.require_master)
-                .map(|_| in_use.0.sessions());
+            // A Redis route's sessions end when their Redis stops being master or leaves
+            // the route (a Sentinel named another).
+            let stop = in_use.sessions.clone();
             let (close, lifetime) = (cfg.close_timeout, cfg.max_conn_lifetime);
             let totals = match redis.as_ref().map(|r| r.consumer_auth) {
                 Some(redis::ConsumerAuth::Local) => {

@@ -420,7 +420,7 @@ fn a_route_follows_a_sentinel_failover_as_it_is_announced() {
 #[test]
 fn a_frozen_master_with_one_sentinel_down_is_failed_over() {
     let pki = Pki::new();
-    let (m, r, mut sentinels, _server, client) = sentinel_setup(&pki);
+    let (m, r, mut sentinels, server, client) = sentinel_setup(&pki);
     // The Sentinel the route asked first goes away: it moves to the next and subscribes there.
     drop(sentinels.remove(0));
     eventually(
@@ -429,15 +429,36 @@ fn a_frozen_master_with_one_sentinel_down_is_failed_over() {
         || (sentinels.iter().map(Sentinel::subscribers).sum::<usize>() >= 1).then_some(()),
     );
     let announced = sentinels[0].announcements();
+    // A session open on the master when it freezes.
+    let mut held = connect(client.addr());
+    assert_eq!(
+        harness::resp(&mut held, &[b"SET", b"held", b"1"]).unwrap(),
+        Reply::Simple("OK".into())
+    );
     // SIGSTOP: the master hangs without closing anything; only the Sentinels notice.
     unsafe { libc::kill(m.pid(), libc::SIGSTOP) };
     let at = announced.recv_timeout(DEADLINE).expect("+switch-master");
     let lag = reached_after(&client, r.port, at);
+    // The held session is closed by the ambassador, not left hanging on the frozen master.
+    held.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut rest = [0u8; 64];
+    let ended = std::io::Read::read(&mut held, &mut rest);
+    let timed_out = |e: &std::io::Error| {
+        matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        )
+    };
+    assert!(
+        matches!(&ended, Ok(0)) || matches!(&ended, Err(e) if !timed_out(e)),
+        "closed, not timed out: {ended:?}"
+    );
     unsafe { libc::kill(m.pid(), libc::SIGCONT) };
     eprintln!(
         "SIGSTOP failover: new connections reach the new master {lag:?} after +switch-master"
     );
     assert!(lag < Duration::from_millis(500), "{lag:?}");
+    server.log.wait_for(&["outcome=not_master"]);
 }
 
 #[test]

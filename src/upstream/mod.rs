@@ -192,17 +192,33 @@ impl Endpoint {
     /// Counts a connection to it as open until the guard drops (what the balancer weighs).
     pub fn begin(self: &Arc<Self>) -> InUse {
         self.open.fetch_add(1, Ordering::Relaxed);
-        InUse(self.clone())
+        InUse {
+            endpoint: self.clone(),
+            sessions: None,
+        }
+    }
+
+    /// [`Endpoint::begin`] for a Redis route's session, which ends when the endpoint stops
+    /// being master or leaves its set: the token is taken now, before the connection is
+    /// checked, so a demotion during the check still ends it.
+    pub fn begin_session(self: &Arc<Self>) -> InUse {
+        let mut in_use = self.begin();
+        in_use.sessions = Some(self.sessions());
+        in_use
     }
 }
 
 /// An open connection to an endpoint; the count falls when it drops.
 #[derive(Debug)]
-pub struct InUse(pub Arc<Endpoint>);
+pub struct InUse {
+    pub endpoint: Arc<Endpoint>,
+    /// A Redis route's session: cancelled when it must end.
+    pub sessions: Option<CancellationToken>,
+}
 
 impl Drop for InUse {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::Relaxed);
+        self.endpoint.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
