@@ -68,9 +68,15 @@ pub enum Command {
 /// Flags both sides take.
 #[derive(Debug, Args)]
 pub struct CommonArgs {
-    /// Address to accept connections on (host:port).
-    #[arg(long, value_name = "ADDR")]
-    pub listen: String,
+    /// Address to accept connections on (host:port). With --from-docker-env: the host only
+    /// (default 127.0.0.1); each tunnel listens on its link's port.
+    #[arg(long, value_name = "ADDR", required_unless_present = "from_docker_env")]
+    pub listen: Option<String>,
+    /// Docker-link variables: one tunnel per ALIAS_PORT_<port>_TCP=tcp://host:port of these
+    /// aliases (comma-separated; only those listed), listening on that port, forwarding to
+    /// that address. UDP links are skipped with a warning. Instead of --target.
+    #[arg(long, value_name = "ALIAS", value_delimiter = ',')]
+    pub from_docker_env: Vec<String>,
     /// Where to forward: the service (server side) or the legate server (client side).
     /// Repeatable: several endpoints share the connections (see --balance), a failed connect
     /// tries the next. Each is ADDR[,weight=N][,name=TLS-NAME].
@@ -393,7 +399,8 @@ impl CommonArgs {
     fn into_file(self, side: Side) -> TunnelFile {
         TunnelFile {
             side: Some(side),
-            listen: Some(self.listen),
+            listen: self.listen,
+            from_docker_env: self.from_docker_env,
             target: self.target.into_iter().fold(None, |mut t, entry| {
                 Targets::push(&mut t, entry);
                 t

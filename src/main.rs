@@ -75,10 +75,25 @@ fn serve_flags(
     threads: Option<usize>,
 ) -> ExitCode {
     let process = ProcessFile { threads, ..process };
-    let tunnel = file.validate(name, None);
-    match (tunnel, process.into_config(Vec::new())) {
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    // One tunnel, or one per Docker link (--from-docker-env).
+    let tunnels = file.expand(name, &env).and_then(|files| {
+        let (mut ok, mut problems) = (Vec::new(), Vec::new());
+        for (name, file) in files {
+            match file.validate(&name, None) {
+                Ok(t) => ok.push(t),
+                Err(p) => problems.extend(p),
+            }
+        }
+        if problems.is_empty() {
+            Ok(ok)
+        } else {
+            Err(problems)
+        }
+    });
+    match (tunnels, process.into_config(Vec::new())) {
         (Ok(t), Ok(mut config)) => {
-            config.tunnels.push(t);
+            config.tunnels.extend(t);
             serve(config, None)
         }
         (t, c) => {

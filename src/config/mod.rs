@@ -15,6 +15,7 @@ use crate::mux::frame as protocol;
 pub use crate::net::{Address, HostPort};
 use crate::tls::{self, Rules, TlsVersions};
 
+pub mod docker;
 mod upstream;
 pub use upstream::{
     Balance, DiscoverySettings, EndpointSpec, HealthCheck, MAX_WEIGHT, Protocol, RedisKeys, Source,
@@ -65,6 +66,10 @@ pub struct TunnelFile {
     pub listen: Option<String>,
     /// One endpoint, or a list: `ADDRESS[,weight=N][,name=TLS-NAME]` each.
     pub target: Option<Targets>,
+    /// Docker-link aliases: one tunnel per `ALIAS_PORT_<port>_TCP` variable, instead of
+    /// `target` (`listen` then gives the host only).
+    #[serde(default)]
+    pub from_docker_env: Vec<String>,
     /// Server side: route name → target(s), for `legate/1` clients that name a route.
     #[serde(default)]
     pub routes: BTreeMap<String, Targets>,
@@ -521,6 +526,63 @@ struct Timeouts {
 }
 
 impl TunnelFile {
+    /// This tunnel, or with `from_docker_env` one per linked TCP port found in `env`, named
+    /// `NAME-ALIAS-PORT`, listening on the link's port (on `listen`'s host, loopback unless
+    /// given) and forwarding to the linked address.
+    pub fn expand(
+        self,
+        name: &str,
+        env: &[(String, String)],
+    ) -> Result<Vec<(String, TunnelFile)>, Vec<String>> {
+        if self.from_docker_env.is_empty() {
+            return Ok(vec![(name.to_string(), self)]);
+        }
+        if self.target.is_some() {
+            return Err(vec![
+                "--from-docker-env gives the targets: drop --target".into(),
+            ]);
+        }
+        let host = match self.listen.as_deref() {
+            None => "127.0.0.1".to_string(),
+            Some(l) => match HostPort::parse(l) {
+                Ok(hp) if hp.port == 0 => hp.host,
+                Ok(_) => {
+                    return Err(vec![format!(
+                        "--listen {l:?} with --from-docker-env: give the host only (e.g. 0.0.0.0); each tunnel listens on its link's port"
+                    )]);
+                }
+                Err(_) => HostPort::parse(&format!("{l}:0"))
+                    .map(|hp| hp.host)
+                    .map_err(|e| vec![format!("--listen {l:?}: {e}")])?,
+            },
+        };
+        let (links, udp) = docker::links(&self.from_docker_env, env)?;
+        for variable in udp {
+            tracing::warn!(
+                tunnel = name,
+                variable,
+                "UDP link skipped: legate carries TCP"
+            );
+        }
+        Ok(links
+            .into_iter()
+            .map(|link| {
+                let mut file = self.clone();
+                file.from_docker_env.clear();
+                file.listen = Some(
+                    HostPort {
+                        host: host.clone(),
+                        port: link.port,
+                    }
+                    .to_string(),
+                );
+                file.target = Some(Targets::One(link.target));
+                let name = format!("{name}-{}-{}", link.alias.to_ascii_lowercase(), link.port);
+                (name, file)
+            })
+            .collect())
+    }
+
     /// Checks one tunnel: every concern below reports its problems into one list, so a run
     /// reports them all. `base` resolves relative paths (the config file's directory).
     pub fn validate(&self, name: &str, base: Option<&Path>) -> Result<TunnelConfig, Vec<String>> {
@@ -1169,13 +1231,23 @@ pub fn from_toml(text: &str, base: Option<&Path>) -> Result<Config, Problems> {
         problems.push("no tunnels: add at least one [tunnels.NAME] table".into());
     }
     let mut tunnels = Vec::new();
+    let env: Vec<(String, String)> = std::env::vars().collect();
     for (name, value) in top.tunnels {
         let parsed = TunnelFile::deserialize(value).map_err(|e| vec![one_line(&e)]);
-        match parsed.and_then(|file| file.validate(&name, base)) {
-            Ok(t) => tunnels.push(t),
-            Err(errs) => {
-                problems.extend(errs.into_iter().map(|e| format!("tunnel {name:?}: {e}")));
+        let expanded = parsed.and_then(|file| file.expand(&name, &env));
+        let report = |problems: &mut Vec<String>, name: &str, errs: Vec<String>| {
+            problems.extend(errs.into_iter().map(|e| format!("tunnel {name:?}: {e}")));
+        };
+        match expanded {
+            Ok(files) => {
+                for (name, file) in files {
+                    match file.validate(&name, base) {
+                        Ok(t) => tunnels.push(t),
+                        Err(errs) => report(&mut problems, &name, errs),
+                    }
+                }
             }
+            Err(errs) => report(&mut problems, &name, errs),
         }
     }
     match process.into_config(tunnels) {
