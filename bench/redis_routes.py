@@ -8,9 +8,11 @@ pairs in front of Redis, measured in 6 rounds that alternate their order.
             the tunnel (redis-benchmark -a), as it would without an ambassador that injects
   master    --require-role=master: HELLO checks the role on every connection
 
-Each round measures new connections per second (redis-benchmark -k 0 PING, 50 clients) and,
-for plain and inject, SET/GET on kept connections (50 clients). Prints medians and each
-contender's median ratio to plain.
+Each round measures new connections per second (redis-benchmark -k 0 PING, 50 clients), the
+time of one new connection with its PING done serially (-c 1 -k 0), and, for plain and inject,
+SET/GET on kept connections (50 clients). Prints medians and each contender's median ratio to
+plain; the serial figure is compared with one local round trip to Redis (a PING on a kept
+connection straight to it), the most injection may add.
 
   bench/redis_routes.py [LEGATE]      default target/release/legate
 """
@@ -49,6 +51,8 @@ try:
         ports[name] = bench.legate(procs, c, target, hop, server_flags=flags)
         bench.wait_ready("legate", hop, ports[name])
     conn = {n: [] for n in setups}
+    serial = {n: [] for n in setups}
+    local_rtt = []
     rps = {n: [] for n in ("plain", "inject")}
     names = list(setups)
     for r in range(6):
@@ -56,8 +60,10 @@ try:
         for n in order:
             extra = setups[n][2]
             conn[n].append(bench.rps(ports[n], *extra, "-c", "50", "-n", "8000", "-k", "0", "-t", "ping"))
+            serial[n].append(1e6 / bench.rps(ports[n], *extra, "-c", "1", "-n", "2000", "-k", "0", "-t", "ping"))
             if n in rps:
                 rps[n].append(bench.rps(ports[n], "-c", "50", "-n", "40000", "-t", "set,get"))
+        local_rtt.append(1e6 / bench.rps(open_port, "-c", "1", "-n", "20000", "-k", "1", "-t", "ping"))
     base = statistics.median(conn["plain"])
     print("new connections/s (redis-benchmark -k 0 -t ping -c 50 -n 8000), 6 rounds:")
     for n in names:
@@ -65,6 +71,39 @@ try:
         ratios = [x / p for x, p in zip(conn[n], conn["plain"])]
         print(f"  {n:9} median {m:9.0f}  ratio to plain {statistics.median(ratios):.3f} "
               f"(range {min(ratios):.3f}-{max(ratios):.3f})")
+    # Paired: one new connection (connect, PING, PONG, close) to each contender in turn, 3,000
+    # turns; the per-turn differences cancel what drifts between rounds.
+    import socket, time
+    def once(port):
+        t = time.perf_counter_ns()
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s.sendall(bench.PING)
+            if bench.read_reply(s) != b"+PONG\r\n":
+                raise RuntimeError("no PONG")
+        return (time.perf_counter_ns() - t) / 1000
+    def direct_rtt():
+        with socket.create_connection(("127.0.0.1", open_port)) as s:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return statistics.median(bench.ping_rtts(s, 3000))
+    paired = {n: [] for n in names}
+    for turn in range(3000):
+        for n in names[turn % len(names):] + names[:turn % len(names)]:
+            if n == "consumer":
+                continue
+            paired[n].append(once(ports[n]))
+    print(f"paired serial new connections (3,000 turns), µs; a PING round trip straight to Redis on a kept connection is {direct_rtt():.1f} µs:")
+    for n in names:
+        if n == "consumer":
+            continue
+        d = [x - p for x, p in zip(paired[n], paired["plain"])]
+        print(f"  {n:9} median {statistics.median(paired[n]):7.1f}  added to plain {statistics.median(d):6.1f}")
+    rtt = statistics.median(local_rtt)
+    print(f"one new connection and its PING, serially (-c 1 -k 0), µs; a local round trip to Redis is {rtt:.1f} µs:")
+    for n in names:
+        added = [x - p for x, p in zip(serial[n], serial["plain"])]
+        print(f"  {n:9} median {statistics.median(serial[n]):7.1f}  added to plain {statistics.median(added):6.1f} "
+              f"(range {min(added):.1f} to {max(added):.1f})")
     print("Redis SET/GET on kept connections (-c 50 -n 40000), 6 rounds:")
     for n in rps:
         ratios = [x / p for x, p in zip(rps[n], rps["plain"])]

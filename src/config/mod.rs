@@ -1247,7 +1247,15 @@ pub fn from_toml(text: &str, base: Option<&Path>) -> Result<Config, Problems> {
                     }
                 }
             }
-            Err(errs) => report(&mut problems, &name, errs),
+            Err(errs) => {
+                // A tunnel's table that does not deserialize: read it again from the text,
+                // where the error knows its line and column.
+                let errs = match locate(text, &name) {
+                    Some(located) => vec![located],
+                    None => errs,
+                };
+                report(&mut problems, &name, errs)
+            }
         }
     }
     match process.into_config(tunnels) {
@@ -1274,6 +1282,66 @@ pub fn load(path: &Path) -> Result<Config, Problems> {
 }
 
 /// TOML errors span several lines (a source excerpt); keep the message and its position.
+/// Deserializes only tunnel `name`'s table from the document, for the error with its place
+/// ("line 12, column 1"): a table taken out of the document has lost its position.
+fn locate(text: &str, name: &str) -> Option<String> {
+    use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, Visitor};
+
+    /// A map of which only the entry `key` is deserialized, with `seed`.
+    struct Only<'a, S> {
+        key: &'a str,
+        seed: S,
+    }
+    impl<'de, S: DeserializeSeed<'de, Value = ()> + Copy> DeserializeSeed<'de> for Only<'_, S> {
+        type Value = ();
+        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_map(self)
+        }
+    }
+    impl<'de, S: DeserializeSeed<'de, Value = ()> + Copy> Visitor<'de> for Only<'_, S> {
+        type Value = ();
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a table")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<(), A::Error> {
+            while let Some(k) = m.next_key::<String>()? {
+                if k == self.key {
+                    m.next_value_seed(self.seed)?;
+                } else {
+                    m.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(())
+        }
+    }
+    #[derive(Clone, Copy)]
+    struct Tunnel;
+    impl<'de> DeserializeSeed<'de> for Tunnel {
+        type Value = ();
+        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            TunnelFile::deserialize(d).map(drop)
+        }
+    }
+    #[derive(Clone, Copy)]
+    struct Tunnels<'a>(&'a str);
+    impl<'de> DeserializeSeed<'de> for Tunnels<'_> {
+        type Value = ();
+        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            Only {
+                key: self.0,
+                seed: Tunnel,
+            }
+            .deserialize(d)
+        }
+    }
+    let de = toml::Deserializer::parse(text).ok()?;
+    let top = Only {
+        key: "tunnels",
+        seed: Tunnels(name),
+    };
+    top.deserialize(de).err().map(|e| one_line(&e))
+}
+
 fn one_line(e: &impl fmt::Display) -> String {
     e.to_string()
         .lines()
@@ -1286,6 +1354,17 @@ fn one_line(e: &impl fmt::Display) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_error_inside_a_tunnel_names_its_line_and_column() {
+        let text = GOOD.replace("pool_size = 2", "pool_size = 2\ncolour = \"red\"");
+        let e = from_toml(&text, None).unwrap_err().to_string();
+        let line = text.lines().position(|l| l.starts_with("colour")).unwrap() + 1;
+        assert!(
+            e.contains(&format!("line {line}, column 1")) && e.contains("unknown field `colour`"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn redis_keys_per_route_over_the_tunnels() {
