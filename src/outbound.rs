@@ -60,7 +60,7 @@ pub async fn service(
             return Err((RefuseCode::NoEndpoint, fail(Outcome::NoEndpoint, detail)));
         }
         let Some(endpoint) = next else {
-            if (not_master || tried.is_empty()) && set.gated() {
+            if not_master && set.gated() {
                 // A refusal the client ambassador takes to its next server.
                 errors.push("no endpoint is a Redis master now".into());
                 let detail = errors.join("; ");
@@ -114,7 +114,13 @@ pub async fn service(
         }
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         match redis::prepare(&mut plain, settings, left).await {
-            Ok(()) => return Ok((plain, in_use)),
+            Ok(()) => {
+                if set.gated() && !endpoint.eligible() {
+                    // Master before the checks knew: let them catch up now.
+                    set.recheck();
+                }
+                return Ok((plain, in_use));
+            }
             Err(Refusal::Auth(why)) => {
                 // The consumer reads this as a RESP error (tunnel::serve_stream).
                 return Err((RefuseCode::DialFailed, fail(Outcome::AuthFailed, why)));

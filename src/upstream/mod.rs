@@ -492,17 +492,21 @@ impl Set {
         let all = self.endpoints.load();
         // The common case, one endpoint: no choice to make, nothing to allocate (the
         // new-connection rate is measured with it, docs/performance.md).
+        // A gated set's connections prove the role themselves (HELLO), so an endpoint the
+        // checks have not found master is still tried when none has been: one promoted since
+        // the last check takes connections at once, and a replica refuses them.
         if let [only] = all.as_slice() {
-            let free = !tried.contains(&only.id) && (!self.gated || only.eligible());
-            return free.then(|| only.clone());
+            return (!tried.contains(&only.id)).then(|| only.clone());
         }
         let all = self.endpoints();
-        // Role gating is not health: no panic mode past it, a replica never takes writes.
-        let untried: Vec<(usize, &Arc<Endpoint>)> = all
+        let mut untried: Vec<(usize, &Arc<Endpoint>)> = all
             .iter()
             .enumerate()
-            .filter(|(_, e)| !tried.contains(&e.id) && (!self.gated || e.eligible()))
+            .filter(|(_, e)| !tried.contains(&e.id))
             .collect();
+        if self.gated && untried.iter().any(|(_, e)| e.eligible()) {
+            untried.retain(|(_, e)| e.eligible());
+        }
         let healthy: Vec<Candidate> = untried
             .iter()
             .filter(|(_, e)| e.available(now))
