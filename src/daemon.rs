@@ -396,6 +396,9 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<u8> {
         ));
     }
 
+    // Every tunnel (and the status listener) is listening: systemd may start what needs us.
+    crate::notify::notify("READY=1");
+
     let mut timer = daemon.config.timed_reload.map(|every| {
         let mut t = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -421,6 +424,7 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<u8> {
             Event::Stop(name) => break name,
             Event::Reload(trigger) => {
                 state.set_phase(Phase::Reloading);
+                crate::notify::reloading();
                 let result = daemon.reload().await;
                 match &result {
                     Ok(()) => tracing::info!(trigger, "reload complete"),
@@ -433,11 +437,13 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<u8> {
                 state.metrics.reloaded(result.is_ok());
                 state.reloaded(result.err());
                 state.set_phase(Phase::Listening);
+                crate::notify::notify("READY=1");
             }
         }
     };
 
     state.set_phase(Phase::Stopping);
+    crate::notify::notify("STOPPING=1");
     for (_, r) in std::mem::take(&mut daemon.running) {
         r.stop().await;
     }

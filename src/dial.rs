@@ -29,6 +29,10 @@ pub async fn dial(addr: &Address, timeout: Duration) -> Result<Stream, Error> {
     let name = addr.to_string();
     let attempt = async {
         match addr {
+            Address::Systemd(_) => Err(Error::Connect {
+                addr: name.clone(),
+                source: std::io::Error::other("systemd: addresses are for --listen only"),
+            }),
             Address::Tcp(hp) => dial_tcp(hp, &name).await.map(Stream::Tcp),
             Address::Unix(path) => {
                 UnixStream::connect(path)

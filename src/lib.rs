@@ -34,6 +34,7 @@ pub mod log;
 pub mod metrics;
 pub mod mux;
 pub mod net;
+pub mod notify;
 pub mod outbound;
 pub mod outcome;
 pub mod peer_pool;

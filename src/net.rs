@@ -73,11 +73,23 @@ impl fmt::Display for HostPort {
 pub enum Address {
     Tcp(HostPort),
     Unix(PathBuf),
+    /// `systemd:NAME`: a listening socket systemd passed in (socket activation,
+    /// `FileDescriptorName=NAME`); for listening only.
+    Systemd(String),
 }
 
 impl Address {
-    /// `unix:PATH` or `host:port`.
+    /// `unix:PATH`, `systemd:NAME` or `host:port`.
     pub fn parse(s: &str) -> Result<Address, String> {
+        if let Some(name) = s.strip_prefix("systemd:") {
+            return if name.is_empty() || name.contains(':') {
+                Err(format!(
+                    "address {s:?}: write systemd:NAME, NAME being the socket unit's FileDescriptorName"
+                ))
+            } else {
+                Ok(Address::Systemd(name.to_string()))
+            };
+        }
         match s.strip_prefix("unix:") {
             Some("") => Err(format!(
                 "address {s:?}: unix: needs a path, as in unix:/run/app.sock"
@@ -91,7 +103,8 @@ impl Address {
     pub fn is_local(&self) -> bool {
         match self {
             Address::Tcp(hp) => hp.is_loopback(),
-            Address::Unix(_) => true,
+            // The socket unit says where it listens: that is the operator saying so.
+            Address::Unix(_) | Address::Systemd(_) => true,
         }
     }
 
@@ -99,7 +112,7 @@ impl Address {
     pub fn host(&self) -> Option<&str> {
         match self {
             Address::Tcp(hp) => Some(&hp.host),
-            Address::Unix(_) => None,
+            Address::Unix(_) | Address::Systemd(_) => None,
         }
     }
 
@@ -117,6 +130,7 @@ impl fmt::Display for Address {
         match self {
             Address::Tcp(hp) => hp.fmt(f),
             Address::Unix(p) => write!(f, "unix:{}", p.display()),
+            Address::Systemd(name) => write!(f, "systemd:{name}"),
         }
     }
 }
@@ -150,7 +164,8 @@ impl fmt::Display for PeerAddr {
 /// A listening socket.
 pub enum Listener {
     Tcp(TcpListener),
-    /// The path is removed again when the listener is dropped.
+    /// The path is removed again when the listener is dropped (unless empty: a socket
+    /// systemd passed in is systemd's to remove).
     Unix(UnixListener, PathBuf),
 }
 
@@ -181,6 +196,7 @@ impl Listener {
                 }
                 UnixListener::bind(path).map(|l| Listener::Unix(l, path.clone()))
             }
+            Address::Systemd(name) => inherited(name),
         }
     }
 
@@ -188,6 +204,12 @@ impl Listener {
     pub fn local_addr(&self) -> io::Result<String> {
         Ok(match self {
             Listener::Tcp(l) => l.local_addr()?.to_string(),
+            Listener::Unix(l, path) if path.as_os_str().is_empty() => {
+                match l.local_addr()?.as_pathname() {
+                    Some(p) => format!("unix:{}", p.display()),
+                    None => "unix:(unnamed)".into(),
+                }
+            }
             Listener::Unix(_, path) => format!("unix:{}", path.display()),
         })
     }
@@ -208,9 +230,60 @@ impl Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        if let Listener::Unix(_, path) = self {
+        if let Listener::Unix(_, path) = self
+            && !path.as_os_str().is_empty()
+        {
             let _ = std::fs::remove_file(path);
         }
+    }
+}
+
+/// The listening socket systemd passed in under `name` (socket activation: `LISTEN_FDS`,
+/// `LISTEN_FDNAMES`, `LISTEN_PID`, from fd 3 on). Each call takes a duplicate, so a reload
+/// that binds it again gets its own descriptor and the one systemd passed stays open.
+fn inherited(name: &str) -> io::Result<Listener> {
+    use std::os::fd::{FromRawFd, RawFd};
+    let missing = |why: String| io::Error::new(io::ErrorKind::NotFound, why);
+    let count: RawFd = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| missing(format!("systemd:{name}: no sockets were passed in (LISTEN_FDS is not set: start legate from a socket unit)")))?;
+    if let Some(pid) = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+        && pid != std::process::id()
+    {
+        return Err(missing(format!(
+            "systemd:{name}: the sockets passed in were meant for process {pid}"
+        )));
+    }
+    let names = std::env::var("LISTEN_FDNAMES").unwrap_or_default();
+    let index = names
+        .split(':')
+        .position(|n| n == name)
+        .filter(|i| (*i as RawFd) < count)
+        .ok_or_else(|| missing(format!("systemd:{name}: no socket of that name was passed in (LISTEN_FDNAMES={names:?}); set FileDescriptorName={name} in the socket unit")))?;
+    let fd = 3 + index as RawFd;
+    // SAFETY: dup of a descriptor number; a negative result is an error, checked.
+    let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
+    if dup < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `dup` is a fresh descriptor this function owns.
+    let socket = unsafe { socket2::Socket::from_raw_fd(dup) };
+    let listening = socket.is_listener().unwrap_or(false);
+    if !listening {
+        return Err(io::Error::other(format!(
+            "systemd:{name}: the socket passed in is not a listening stream socket (ListenStream=)"
+        )));
+    }
+    socket.set_nonblocking(true)?;
+    match socket.local_addr()?.as_unix() {
+        Some(_) => UnixListener::from_std(std::os::unix::net::UnixListener::from(
+            std::os::fd::OwnedFd::from(socket),
+        ))
+        .map(|l| Listener::Unix(l, PathBuf::new())),
+        None => TcpListener::from_std(std::net::TcpListener::from(socket)).map(Listener::Tcp),
     }
 }
 

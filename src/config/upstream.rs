@@ -275,6 +275,11 @@ impl EndpointSpec {
     pub fn parse(s: &str, base: Option<&Path>) -> Result<EndpointSpec, String> {
         let mut parts = s.split(',');
         let addr = Address::parse(parts.next().unwrap_or_default().trim())?.resolve(base);
+        if matches!(addr, Address::Systemd(_)) {
+            return Err(format!(
+                "{s:?}: systemd: is a socket systemd passes in, for --listen only"
+            ));
+        }
         let mut spec = EndpointSpec {
             addr,
             weight: 1,

@@ -226,7 +226,7 @@ impl Legate {
         Legate::spawn(cmd, tunnels)
     }
 
-    fn spawn(mut cmd: Command, tunnels: usize) -> Legate {
+    pub fn spawn(mut cmd: Command, tunnels: usize) -> Legate {
         let mut child = cmd
             .env("RUST_LOG", "info,legate=debug")
             .stdin(Stdio::null())
