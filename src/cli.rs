@@ -54,6 +54,11 @@ pub enum Command {
     Client(ClientArgs),
     /// Run every tunnel of a TOML config file in one process.
     Run(RunArgs),
+    /// Diagnose a client tunnel step by step: certificates, each server's name, TCP, TLS and
+    /// identity, the legate/1 greeting and route, and (--redis) a PING through it. Give a
+    /// config file, or the flags `legate client` takes. Exit 0 when all pass, 1 on a warning,
+    /// 2 on a failure.
+    Check(CheckArgs),
     /// Write a CA plus server and client certificates, ready for the two sides.
     GenCerts(GenCertsArgs),
     /// Print a shell completion script (e.g. `legate completions bash > /etc/bash_completion.d/legate`).
@@ -344,6 +349,29 @@ pub struct RunArgs {
     /// Validate the file (and load every certificate and key) and exit.
     #[arg(long)]
     pub check: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// A TOML config file: its client tunnels are checked (or only --tunnel NAME).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The tunnel of --config to check.
+    #[arg(long, value_name = "NAME", requires = "config")]
+    pub tunnel: Option<String>,
+    /// One JSON array of steps instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// The service is Redis: PING it through the tunnel.
+    #[arg(long)]
+    pub redis: bool,
+    /// Without --config: the flags `legate client` takes (--listen may be left out).
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "CLIENT FLAGS"
+    )]
+    pub client: Vec<String>,
 }
 
 #[derive(Debug, Args)]

@@ -24,6 +24,7 @@
 pub mod accept;
 pub mod carrier;
 pub mod certs;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod daemon;

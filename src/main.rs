@@ -33,6 +33,7 @@ fn main() -> ExitCode {
             serve(config, Some(args.config))
         }
         Command::GenCerts(args) => gen_certs(args),
+        Command::Check(args) => check_tunnels(args),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "legate", &mut std::io::stdout());
             ExitCode::SUCCESS
@@ -176,6 +177,109 @@ fn check(config: Config) -> ExitCode {
                 .join("\n"),
         ),
     }
+}
+
+/// `legate check`: each client tunnel's steps, as text or JSON; the exit code is the worst.
+fn check_tunnels(args: legate::cli::CheckArgs) -> ExitCode {
+    use legate::check::{Step, Verdict};
+    let tunnels: Result<Vec<config::TunnelConfig>, String> = match &args.config {
+        Some(path) => config::load(path)
+            .map(|c| {
+                c.tunnels
+                    .into_iter()
+                    .filter(|t| args.tunnel.as_ref().is_none_or(|n| *n == t.name))
+                    .filter(|t| args.tunnel.is_some() || t.side == config::Side::Client)
+                    .collect()
+            })
+            .map_err(|p| p.to_string()),
+        None => {
+            let mut argv = vec!["legate".to_string(), "client".into()];
+            if !args.client.iter().any(|a| a.starts_with("--listen")) {
+                argv.push("--listen=127.0.0.1:0".into());
+            }
+            argv.extend(args.client.iter().cloned());
+            match Cli::try_parse_from(argv) {
+                Ok(Cli {
+                    command: Command::Client(c),
+                    ..
+                }) => c
+                    .into_file()
+                    .0
+                    .validate("client", None)
+                    .map(|t| vec![t])
+                    .map_err(|p| p.join("; ")),
+                Ok(_) => Err("give the flags `legate client` takes".into()),
+                Err(e) => Err(e.to_string().lines().next().unwrap_or_default().to_string()),
+            }
+        }
+    };
+    let results: Vec<(String, Vec<Step>)> = match tunnels {
+        Err(e) => vec![(
+            String::new(),
+            vec![Step {
+                step: "config".into(),
+                verdict: Verdict::Fail,
+                detail: e,
+                hint: Some(
+                    "fix what is named; `legate run --config FILE --check` says the same".into(),
+                ),
+            }],
+        )],
+        Ok(t) if t.is_empty() => {
+            return invalid("no client tunnel to check (give --tunnel NAME for another)");
+        }
+        Ok(tunnels) => {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => return invalid(&format!("cannot start the async runtime: {e}")),
+            };
+            runtime.block_on(async {
+                let mut out = Vec::new();
+                for t in &tunnels {
+                    out.push((t.name.clone(), legate::check::run(t, args.redis).await));
+                }
+                out
+            })
+        }
+    };
+    let worst = results
+        .iter()
+        .flat_map(|(_, steps)| steps.iter().map(|s| s.verdict))
+        .max()
+        .unwrap_or(Verdict::Ok);
+    if args.json {
+        let steps: Vec<serde_json::Value> = results
+            .iter()
+            .flat_map(|(tunnel, steps)| {
+                steps.iter().map(move |s| {
+                    serde_json::json!({
+                        "tunnel": tunnel,
+                        "step": s.step,
+                        "verdict": s.verdict.as_str(),
+                        "detail": s.detail,
+                        "hint": s.hint,
+                    })
+                })
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(steps));
+    } else {
+        for (tunnel, steps) in &results {
+            if !tunnel.is_empty() {
+                println!("tunnel {tunnel}:");
+            }
+            for s in steps {
+                println!("  {:<7} {}: {}", s.verdict.as_str(), s.step, s.detail);
+                if let Some(h) = &s.hint {
+                    println!("          -> {h}");
+                }
+            }
+        }
+    }
+    ExitCode::from(worst.exit_code())
 }
 
 fn gen_certs(args: GenCertsArgs) -> ExitCode {

@@ -1,0 +1,141 @@
+//! `legate check` (issue 18): each failure named at its step, with the exit code of the worst.
+//! Real server ambassadors, a real Redis, real certificates (one expired, one from another CA).
+
+mod harness;
+
+use std::process::Command;
+
+use harness::{Legate, Pki, Redis};
+use legate::certs::{LeafSpec, Usage, Validity};
+
+/// `legate check --json ARGS` (check's own flags first, then the client's): the exit code and
+/// the steps.
+fn check(args: &[String]) -> (i32, Vec<serde_json::Value>) {
+    let (own, client): (Vec<&String>, Vec<&String>) =
+        args.iter().partition(|a| a.as_str() == "--redis");
+    let out = Command::new(harness::legate_bin())
+        .arg("check")
+        .arg("--json")
+        .args(own)
+        .args(client)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let steps: Vec<serde_json::Value> = serde_json::from_str(text.trim())
+        .unwrap_or_else(|e| panic!("{e}: {text} {}", String::from_utf8_lossy(&out.stderr)));
+    (out.status.code().unwrap(), steps)
+}
+
+/// The first failed step: its name and detail.
+fn failed(steps: &[serde_json::Value]) -> (String, String, String) {
+    let s = steps
+        .iter()
+        .find(|s| s["verdict"] == "fail")
+        .unwrap_or_else(|| panic!("no failed step: {steps:#?}"));
+    let text = |k: &str| s[k].as_str().unwrap_or_default().to_string();
+    (text("step"), text("detail"), text("hint"))
+}
+
+fn client_flags(pki: &Pki, leaf: &str, server: std::net::SocketAddr) -> Vec<String> {
+    let mut args = vec![format!("--target=localhost:{}", server.port())];
+    args.extend(pki.flags(leaf));
+    args
+}
+
+#[test]
+fn a_working_tunnel_passes_every_step() {
+    let pki = Pki::new();
+    let redis = Redis::start();
+    let server = Legate::server(&pki, &redis.addr(), &["--allow-cn=client"]);
+    let mut args = client_flags(&pki, "client", server.addr());
+    args.push("--redis".into());
+    let (code, steps) = check(&args);
+    assert_eq!(code, 0, "{steps:#?}");
+    let names: Vec<&str> = steps.iter().map(|s| s["step"].as_str().unwrap()).collect();
+    for want in [
+        "config",
+        "certificates",
+        "resolve localhost",
+        "connect",
+        "TLS with",
+        "legate/1",
+        "the default target",
+        "Redis PING",
+    ] {
+        assert!(
+            names.iter().any(|n| n.starts_with(want)),
+            "{want} in {names:?}"
+        );
+    }
+}
+
+#[test]
+fn each_failure_is_named_at_its_step() {
+    let pki = Pki::new();
+    let redis = Redis::start();
+    let server = Legate::server(&pki, &redis.addr(), &["--allow-cn=client"]);
+
+    // An expired certificate of this side's own.
+    let mut spec = LeafSpec::new("client", Usage::Client);
+    spec.validity = Validity::expired();
+    pki.issue("old", &spec);
+    let (code, steps) = check(&client_flags(&pki, "old", server.addr()));
+    let (step, detail, _) = failed(&steps);
+    assert_eq!((code, step.as_str()), (2, "certificates"), "{steps:#?}");
+    assert!(detail.contains("expired"), "{detail}");
+
+    // A CA that did not issue the server's certificate.
+    let other = Pki::new();
+    let mut args = client_flags(&pki, "client", server.addr());
+    args.retain(|a| !a.starts_with("--cacert"));
+    args.push(format!("--cacert={}", other.ca_cert().display()));
+    let (code, steps) = check(&args);
+    let (step, _, hint) = failed(&steps);
+    assert_eq!(code, 2);
+    assert!(step.starts_with("TLS with"), "{steps:#?}");
+    assert!(hint.contains("--cacert"), "{hint}");
+
+    // Nothing listening.
+    let port = harness::free_port();
+    let args = client_flags(&pki, "client", format!("127.0.0.1:{port}").parse().unwrap());
+    let (code, steps) = check(&args);
+    let (step, detail, _) = failed(&steps);
+    assert_eq!(code, 2);
+    assert!(step.starts_with("connect "), "{steps:#?}");
+    assert!(detail.contains("refused"), "{detail}");
+
+    // A route the server does not have.
+    let mut args = client_flags(&pki, "client", server.addr());
+    args.push("--route=nope".into());
+    let (code, steps) = check(&args);
+    let (step, detail, _) = failed(&steps);
+    assert_eq!(code, 2);
+    assert!(step.starts_with("route \"nope\""), "{steps:#?}");
+    assert!(detail.contains("unknown_route"), "{detail}");
+}
+
+#[test]
+fn a_wrong_redis_password_is_named() {
+    let pki = Pki::new();
+    let redis = Redis::start_with(&["--requirepass", "right"]);
+    let pw = pki.path("redis.pw");
+    std::fs::write(&pw, "wrong\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let server = Legate::server(
+        &pki,
+        &redis.addr(),
+        &[
+            "--allow-cn=client",
+            &format!("--redis-password-file={}", pw.display()),
+        ],
+    );
+    let mut args = client_flags(&pki, "client", server.addr());
+    args.push("--redis".into());
+    let (code, steps) = check(&args);
+    let (step, detail, hint) = failed(&steps);
+    assert_eq!(code, 2);
+    assert!(step.starts_with("Redis PING"), "{steps:#?}");
+    assert!(detail.contains("WRONGPASS"), "{detail}");
+    assert!(hint.contains("--redis-password-file"), "{hint}");
+}
