@@ -1553,7 +1553,8 @@ colour = "blue"
             "{text}"
         );
         assert!(
-            text.contains("tunnel \"three\": unknown field `colour`"),
+            text.contains("tunnel \"three\": TOML parse error at line 20, column 1")
+                && text.contains("unknown field `colour`"),
             "{text}"
         );
         assert!(p.iter().all(|l| !l.contains('\n')));
