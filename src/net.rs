@@ -247,14 +247,14 @@ fn inherited(name: &str) -> io::Result<Listener> {
     let count: RawFd = std::env::var("LISTEN_FDS")
         .ok()
         .and_then(|n| n.parse().ok())
-        .ok_or_else(|| missing(format!("systemd:{name}: no sockets were passed in (LISTEN_FDS is not set: start legate from a socket unit)")))?;
+        .ok_or_else(|| missing("no sockets were passed in (LISTEN_FDS is not set: start legate from a socket unit)".to_string()))?;
     if let Some(pid) = std::env::var("LISTEN_PID")
         .ok()
         .and_then(|p| p.parse::<u32>().ok())
         && pid != std::process::id()
     {
         return Err(missing(format!(
-            "systemd:{name}: the sockets passed in were meant for process {pid}"
+            "the sockets passed in were meant for process {pid}"
         )));
     }
     let names = std::env::var("LISTEN_FDNAMES").unwrap_or_default();
@@ -262,7 +262,7 @@ fn inherited(name: &str) -> io::Result<Listener> {
         .split(':')
         .position(|n| n == name)
         .filter(|i| (*i as RawFd) < count)
-        .ok_or_else(|| missing(format!("systemd:{name}: no socket of that name was passed in (LISTEN_FDNAMES={names:?}); set FileDescriptorName={name} in the socket unit")))?;
+        .ok_or_else(|| missing(format!("no socket of that name was passed in (LISTEN_FDNAMES={names:?}); set FileDescriptorName={name} in the socket unit")))?;
     let fd = 3 + index as RawFd;
     // SAFETY: dup of a descriptor number; a negative result is an error, checked.
     let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
@@ -274,7 +274,7 @@ fn inherited(name: &str) -> io::Result<Listener> {
     let listening = socket.is_listener().unwrap_or(false);
     if !listening {
         return Err(io::Error::other(format!(
-            "systemd:{name}: the socket passed in is not a listening stream socket (ListenStream=)"
+            "the socket passed in under that name is not a listening stream socket (ListenStream=)"
         )));
     }
     socket.set_nonblocking(true)?;

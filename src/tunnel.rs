@@ -45,18 +45,19 @@ pub enum Error {
     #[error("{}", prefix_lines(tunnel, source))]
     Tls { tunnel: String, source: tls::Error },
     #[error(
-        "tunnel {tunnel:?}: target {target} does not resolve ({source}); check the name, or pass --skip-resolve if it will exist later"
+        "tunnel {tunnel:?}: target {target} does not resolve ({cause}); check the name, or pass --skip-resolve if it will exist later"
     )]
     Resolve {
         tunnel: String,
         target: String,
-        source: io::Error,
+        // Not `source`: the message says it already, and a chain would say it twice.
+        cause: io::Error,
     },
-    #[error("tunnel {tunnel:?}: cannot listen on {addr}: {source}")]
+    #[error("tunnel {tunnel:?}: cannot listen on {addr}: {cause}")]
     Bind {
         tunnel: String,
         addr: String,
-        source: io::Error,
+        cause: io::Error,
     },
 }
 
@@ -119,12 +120,11 @@ pub fn check_targets(cfg: &TunnelConfig) -> Result<(), Error> {
     let checked = upstreams.filter(|_| !cfg.skip_resolve);
     for target in checked.flat_map(|u| u.addresses()) {
         let Address::Tcp(hp) = target else { continue };
-        if let Err(source) = std::net::ToSocketAddrs::to_socket_addrs(&(hp.host.as_str(), hp.port))
-        {
+        if let Err(cause) = std::net::ToSocketAddrs::to_socket_addrs(&(hp.host.as_str(), hp.port)) {
             return Err(Error::Resolve {
                 tunnel: cfg.name.clone(),
                 target: target.to_string(),
-                source,
+                cause,
             });
         }
     }
@@ -175,10 +175,10 @@ impl Prepared {
     pub async fn bind(self, metrics: Arc<TunnelMetrics>) -> Result<Tunnel, Error> {
         let listener = Listener::bind(&self.cfg.listen)
             .await
-            .map_err(|source| Error::Bind {
+            .map_err(|cause| Error::Bind {
                 tunnel: self.cfg.name.clone(),
                 addr: self.cfg.listen.to_string(),
-                source,
+                cause,
             })?;
         Ok(self.on(listener, metrics))
     }

@@ -110,7 +110,7 @@ side = "sideways"
             "tunnel \"one\": target 10.1.2.3:6379 is not a loopback address",
             "tunnel \"two\": --close-timeout \"forever\" is not a duration",
             "tunnel \"two\": --listen 0.0.0.0:6380 is not a loopback address",
-            "tunnel \"three\": unknown variant `sideways`",
+            "tunnel \"three\": TOML parse error at line 20, column 8: 20 | side = \"sideways\": unknown variant `sideways`",
         ] {
             assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
         }
