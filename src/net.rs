@@ -273,9 +273,9 @@ fn inherited(name: &str) -> io::Result<Listener> {
     let socket = unsafe { socket2::Socket::from_raw_fd(dup) };
     let listening = socket.is_listener().unwrap_or(false);
     if !listening {
-        return Err(io::Error::other(format!(
-            "the socket passed in under that name is not a listening stream socket (ListenStream=)"
-        )));
+        return Err(io::Error::other(
+            "the socket passed in under that name is not a listening stream socket (ListenStream=)",
+        ));
     }
     socket.set_nonblocking(true)?;
     match socket.local_addr()?.as_unix() {
