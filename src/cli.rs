@@ -21,18 +21,29 @@ use crate::config::{ProcessFile, Side, Targets, TunnelFile};
 )]
 pub struct Cli {
     /// Log line format. The level filter comes from RUST_LOG (default: info).
-    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    #[arg(help_heading = "Logging", long, value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
 
     /// Silence classes of log lines: conns (connections that end well), conn-errs (connections
     /// that fail after the handshake), handshake-errs (failed handshakes), all (those three and
     /// every other line below warnings). Repeatable or comma-separated.
-    #[arg(long, value_enum, value_delimiter = ',', global = true)]
+    #[arg(
+        help_heading = "Logging",
+        long,
+        value_enum,
+        value_delimiter = ',',
+        global = true
+    )]
     pub quiet: Vec<crate::log::QuietClass>,
 
-    /// Runtime worker threads. Default: half the CPUs, at least one (one thread runs a
-    /// single-threaded runtime).
-    #[arg(long, value_name = "N", global = true)]
+    /// Runtime worker threads (one runs a single-threaded runtime). [default: half the CPUs,
+    /// at least one]
+    #[arg(
+        help_heading = "Process (every tunnel)",
+        long,
+        value_name = "N",
+        global = true
+    )]
     pub threads: Option<usize>,
 
     #[command(subcommand)]
@@ -73,29 +84,43 @@ pub enum Command {
 /// Flags both sides take.
 #[derive(Debug, Args)]
 pub struct CommonArgs {
-    /// Address to accept connections on (host:port). With --from-docker-env: the host only
-    /// (default 127.0.0.1); each tunnel listens on its link's port.
-    #[arg(long, value_name = "ADDR", required_unless_present = "from_docker_env")]
+    /// Address to accept connections on: HOST:PORT, unix:PATH, or systemd:NAME (a socket
+    /// systemd passes in). With --from-docker-env: the host only (127.0.0.1 unless given);
+    /// each tunnel listens on its link's port.
+    #[arg(
+        help_heading = "Addresses",
+        long,
+        value_name = "ADDR",
+        required_unless_present = "from_docker_env"
+    )]
     pub listen: Option<String>,
     /// Docker-link variables: one tunnel per ALIAS_PORT_<port>_TCP=tcp://host:port of these
     /// aliases (comma-separated; only those listed), listening on that port, forwarding to
     /// that address. UDP links are skipped with a warning. Instead of --target.
-    #[arg(long, value_name = "ALIAS", value_delimiter = ',')]
+    #[arg(
+        help_heading = "Addresses",
+        long,
+        value_name = "ALIAS",
+        value_delimiter = ','
+    )]
     pub from_docker_env: Vec<String>,
     /// Where to forward: the service (server side) or the legate server (client side).
     /// Repeatable: several endpoints share the connections (see --balance), a failed connect
-    /// tries the next. Each is ADDR[,weight=N][,name=TLS-NAME].
-    #[arg(long, value_name = "ADDR")]
+    /// tries the next. Each is ADDR[,weight=N][,priority=N][,name=TLS-NAME], ADDR being
+    /// HOST:PORT or unix:PATH; or a source: srv:NAME, dns:HOST:PORT, file:PATH,
+    /// sentinel:MASTER@HOST:PORT,...
+    #[arg(help_heading = "Addresses", long, value_name = "ADDR")]
     pub target: Vec<String>,
     /// How new connections are spread over several endpoints: p2c (fewest open connections of
-    /// two drawn at random, per unit of weight; the default) or round-robin (by weight).
-    #[arg(long, value_name = "POLICY")]
+    /// two drawn at random, per unit of weight) or round-robin (by weight). [default: p2c]
+    #[arg(help_heading = "Addresses", long, value_name = "POLICY")]
     pub balance: Option<crate::config::Balance>,
     /// Do not resolve --target (or a route) at startup: it may not exist yet.
-    #[arg(long)]
+    #[arg(help_heading = "Addresses", long)]
     pub skip_resolve: bool,
     /// This side's certificate chain (PEM).
     #[arg(
+        help_heading = "Identity",
         long,
         value_name = "PATH",
         requires = "key",
@@ -103,13 +128,19 @@ pub struct CommonArgs {
     )]
     pub cert: Option<PathBuf>,
     /// This side's private key (PEM: PKCS#8, SEC1 or RSA).
-    #[arg(long, value_name = "PATH", requires = "cert")]
+    #[arg(
+        help_heading = "Identity",
+        long,
+        value_name = "PATH",
+        requires = "cert"
+    )]
     pub key: Option<PathBuf>,
     /// This side's identity in one file: PKCS#12, or PEM with the chain and the key.
-    #[arg(long, value_name = "PATH")]
+    #[arg(help_heading = "Identity", long, value_name = "PATH")]
     pub keystore: Option<PathBuf>,
-    /// Password of a PKCS#12 keystore (default: empty).
+    /// Password of a PKCS#12 keystore. [default: empty]
     #[arg(
+        help_heading = "Identity",
         long,
         value_name = "PASS",
         env = "KEYSTORE_PASS",
@@ -117,77 +148,77 @@ pub struct CommonArgs {
     )]
     pub storepass: Option<String>,
     /// CA bundle (PEM) that peers' certificates must chain to.
-    #[arg(long, value_name = "PATH")]
+    #[arg(help_heading = "Identity", long, value_name = "PATH")]
     pub cacert: Option<PathBuf>,
     /// Certificate revocation list (PEM or DER): peers whose certificate it lists are refused.
-    #[arg(long, value_name = "PATH")]
+    #[arg(help_heading = "Identity", long, value_name = "PATH")]
     pub crl: Option<PathBuf>,
-    /// Lowest TLS version to accept: TLS1.3 (default) or TLS1.2.
-    #[arg(long, value_name = "VERSION")]
+    /// Lowest TLS version to accept: TLS1.3 or TLS1.2. [default: TLS1.3]
+    #[arg(help_heading = "Identity", long, value_name = "VERSION")]
     pub min_tls_version: Option<String>,
-    /// Highest TLS version to speak, on the tunnel and the HTTPS status port: TLS1.3 (default)
-    /// or TLS1.2 (which alone also lowers the minimum to TLS1.2).
-    #[arg(long, value_name = "VERSION")]
+    /// Highest TLS version to speak, on the tunnel and the HTTPS status port: TLS1.3 or TLS1.2
+    /// (which alone also lowers the minimum to TLS1.2). [default: TLS1.3]
+    #[arg(help_heading = "Identity", long, value_name = "VERSION")]
     pub max_tls_version: Option<String>,
-    /// Time allowed to connect onward (client side: TCP plus TLS handshake). Default 10s.
-    #[arg(long, value_name = "DURATION")]
+    /// Time allowed to connect onward (client side: TCP plus TLS handshake). [default: 10s]
+    #[arg(help_heading = "Timeouts and limits", long, value_name = "DURATION")]
     pub connect_timeout: Option<String>,
-    /// Once one direction of a connection ends, time allowed for the other. Default 10s.
-    #[arg(long, value_name = "DURATION")]
+    /// Once one direction of a connection ends, time allowed for the other. [default: 10s]
+    #[arg(help_heading = "Timeouts and limits", long, value_name = "DURATION")]
     pub close_timeout: Option<String>,
-    /// Time allowed for an incoming TLS handshake (server side). Default 10s.
-    #[arg(long, value_name = "DURATION")]
+    /// Time allowed for an incoming TLS handshake (server side). [default: --connect-timeout]
+    #[arg(help_heading = "Timeouts and limits", long, value_name = "DURATION")]
     pub handshake_timeout: Option<String>,
     /// TCP keepalive idle time on the TLS side, then 10 probes at a tenth of it (a dead link is
-    /// noticed after about twice this); 0 turns it off. Default 30s.
-    #[arg(long, value_name = "DURATION")]
+    /// noticed after about twice this); 0 turns it off. [default: 30s]
+    #[arg(help_heading = "Timeouts and limits", long, value_name = "DURATION")]
     pub keepalive: Option<String>,
     /// Close a connection this long after it was established, whatever it is doing (counted
-    /// as a timeout). 0 (default) is no limit.
-    #[arg(long, value_name = "DURATION")]
+    /// as a timeout); 0 is no limit. [default: 0]
+    #[arg(help_heading = "Timeouts and limits", long, value_name = "DURATION")]
     pub max_conn_lifetime: Option<String>,
-    /// Most connections open at once; further ones wait. 0 (default) is unlimited.
-    #[arg(long, value_name = "N")]
+    /// Most connections open at once; further ones wait; 0 is unlimited. [default: 0]
+    #[arg(help_heading = "Timeouts and limits", long, value_name = "N")]
     pub max_concurrent_conns: Option<usize>,
-    /// On SIGTERM/SIGINT, time open connections get to finish. Default 5m.
-    #[arg(long, value_name = "DURATION")]
+    /// On SIGTERM/SIGINT, time open connections get to finish. [default: 5m]
+    #[arg(help_heading = "Process (every tunnel)", long, value_name = "DURATION")]
     pub shutdown_timeout: Option<String>,
     /// Serve /_status and /_metrics on [http(s)://]HOST:PORT or unix:PATH: HTTPS with this
     /// side's live certificate when it has one, plain HTTP when it has none, on a unix: socket,
     /// or when written http://HOST:PORT.
-    #[arg(long, value_name = "ADDR")]
+    #[arg(help_heading = "Status and metrics", long, value_name = "ADDR")]
     pub status: Option<String>,
-    /// What the ghostunnel-shaped metric names in /_metrics start with. Default "ghostunnel",
-    /// so dashboards built on ghostunnel keep working.
-    #[arg(long, value_name = "PREFIX")]
+    /// What the ghostunnel-shaped metric names in /_metrics start with, so dashboards built on
+    /// ghostunnel keep working. [default: ghostunnel]
+    #[arg(help_heading = "Status and metrics", long, value_name = "PREFIX")]
     pub metrics_prefix: Option<String>,
     /// Serve /debug/pprof/goroutine on the status listener: the live task count, in the shape
     /// of ghostunnel's goroutine count (leak checks written against it keep working).
-    #[arg(long)]
+    #[arg(help_heading = "Status and metrics", long)]
     pub enable_pprof: bool,
-    /// The DNS server srv: and dns: targets ask (IP[:PORT]). Default: the system's.
-    #[arg(long, value_name = "IP:PORT")]
+    /// The DNS server srv: and dns: targets ask (IP[:PORT]). [default: the system's]
+    #[arg(help_heading = "Process (every tunnel)", long, value_name = "IP:PORT")]
     pub nameserver: Option<String>,
     /// srv: and dns: targets are looked up again on their answer's TTL, but not sooner than
-    /// this. Default 1s.
-    #[arg(long, value_name = "DURATION")]
+    /// this. [default: 1s]
+    #[arg(help_heading = "Process (every tunnel)", long, value_name = "DURATION")]
     pub dns_min_interval: Option<String>,
-    /// ... and not later than this. Default 60s.
-    #[arg(long, value_name = "DURATION")]
+    /// ... and not later than this. [default: 60s]
+    #[arg(help_heading = "Process (every tunnel)", long, value_name = "DURATION")]
     pub dns_max_interval: Option<String>,
-    /// How long a discovery source that fails keeps its last endpoints. Default 5m.
-    #[arg(long, value_name = "DURATION")]
+    /// How long a discovery source that fails keeps its last endpoints. [default: 5m]
+    #[arg(help_heading = "Process (every tunnel)", long, value_name = "DURATION")]
     pub discovery_hold: Option<String>,
     /// Reload certificate, key, CA bundle and CRL this often (as SIGHUP does).
-    #[arg(long, value_name = "DURATION")]
+    #[arg(help_heading = "Process (every tunnel)", long, value_name = "DURATION")]
     pub timed_reload: Option<String>,
     /// Server side: accept clients without certificates. Client side: present no certificate.
     /// Logged loudly: anyone who reaches the port gets through.
-    #[arg(long)]
+    #[arg(help_heading = "Identity", long)]
     pub disable_authentication: bool,
     /// Start even when the private key (or keystore) is readable by group or others, as on a
     /// volume that cannot be made private. Without it such a key is refused, like ssh does.
-    #[arg(long)]
+    #[arg(help_heading = "Identity", long)]
     pub allow_readable_key: bool,
 }
 
@@ -196,63 +227,68 @@ pub struct ServerArgs {
     #[command(flatten)]
     pub common: CommonArgs,
     /// Admit any client whose certificate chains to --cacert.
-    #[arg(long)]
+    #[arg(help_heading = "Access", long)]
     pub allow_all: bool,
     /// Admit clients with this subject common name (repeatable).
-    #[arg(long, value_name = "CN")]
+    #[arg(help_heading = "Access", long, value_name = "CN")]
     pub allow_cn: Vec<String>,
     /// Admit clients with this subject organizational unit (repeatable).
-    #[arg(long, value_name = "OU")]
+    #[arg(help_heading = "Access", long, value_name = "OU")]
     pub allow_ou: Vec<String>,
     /// Admit clients with this DNS SAN (repeatable).
-    #[arg(long, value_name = "DNS")]
+    #[arg(help_heading = "Access", long, value_name = "DNS")]
     pub allow_dns: Vec<String>,
     /// Admit clients with this URI SAN; a trailing /* matches one path segment, /** any
     /// (repeatable).
-    #[arg(long, value_name = "URI")]
+    #[arg(help_heading = "Access", long, value_name = "URI")]
     pub allow_uri: Vec<String>,
     /// Admit clients with this IP address SAN (repeatable).
-    #[arg(long, value_name = "IP", alias = "allow-ip-san")]
+    #[arg(
+        help_heading = "Access",
+        long,
+        value_name = "IP",
+        alias = "allow-ip-san"
+    )]
     pub allow_ip: Vec<String>,
     /// A named route for legate/1 clients: NAME=ADDR (repeatable; the same NAME again adds an
     /// endpoint to that route).
-    #[arg(long = "route", value_name = "NAME=ADDR", value_parser = parse_route)]
+    #[arg(help_heading = "Addresses", long = "route", value_name = "NAME=ADDR", value_parser = parse_route)]
     pub routes: Vec<(String, String)>,
     /// Allow a --target (or route) that is not on loopback.
-    #[arg(long)]
+    #[arg(help_heading = "Addresses", long)]
     pub unsafe_target: bool,
     /// How long a legate/1 connection may wait for its next stream (clients keep connections
-    /// ready and reuse them). Default 60s.
-    #[arg(long, value_name = "DURATION")]
+    /// ready and reuse them). [default: 60s]
+    #[arg(help_heading = "Timeouts and limits", long, value_name = "DURATION")]
     pub idle_timeout: Option<String>,
     /// Check each service endpoint with a TCP connect this often; one that fails
     /// --health-fall checks in a row gets no new connections until it passes --health-rise.
     /// Off by default.
-    #[arg(long, value_name = "DURATION")]
+    #[arg(help_heading = "Service and health", long, value_name = "DURATION")]
     pub health_interval: Option<String>,
-    /// Time a health check's connect may take. Default 2s (at most the interval).
-    #[arg(long, value_name = "DURATION")]
+    /// Time a health check's connect may take (at most the interval). [default: 2s]
+    #[arg(help_heading = "Service and health", long, value_name = "DURATION")]
     pub health_timeout: Option<String>,
-    /// Passing checks in a row that bring an endpoint back. Default 2.
-    #[arg(long, value_name = "N")]
+    /// Passing checks in a row that bring an endpoint back. [default: 2]
+    #[arg(help_heading = "Service and health", long, value_name = "N")]
     pub health_rise: Option<u32>,
-    /// Failing checks in a row that take an endpoint out. Default 3.
-    #[arg(long, value_name = "N")]
+    /// Failing checks in a row that take an endpoint out. [default: 3]
+    #[arg(help_heading = "Service and health", long, value_name = "N")]
     pub health_fall: Option<u32>,
     #[command(flatten)]
     pub redis: RedisArgs,
     /// "master": a stream reaches the target only while it is a Redis master (HELLO's role,
     /// checked on each connection; refused with not_master otherwise, so a client ambassador
     /// tries its next server). Streams open on a Redis that stops being master are closed.
-    #[arg(long, value_name = "ROLE")]
+    #[arg(help_heading = "Redis", long, value_name = "ROLE")]
     pub require_role: Option<String>,
     /// /_status checks the service with an HTTP GET of this http:// or https:// URL, sent over
     /// a connection to --target; only a 200 is healthy. Without it, a TCP connect is the check.
-    #[arg(long, value_name = "URL")]
+    #[arg(help_heading = "Service and health", long, value_name = "URL")]
     pub target_status: Option<String>,
     /// Send a PROXY protocol v2 header to the target: the consumer's address (over legate/1)
     /// or the client side's, and the client's identity as TLVs.
-    #[arg(long)]
+    #[arg(help_heading = "Service and health", long)]
     pub proxy_protocol: bool,
 }
 
@@ -262,25 +298,37 @@ pub struct ServerArgs {
 pub struct RedisArgs {
     /// Authenticate to Redis before relaying, with the password in this file (mode 0600; read
     /// for every connection, so a new one is used at once). Consumers then need no AUTH.
-    #[arg(long = "redis-password-file", value_name = "PATH")]
+    #[arg(
+        help_heading = "Redis",
+        long = "redis-password-file",
+        value_name = "PATH"
+    )]
     pub password_file: Option<std::path::PathBuf>,
     /// ... or with the password in this environment variable.
-    #[arg(long = "redis-password-env", value_name = "VAR")]
+    #[arg(
+        help_heading = "Redis",
+        long = "redis-password-env",
+        value_name = "VAR"
+    )]
     pub password_env: Option<String>,
-    /// The ACL user to authenticate as (AUTH user password). Default: the default user.
-    #[arg(long = "redis-user", value_name = "USER")]
+    /// The ACL user to authenticate as (AUTH user password). [default: default]
+    #[arg(help_heading = "Redis", long = "redis-user", value_name = "USER")]
     pub user: Option<String>,
     /// Authenticate with HELLO N AUTH user password (N = 2 or 3: the RESP version the
     /// connection then speaks) instead of AUTH.
-    #[arg(long = "redis-hello", value_name = "N")]
+    #[arg(help_heading = "Redis", long = "redis-hello", value_name = "N")]
     pub hello: Option<u8>,
-    /// The consumer's own leading AUTH (and HELLO's AUTH): pass (relay it, the default) or
-    /// local (answer AUTH with +OK here, strip AUTH from HELLO): the ambassador's credentials
-    /// are then the only ones Redis sees.
-    #[arg(long = "redis-consumer-auth", value_name = "POLICY")]
+    /// The consumer's own leading AUTH (and HELLO's AUTH): pass (relay it) or local (answer
+    /// AUTH with +OK here, strip AUTH from HELLO): the ambassador's credentials are then the
+    /// only ones Redis sees. [default: pass]
+    #[arg(
+        help_heading = "Redis",
+        long = "redis-consumer-auth",
+        value_name = "POLICY"
+    )]
     pub consumer_auth: Option<crate::redis::ConsumerAuth>,
     /// The target speaks Redis (implied by --redis-* and --require-role): "redis" or "tcp".
-    #[arg(long, value_name = "PROTOCOL", value_parser = parse_protocol)]
+    #[arg(help_heading = "Redis", long, value_name = "PROTOCOL", value_parser = parse_protocol)]
     pub protocol: Option<crate::config::Protocol>,
 }
 
@@ -302,42 +350,47 @@ pub struct ClientArgs {
     #[command(flatten)]
     pub redis: RedisArgs,
     /// Require this common name on the server's certificate (repeatable, any matches).
-    #[arg(long, value_name = "CN")]
+    #[arg(help_heading = "Access", long, value_name = "CN")]
     pub verify_cn: Vec<String>,
     /// Require this organizational unit on the server's certificate.
-    #[arg(long, value_name = "OU")]
+    #[arg(help_heading = "Access", long, value_name = "OU")]
     pub verify_ou: Vec<String>,
     /// Require this DNS SAN on the server's certificate.
-    #[arg(long, value_name = "DNS")]
+    #[arg(help_heading = "Access", long, value_name = "DNS")]
     pub verify_dns: Vec<String>,
     /// Require this URI SAN on the server's certificate (trailing /* or /** allowed).
-    #[arg(long, value_name = "URI")]
+    #[arg(help_heading = "Access", long, value_name = "URI")]
     pub verify_uri: Vec<String>,
     /// Require this IP address SAN on the server's certificate (repeatable, any matches).
-    #[arg(long, value_name = "IP", alias = "verify-ip-san")]
+    #[arg(
+        help_heading = "Access",
+        long,
+        value_name = "IP",
+        alias = "verify-ip-san"
+    )]
     pub verify_ip: Vec<String>,
     /// Verify the server's certificate for this name instead of --target's host.
-    #[arg(long, value_name = "NAME")]
+    #[arg(help_heading = "Access", long, value_name = "NAME")]
     pub override_server_name: Option<String>,
     /// Ask a legate server for this named route (legate/1).
-    #[arg(long, value_name = "NAME")]
+    #[arg(help_heading = "Addresses", long, value_name = "NAME")]
     pub route: Option<String>,
     /// Do not offer legate/1: the TLS stream is the byte stream (for non-legate servers;
     /// legate falls back to this by itself when the server does not pick legate/1).
-    #[arg(long)]
+    #[arg(help_heading = "Addresses", long)]
     pub raw: bool,
     /// Allow a --listen address that is not on loopback.
-    #[arg(long)]
+    #[arg(help_heading = "Addresses", long)]
     pub unsafe_listen: bool,
     /// Multiplexed legate/1 connections to keep open to a legate server, each carrying any
-    /// number of consumer connections as streams. Default 1; 0 gives every consumer connection
-    /// a TLS connection of its own.
-    #[arg(long, value_name = "N")]
+    /// number of consumer connections as streams; 0 gives every consumer connection a TLS
+    /// connection of its own. [default: 1]
+    #[arg(help_heading = "Addresses", long, value_name = "N")]
     pub pool_size: Option<usize>,
     /// The server is a legate: keep connections open from startup, so even the first consumer
     /// pays no handshake. Without it (or --route), nothing is opened before a consumer
     /// connects, and the first one finds out what the server speaks.
-    #[arg(long)]
+    #[arg(help_heading = "Addresses", long)]
     pub peer_is_legate: bool,
 }
 

@@ -61,3 +61,42 @@ fn the_man_page_documents_the_subcommands() {
         assert!(page.contains(sub), "{sub} missing from the man page");
     }
 }
+
+/// `--help` groups the flags (process-wide ones apart from each tunnel's), says where
+/// `unix:PATH` is accepted, and shows defaults as clap does.
+#[test]
+fn help_groups_its_flags() {
+    for side in ["server", "client"] {
+        let out = std::process::Command::new(harness::legate_bin())
+            .args([side, "--help"])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let help = String::from_utf8_lossy(&out.stdout);
+        let section = |heading: &str| -> String {
+            let start = help
+                .find(&format!("\n{heading}:\n"))
+                .unwrap_or_else(|| panic!("{heading} in {help}"));
+            let rest = &help[start + heading.len() + 3..];
+            rest[..rest.find("\n\n").unwrap_or(rest.len())].to_string()
+        };
+        assert!(
+            section("Addresses").contains("--listen") && section("Addresses").contains("unix:PATH")
+        );
+        assert!(section("Identity").contains("--cacert"));
+        assert!(section("Access").contains(if side == "server" {
+            "--allow-cn"
+        } else {
+            "--verify-cn"
+        }));
+        assert!(section("Timeouts and limits").contains("--connect-timeout <DURATION>"));
+        assert!(section("Timeouts and limits").contains("[default: 10s]"));
+        let process = section("Process (every tunnel)");
+        assert!(
+            process.contains("--shutdown-timeout") && process.contains("--threads"),
+            "{process}"
+        );
+        assert!(!section("Addresses").contains("--shutdown-timeout"));
+        assert!(section("Logging").contains("--log-format"));
+    }
+}
