@@ -290,6 +290,10 @@ pub struct ServerArgs {
     /// or the client side's, and the client's identity as TLVs.
     #[arg(help_heading = "Service and health", long)]
     pub proxy_protocol: bool,
+    /// Announce this server over mDNS / DNS-SD as _legate._tcp.local. (routes in TXT), until
+    /// it stops; clients find it with --target=mdns: (no DNS server or registry needed).
+    #[arg(help_heading = "Addresses", long)]
+    pub announce: bool,
 }
 
 /// A Redis route's credentials, on either side: a server ambassador authenticates to the Redis
@@ -530,6 +534,7 @@ impl ServerArgs {
             .collect();
         f.unsafe_target = self.unsafe_target;
         f.proxy_protocol = self.proxy_protocol;
+        f.announce = self.announce;
         f.idle_timeout = self.idle_timeout;
         f.target_status = self.target_status;
         f.health_interval = self.health_interval;

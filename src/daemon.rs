@@ -65,12 +65,16 @@ struct Running {
     view: TunnelView,
     stop: CancellationToken,
     server: JoinHandle<Listener>,
+    /// Its mDNS announcement, withdrawn when it stops.
+    announced: Option<crate::mdns::Announcement>,
 }
 
 impl Running {
     /// Stops accepting; returns the listener, still open (dropped, it closes). Its
-    /// connections carry on.
+    /// connections carry on. An mDNS announcement is withdrawn first, so clients stop
+    /// choosing this server before it stops taking them.
     async fn stop(self) -> Option<Listener> {
+        drop(self.announced);
         self.stop.cancel();
         self.server.await.ok()
     }
@@ -113,6 +117,21 @@ impl Daemon {
         let upstreams = tunnel.upstreams();
         let stop = CancellationToken::new();
         let server = tokio::spawn(tunnel.serve(stop.clone(), self.tracker.clone()));
+        let announced = if cfg.announce {
+            let routes: Vec<String> = cfg.routes.keys().cloned().collect();
+            match listen.parse() {
+                Ok(addr) => match crate::mdns::announce(&cfg.name, addr, &routes) {
+                    Ok(a) => Some(a),
+                    Err(e) => {
+                        tracing::warn!(tunnel = %cfg.name, error = %e, "not announced over mDNS");
+                        None
+                    }
+                },
+                Err(_) => None,
+            }
+        } else {
+            None
+        };
         Ok(Running {
             view: TunnelView {
                 cfg,
@@ -122,6 +141,7 @@ impl Daemon {
             },
             stop,
             server,
+            announced,
         })
     }
 

@@ -32,6 +32,7 @@ pub mod dial;
 pub mod health;
 pub mod inbound;
 pub mod log;
+pub mod mdns;
 pub mod metrics;
 pub mod mux;
 pub mod net;

@@ -153,6 +153,10 @@ pub struct TunnelFile {
     /// Server side: send a PROXY protocol v2 header to the target.
     #[serde(default)]
     pub proxy_protocol: bool,
+    /// Server side: announce this tunnel over mDNS / DNS-SD as `_legate._tcp.local.`, with
+    /// its routes, until it stops.
+    #[serde(default)]
+    pub announce: bool,
     /// Server side: ask clients for no certificate. Client side: present none.
     #[serde(default)]
     pub disable_authentication: bool,
@@ -209,6 +213,8 @@ pub struct TunnelConfig {
     pub max_concurrent_conns: usize,
     /// Client side: offer `legate/1`.
     pub legate_protocol: bool,
+    /// Server side: announced over mDNS.
+    pub announce: bool,
     /// `--disable-authentication`: no client certificates on this tunnel.
     pub disable_authentication: bool,
     /// Server side: a PROXY v2 header goes to the target first.
@@ -607,7 +613,15 @@ impl TunnelFile {
         let target_status = self.target_status(&mut p, side);
         // Before the problems are counted: each of these reports its own.
         let health_check = self.health_check(&mut p, side);
-        let (target, routes) = self.redis_routes(&mut p, side, base, target, routes);
+        let (mut target, routes) = self.redis_routes(&mut p, side, base, target, routes);
+        self.mdns(
+            &mut p,
+            side,
+            listen.as_ref(),
+            target.as_mut(),
+            &routes,
+            &route,
+        );
         if target_status.is_some() && target.is_none() {
             p.push(
                 "--target-status needs --target: the check is sent over a connection to it".into(),
@@ -639,6 +653,7 @@ impl TunnelFile {
             target_status,
             max_concurrent_conns: self.max_concurrent_conns.unwrap_or(0),
             legate_protocol: !self.raw,
+            announce: self.announce,
             disable_authentication: self.disable_authentication,
             proxy_protocol: self.proxy_protocol,
             skip_resolve: self.skip_resolve,
@@ -1019,6 +1034,54 @@ impl TunnelFile {
         })
     }
 
+    /// mDNS: `announce` is a server side's, on a TCP listener; an `mdns:` source is a client
+    /// side's, filtered to its route, and needs `--override-server-name`: the `.local` name an
+    /// announcement carries is never what a certificate is checked against.
+    fn mdns(
+        &self,
+        p: &mut Vec<String>,
+        side: Side,
+        listen: Option<&Address>,
+        target: Option<&mut Upstream>,
+        routes: &BTreeMap<String, Upstream>,
+        route: &str,
+    ) {
+        if self.announce {
+            if side == Side::Client {
+                p.push(
+                    "--announce is server-side: a server ambassador announces itself over mDNS"
+                        .into(),
+                );
+            } else if listen.is_some_and(|l| !matches!(l, Address::Tcp(_))) {
+                p.push(
+                    "--announce needs a TCP --listen address: mDNS announces a host and port"
+                        .into(),
+                );
+            }
+        }
+        let is_mdns = |s: &Source| matches!(s, Source::Mdns { .. });
+        if routes.values().any(|u| u.sources.iter().any(is_mdns)) {
+            p.push(
+                "mdns: finds server ambassadors: it is a client side's target, not a route's"
+                    .into(),
+            );
+        }
+        let Some(target) = target else { return };
+        if !target.sources.iter().any(is_mdns) {
+            return;
+        }
+        if side == Side::Server {
+            p.push("mdns: finds server ambassadors: it is a client side's target".into());
+        } else if self.override_server_name.is_none() {
+            p.push("mdns: needs --override-server-name: each announced server's certificate is checked against it, never against the .local name it announces".into());
+        }
+        for s in &mut target.sources {
+            if let Source::Mdns { route: r, .. } = s {
+                *r = route.to_string();
+            }
+        }
+    }
+
     /// The tunnel's Redis keys, as written.
     fn redis_keys(&self) -> RedisKeys {
         RedisKeys {
@@ -1354,6 +1417,39 @@ fn one_line(e: &impl fmt::Display) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mdns_sources_and_announcements_belong_to_their_sides() {
+        let client = |extra: &str| {
+            GOOD.replace("target = \"cache.internal:8443\"", "target = \"mdns:\"")
+                .replace("pool_size = 2", &format!("pool_size = 2\n{extra}"))
+        };
+        let e = from_toml(&client(""), None).unwrap_err().to_string();
+        assert!(e.contains("mdns: needs --override-server-name"), "{e}");
+        let c = from_toml(&client("override_server_name = \"cache.internal\""), None).unwrap();
+        let app = c.tunnels.iter().find(|t| t.name == "app").unwrap();
+        assert_eq!(
+            app.target.as_ref().unwrap().sources,
+            [Source::Mdns {
+                service: crate::mdns::SERVICE.into(),
+                route: "queue".into()
+            }],
+            "filtered to the client's route"
+        );
+        let e = from_toml(
+            &client("override_server_name = \"x\"\nannounce = true"),
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--announce is server-side"), "{e}");
+        let server = GOOD.replace("target = \"127.0.0.1:6379\"", "target = \"mdns:\"");
+        let e = from_toml(&server, None).unwrap_err().to_string();
+        assert!(e.contains("it is a client side's target"), "{e}");
+        let bad = client("override_server_name = \"x\"").replace("\"mdns:\"", "\"mdns:printer\"");
+        let e = from_toml(&bad, None).unwrap_err().to_string();
+        assert!(e.contains("mdns:_service._tcp.local."), "{e}");
+    }
 
     #[test]
     fn an_error_inside_a_tunnel_names_its_line_and_column() {

@@ -344,6 +344,10 @@ pub enum Source {
     /// `file:PATH`: a TOML file `endpoints = ["ADDR,weight=N", ...]`, reread when it changes
     /// (an atomic rename, a Kubernetes ConfigMap's `..data` swap).
     File(std::path::PathBuf),
+    /// `mdns:` or `mdns:SERVICE-TYPE`: server ambassadors announced over mDNS / DNS-SD
+    /// (`_legate._tcp.local.` by default), those listing `route` in their TXT record (any,
+    /// when empty). Client side.
+    Mdns { service: String, route: String },
     /// `sentinel:MASTER@HOST:PORT[,HOST:PORT...]`: the master Redis Sentinels name, asked in
     /// turn, followed by their `+switch-master` announcements.
     Sentinel {
@@ -362,6 +366,25 @@ impl Source {
                     "{s:?}: an SRV name looks like srv:_service._tcp.example.org."
                 ))
             });
+        }
+        if let Some(service) = s.strip_prefix("mdns:") {
+            let service = if service.is_empty() {
+                crate::mdns::SERVICE
+            } else {
+                service
+            };
+            return Some(
+                if service.starts_with('_') && service.ends_with("._tcp.local.") {
+                    Ok(Source::Mdns {
+                        service: service.to_string(),
+                        route: String::new(),
+                    })
+                } else {
+                    Err(format!(
+                        "{s:?}: write mdns: (for _legate._tcp.local.) or mdns:_service._tcp.local."
+                    ))
+                },
+            );
         }
         if let Some(rest) = s.strip_prefix("sentinel:") {
             let parsed = rest.split_once('@').and_then(|(master, list)| {
@@ -412,6 +435,7 @@ impl fmt::Display for Source {
             Source::Srv(name) => write!(f, "srv:{name}"),
             Source::Dns { host, port } => write!(f, "dns:{host}:{port}"),
             Source::File(path) => write!(f, "file:{}", path.display()),
+            Source::Mdns { service, .. } => write!(f, "mdns:{service}"),
             Source::Sentinel { master, sentinels } => {
                 let list: Vec<String> = sentinels.iter().map(ToString::to_string).collect();
                 write!(f, "sentinel:{master}@{}", list.join(","))

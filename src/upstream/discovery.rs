@@ -206,6 +206,9 @@ async fn watch(state: Arc<SourceState>, target: Weak<dyn Refresh>) {
     if let Source::Sentinel { master, sentinels } = &state.source {
         return follow_sentinels(&state, &target, master, sentinels).await;
     }
+    if let Source::Mdns { service, route } = &state.source {
+        return follow_mdns(&state, &target, service, route).await;
+    }
     loop {
         if target.strong_count() == 0 {
             return;
@@ -355,8 +358,8 @@ async fn lookup(source: &Source) -> Result<(Vec<EndpointSpec>, Duration), String
                 .collect();
             dedupe_nonempty(endpoints, host).map(|e| (e, ttl))
         }
-        Source::File(_) | Source::Sentinel { .. } => {
-            unreachable!("files are read and Sentinels followed, not looked up")
+        Source::File(_) | Source::Sentinel { .. } | Source::Mdns { .. } => {
+            unreachable!("files are read, Sentinels and mDNS followed, not looked up")
         }
     }
 }
@@ -411,6 +414,51 @@ async fn follow_sentinels(
             }
             let back_off = s.min_interval.saturating_mul(1 << failures.min(6));
             tokio::time::sleep(back_off.min(s.max_interval)).await;
+        }
+    }
+}
+
+/// Follows mDNS announcements of `service`: every announced server listing `route` (any, when
+/// empty), at each address it announces that can be dialled (not IPv6 link-local). A server
+/// that withdraws (or whose records expire) leaves at once; one that dies without a goodbye
+/// is ejected by passive health until its records expire.
+async fn follow_mdns(state: &SourceState, target: &Weak<dyn Refresh>, service: &str, route: &str) {
+    let hold = settings().hold;
+    let mut seen = match crate::mdns::browse(service) {
+        Ok(seen) => seen,
+        Err(e) => {
+            report(state, target, Err(e), hold);
+            return;
+        }
+    };
+    loop {
+        let endpoints = {
+            let found = seen.borrow_and_update();
+            let mut endpoints: Vec<EndpointSpec> = found
+                .values()
+                .filter(|f| route.is_empty() || f.routes.iter().any(|r| r == route))
+                .flat_map(|f| f.addrs.iter())
+                .filter(|a| match a.ip() {
+                    IpAddr::V6(v6) => !v6.is_unicast_link_local(),
+                    IpAddr::V4(v4) => !v4.is_link_local(),
+                })
+                .map(|a| EndpointSpec {
+                    addr: Address::Tcp(HostPort {
+                        host: a.ip().to_string(),
+                        port: a.port(),
+                    }),
+                    weight: 1,
+                    priority: 0,
+                    name: None,
+                    dns_name: None,
+                })
+                .collect();
+            endpoints.sort_by_key(|e| e.addr.to_string());
+            endpoints.dedup_by(|a, b| a.addr == b.addr);
+            endpoints
+        };
+        if !report(state, target, Ok(endpoints), hold) || seen.changed().await.is_err() {
+            return;
         }
     }
 }
