@@ -18,3 +18,34 @@ join_namespaces() {
     ip -n "$a" link set "$ifa" up
     ip -n "$b" link set "$ifb" up
 }
+
+# For a test script run as root: two fresh namespaces NS_A and NS_B joined as above, a work
+# directory in $work, and on exit every PID in the caller's pids array stopped, the namespaces
+# removed and $work deleted. Exits 77 (skipped) when this is not root or namespaces are not
+# allowed here.
+# Usage: test_namespaces SCRIPT-NAME NS_A NS_B IF_A IF_B
+test_namespaces() {
+    local script=$1
+    ns_a=$2 ns_b=$3
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "$script: skipped: needs root to create network namespaces" >&2
+        exit 77
+    fi
+    work=$(mktemp -d)
+    pids=()
+    trap _test_namespaces_cleanup EXIT
+    if ! ip netns add "$ns_a" 2>"$work/netns.err"; then
+        echo "$script: skipped: cannot create a network namespace here: $(cat "$work/netns.err")" >&2
+        exit 77
+    fi
+    join_namespaces "$ns_a" "$ns_b" "$4" "$5"
+}
+
+_test_namespaces_cleanup() {
+    set +e
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null; done
+    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null; done
+    ip netns del "$ns_a" 2>/dev/null
+    ip netns del "$ns_b" 2>/dev/null
+    rm -rf "$work"
+}

@@ -12,29 +12,9 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 . "$root/scripts/netns.sh"
 legate=${LEGATE_BIN:-$root/target/release/legate}
-if [ "$(id -u)" -ne 0 ]; then
-    echo "link-cut.sh: skipped: needs root to create network namespaces" >&2
-    exit 77
-fi
-work=$(mktemp -d)
 a="lgcut-a-$$"
 b="lgcut-b$$"
-pids=()
-cleanup() {
-    set +e
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null; done
-    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null; done
-    ip netns del "$a" 2>/dev/null
-    ip netns del "$b" 2>/dev/null
-    rm -rf "$work"
-}
-trap cleanup EXIT
-
-if ! ip netns add "$a" 2>"$work/netns.err"; then
-    echo "link-cut.sh: skipped: cannot create a network namespace here: $(cat "$work/netns.err")" >&2
-    exit 77
-fi
-join_namespaces "$a" "$b" "lc-a$$" "lc-b$$"
+test_namespaces link-cut.sh "$a" "$b" "lc-a$$" "lc-b$$"
 
 "$legate" gen-certs --out "$work/certs" --server-name 198.18.0.1 --client app >/dev/null
 c="$work/certs"

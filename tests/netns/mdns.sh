@@ -14,28 +14,9 @@ root=$(cd "$(dirname "$0")/../.." && pwd)
 . "$root/scripts/netns.sh"
 legate=${LEGATE_BIN:-$root/target/release/legate}
 legate=$(realpath "$legate")
-if [ "$(id -u)" -ne 0 ]; then
-    echo "mdns.sh: skipped: needs root to create network namespaces" >&2
-    exit 77
-fi
-work=$(mktemp -d)
 a="lgmd-a-$$"
 b="lgmd-b-$$"
-pids=()
-cleanup() {
-    set +e
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null; done
-    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null; done
-    ip netns del "$a" 2>/dev/null
-    ip netns del "$b" 2>/dev/null
-    rm -rf "$work"
-}
-trap cleanup EXIT
-if ! ip netns add "$a" 2>"$work/netns.err"; then
-    echo "mdns.sh: skipped: cannot create a network namespace here: $(cat "$work/netns.err")" >&2
-    exit 77
-fi
-join_namespaces "$a" "$b" "md-a$$" "md-b$$"
+test_namespaces mdns.sh "$a" "$b" "md-a$$" "md-b$$"
 
 "$legate" gen-certs --out "$work/certs" --server-name 198.18.0.1 --client app >/dev/null
 "$legate" gen-certs --out "$work/other" --server-name 198.18.0.1 --client app >/dev/null
