@@ -1,10 +1,12 @@
-//! `legate check`: a client tunnel diagnosed step by step, each step with a verdict and, when
-//! it fails, what to do. The steps are the ones a connection takes: the certificates, then for
-//! each server ambassador its name, the TCP connect, the TLS handshake (and the identity the
-//! `--verify-*` rules pin), the `legate/1` greeting and the route, and with `--redis` the
-//! service behind it answering PING.
+//! `legate check`: a tunnel diagnosed step by step, each step with a verdict and, when it
+//! fails, what to do. The steps are the ones a connection takes. On a client side: the
+//! certificates, each discovery source looked up once, then for each server ambassador its
+//! name, the TCP connect, the TLS handshake (and the identity the `--verify-*` rules pin), the
+//! `legate/1` greeting and the route, and with `--redis` the service behind it answering PING.
+//! On a server side: the certificates, then each target and route's endpoints connected, with
+//! the Redis exchange its route asks for (credentials, role), and with `--redis` a PING.
 //!
-//! In: a validated client [`TunnelConfig`]. Out: the [`Step`]s, printed as text or JSON by the
+//! In: a validated [`TunnelConfig`]. Out: the [`Step`]s, printed as text or JSON by the
 //! binary, whose exit code is the worst verdict's.
 
 use std::time::Duration;
@@ -72,21 +74,14 @@ impl Step {
     }
 }
 
-/// Checks `cfg` (a client side); `redis`: also PING the service through the tunnel.
+/// Checks `cfg`; `redis`: also PING the service (through the tunnel, on a client side).
 pub async fn run(cfg: &TunnelConfig, redis: bool) -> Vec<Step> {
     let mut out = Vec::new();
-    if cfg.side != Side::Client {
-        out.push(
-            step(
-                "config",
-                Verdict::Fail,
-                "legate check diagnoses a client side",
-            )
-            .hint("give the client's flags or its tunnel (--tunnel NAME)"),
-        );
+    out.push(step("config", Verdict::Ok, "valid"));
+    if cfg.side == Side::Server {
+        server(cfg, redis, &mut out).await;
         return out;
     }
-    out.push(step("config", Verdict::Ok, "valid"));
     let client = match ClientTls::new(&cfg.tls, cfg.tls_versions, &cfg.verify, cfg.legate_protocol)
     {
         Ok(c) => c,
@@ -102,18 +97,122 @@ pub async fn run(cfg: &TunnelConfig, redis: bool) -> Vec<Step> {
     let Some(target) = &cfg.target else {
         return out;
     };
-    for source in &target.sources {
-        out.push(step(
-            format!("discovery {source}"),
-            Verdict::Skipped,
-            "looked up while running; /_status lists what it finds",
-        ));
-    }
-    for e in &target.endpoints {
+    let mut endpoints = target.endpoints.clone();
+    endpoints.extend(discovered(&target.sources, &mut out).await);
+    for e in &endpoints {
         let name = cfg.server_name_of(e);
         endpoint(cfg, &client, &e.addr, &name, redis, &mut out).await;
     }
     out
+}
+
+/// Each discovery source looked up once: a step each, and the endpoints found.
+async fn discovered(
+    sources: &[crate::config::Source],
+    out: &mut Vec<Step>,
+) -> Vec<crate::config::EndpointSpec> {
+    let mut found = Vec::new();
+    for source in sources {
+        let name = format!("discovery {source}");
+        match crate::upstream::discovery::look_once(source).await {
+            None => out.push(step(
+                name,
+                Verdict::Skipped,
+                "followed while running; /_status lists what it finds",
+            )),
+            Some(Ok(e)) if e.is_empty() => out.push(
+                step(name, Verdict::Warn, "no endpoints now")
+                    .hint("nothing answers this name yet; the route has no endpoint from it"),
+            ),
+            Some(Ok(e)) => {
+                let list: Vec<String> = e.iter().map(ToString::to_string).collect();
+                out.push(step(name, Verdict::Ok, list.join(" ")));
+                found.extend(e);
+            }
+            Some(Err(e)) => out.push(
+                step(name, Verdict::Fail, e)
+                    .hint("check the name (and --nameserver), or the file it names"),
+            ),
+        }
+    }
+    found
+}
+
+/// A server side: its certificate, and each target (and route) reached as a connection would
+/// reach it, with the Redis exchange its route asks for and, with `redis`, a PING.
+async fn server(cfg: &TunnelConfig, redis: bool, out: &mut Vec<Step>) {
+    match tls::ServerTls::new(&cfg.tls, cfg.tls_versions) {
+        Ok(s) => out.push(certificate_age(s.not_after())),
+        Err(e) => {
+            out.push(
+                step("certificates", Verdict::Fail, e.to_string())
+                    .hint("fix the file named; `legate gen-certs` makes a matching set"),
+            );
+            return;
+        }
+    }
+    let timeout = cfg.connect_timeout.min(Duration::from_secs(10));
+    let routes = cfg
+        .target
+        .iter()
+        .map(|u| (String::new(), u))
+        .chain(cfg.routes.iter().map(|(n, u)| (n.clone(), u)));
+    for (route, u) in routes {
+        let mut endpoints = u.endpoints.clone();
+        endpoints.extend(discovered(&u.sources, out).await);
+        for e in endpoints {
+            let what = if route.is_empty() {
+                format!("target {}", e.addr)
+            } else {
+                format!("route {route:?}: {}", e.addr)
+            };
+            out.push(service(&e.addr, u.redis.as_ref(), redis, timeout, what).await);
+        }
+    }
+}
+
+/// One service endpoint of a server side: connected, readied as its route asks, and with
+/// `redis` PINGed.
+async fn service(
+    addr: &Address,
+    settings: Option<&crate::redis::Settings>,
+    redis: bool,
+    timeout: Duration,
+    what: String,
+) -> Step {
+    let mut s = match crate::dial::dial(addr, timeout).await {
+        Ok(s) => s,
+        Err(err) => {
+            return step(what, Verdict::Fail, err.to_string()).hint(
+                "is the service running there? a target off this host needs --unsafe-target",
+            );
+        }
+    };
+    if let Some(settings) = settings.filter(|s| s.prepares())
+        && let Err(r) = crate::redis::prepare(&mut s, settings, timeout).await
+    {
+        use crate::redis::Refusal;
+        let (detail, hint) = match r {
+            Refusal::Auth(e) => (
+                e,
+                "Redis refused the credentials: check --redis-password-file / --redis-user",
+            ),
+            Refusal::NotMaster(e) => (e, "not master now: require_role sends it nothing"),
+            Refusal::Failed(e) => (e, "is it Redis?"),
+        };
+        return step(what, Verdict::Fail, detail).hint(hint);
+    }
+    if !redis {
+        return step(what, Verdict::Ok, "connected");
+    }
+    let reply = async {
+        s.write_all(PING).await.ok()?;
+        read_line(&mut s).await
+    };
+    let reply = tokio::time::timeout(timeout, reply).await.ok().flatten();
+    let mut st = ping_verdict(addr, reply);
+    st.step = what;
+    st
 }
 
 /// The own certificate's expiry: failed when past, a warning within 14 days.

@@ -188,7 +188,6 @@ fn check_tunnels(args: legate::cli::CheckArgs) -> ExitCode {
                 c.tunnels
                     .into_iter()
                     .filter(|t| args.tunnel.as_ref().is_none_or(|n| *n == t.name))
-                    .filter(|t| args.tunnel.is_some() || t.side == config::Side::Client)
                     .collect()
             })
             .map_err(|p| p.to_string()),
@@ -226,7 +225,7 @@ fn check_tunnels(args: legate::cli::CheckArgs) -> ExitCode {
             }],
         )],
         Ok(t) if t.is_empty() => {
-            return invalid("no client tunnel to check (give --tunnel NAME for another)");
+            return invalid("no such tunnel to check");
         }
         Ok(tunnels) => {
             let runtime = match tokio::runtime::Builder::new_current_thread()

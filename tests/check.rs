@@ -139,3 +139,66 @@ fn a_wrong_redis_password_is_named() {
     assert!(detail.contains("WRONGPASS"), "{detail}");
     assert!(hint.contains("--redis-password-file"), "{hint}");
 }
+
+/// A config file: a server side's Redis exchange checked at the service (a wrong password
+/// named there), and a client side's file source looked up before its servers are tried.
+#[test]
+fn a_config_file_checks_server_sides_and_discovery_too() {
+    let pki = Pki::new();
+    let redis = Redis::start_with(&["--requirepass", "right"]);
+    let pw = pki.path("redis.pw");
+    std::fs::write(&pw, "wrong\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let server = Legate::server(&pki, &redis.addr(), &["--allow-cn=client"]);
+    let eps = pki.path("eps.toml");
+    std::fs::write(
+        &eps,
+        format!("endpoints = [\"localhost:{}\"]\n", server.addr().port()),
+    )
+    .unwrap();
+    let text = format!(
+        "[tunnels.cache]\nside = \"server\"\nlisten = \"127.0.0.1:0\"\ntarget = \"{}\"\nallow_cn = [\"client\"]\nredis_password_file = {:?}\n{}\n\
+         [tunnels.app]\nside = \"client\"\nlisten = \"127.0.0.1:0\"\ntarget = \"file:{}\"\noverride_server_name = \"localhost\"\n{}",
+        redis.addr(),
+        pw.display().to_string(),
+        pki.toml_files("server"),
+        eps.display(),
+        pki.toml_files("client"),
+    );
+    let config = harness::write_config(pki.dir.path(), &text);
+    let run = |tunnel: &str| {
+        check(&[
+            "--config".into(),
+            config.display().to_string(),
+            "--tunnel".into(),
+            tunnel.into(),
+        ])
+    };
+    let (code, steps) = run("cache");
+    let (step, detail, hint) = failed(&steps);
+    assert_eq!(code, 2, "{steps:#?}");
+    assert_eq!(step, format!("target {}", redis.addr()));
+    assert!(
+        detail.contains("WRONGPASS") && hint.contains("--redis-password-file"),
+        "{detail} {hint}"
+    );
+    let (code, steps) = run("app");
+    assert_eq!(code, 0, "{steps:#?}");
+    let found = steps
+        .iter()
+        .find(|s| s["step"].as_str().unwrap().starts_with("discovery file:"))
+        .unwrap();
+    assert!(
+        found["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("localhost:{}", server.addr().port()))
+    );
+    assert!(steps.iter().any(|s| {
+        s["step"]
+            .as_str()
+            .unwrap()
+            .starts_with("TLS with localhost")
+    }));
+}

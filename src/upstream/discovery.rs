@@ -293,6 +293,16 @@ pub fn parse_file(bytes: &[u8], base: Option<&Path>) -> Result<Vec<EndpointSpec>
     Ok(endpoints)
 }
 
+/// What `source` gives now, looked up once (for `legate check`): a DNS answer or a file's
+/// endpoints; `None` for sources that are followed rather than looked up (Sentinel, mDNS).
+pub async fn look_once(source: &Source) -> Option<Result<Vec<EndpointSpec>, String>> {
+    match source {
+        Source::Srv(_) | Source::Dns { .. } => Some(lookup(source).await.map(|(e, _)| e)),
+        Source::File(path) => Some(read_file(path, &mut None).map(Option::unwrap_or_default)),
+        Source::Sentinel { .. } | Source::Mdns { .. } => None,
+    }
+}
+
 /// One DNS lookup: the endpoints and how long the answer may be kept.
 async fn lookup(source: &Source) -> Result<(Vec<EndpointSpec>, Duration), String> {
     let resolver = resolver()?;
