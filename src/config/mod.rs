@@ -1057,6 +1057,8 @@ impl TunnelFile {
                     "--announce needs a TCP --listen address: mDNS announces a host and port"
                         .into(),
                 );
+            } else if listen.is_some_and(Address::is_local) {
+                p.push("--announce with a loopback --listen: no other host could reach what is announced; listen on an address they can reach".into());
             }
         }
         let is_mdns = |s: &Source| matches!(s, Source::Mdns { .. });
@@ -1443,6 +1445,14 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("--announce is server-side"), "{e}");
+        let announced = GOOD.replace(
+            "allow_cn = [\"app\"]",
+            "allow_cn = [\"app\"]\nannounce = true",
+        );
+        from_toml(&announced, None).expect("a server on 0.0.0.0 announces");
+        let looped = announced.replace("0.0.0.0:8443", "127.0.0.1:8443");
+        let e = from_toml(&looped, None).unwrap_err().to_string();
+        assert!(e.contains("--announce with a loopback --listen"), "{e}");
         let server = GOOD.replace("target = \"127.0.0.1:6379\"", "target = \"mdns:\"");
         let e = from_toml(&server, None).unwrap_err().to_string();
         assert!(e.contains("it is a client side's target"), "{e}");
