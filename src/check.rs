@@ -354,8 +354,32 @@ async fn endpoint(
             );
             return;
         }
+        // Straight to a Redis that speaks TLS: this side's credentials first, as a consumer's
+        // connection would have them sent.
+        let mut tls = tls;
+        if let Some(settings) = cfg
+            .target
+            .as_ref()
+            .and_then(|u| u.redis.as_ref())
+            .filter(|s| s.prepares())
+        {
+            if let Err(r) = crate::redis::prepare(&mut tls, settings, timeout).await {
+                let (crate::redis::Refusal::Auth(e)
+                | crate::redis::Refusal::NotMaster(e)
+                | crate::redis::Refusal::Failed(e)) = r;
+                out.push(
+                    step(format!("Redis credentials at {addr}"), Verdict::Fail, e)
+                        .hint("Redis refused them: check --redis-password-file / --redis-user"),
+                );
+                return;
+            }
+            out.push(step(
+                format!("Redis credentials at {addr}"),
+                Verdict::Ok,
+                "accepted",
+            ));
+        }
         if redis {
-            let mut tls = tls;
             out.push(ping(&mut tls, addr, timeout).await);
         }
     }

@@ -202,3 +202,33 @@ fn a_config_file_checks_server_sides_and_discovery_too() {
             .starts_with("TLS with localhost")
     }));
 }
+
+/// A client side straight to a Redis that speaks TLS: its own credentials are checked before
+/// the PING, and a wrong one is named.
+#[test]
+fn a_raw_client_to_a_tls_redis_checks_its_credentials() {
+    let pki = Pki::new();
+    let (_redis, tls_port) = Redis::start_tls(&pki, "tlspw");
+    let with_password = |secret: &str| {
+        let pw = pki.path("redis.pw");
+        std::fs::write(&pw, secret).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let mut args = vec![
+            "--redis".to_string(),
+            format!("--target=localhost:{tls_port}"),
+            "--raw".into(),
+            format!("--redis-password-file={}", pw.display()),
+        ];
+        args.extend(pki.flags("client"));
+        check(&args)
+    };
+    let (code, steps) = with_password("tlspw");
+    assert_eq!(code, 0, "{steps:#?}");
+    assert!(steps.iter().any(|s| s["detail"] == "PONG"), "{steps:#?}");
+    let (code, steps) = with_password("nope");
+    let (step, detail, _) = failed(&steps);
+    assert_eq!(code, 2);
+    assert!(step.starts_with("Redis credentials at"), "{steps:#?}");
+    assert!(detail.contains("WRONGPASS"), "{detail}");
+}

@@ -257,27 +257,7 @@ fn hello_3_authenticates_an_acl_user_in_one_round_trip() {
 #[test]
 fn a_client_side_authenticates_to_a_redis_that_speaks_tls() {
     let pki = Pki::new();
-    let tls_port = harness::free_port();
-    let server = pki.leaf("server");
-    let (cert, key, ca) = (
-        server.cert.display().to_string(),
-        server.key.display().to_string(),
-        pki.ca_cert().display().to_string(),
-    );
-    let _redis = Redis::start_with(&[
-        "--requirepass",
-        "tlspw",
-        "--tls-port",
-        &tls_port.to_string(),
-        "--tls-cert-file",
-        &cert,
-        "--tls-key-file",
-        &key,
-        "--tls-ca-cert-file",
-        &ca,
-        "--tls-auth-clients",
-        "yes",
-    ]);
+    let (_redis, tls_port) = Redis::start_tls(&pki, "tlspw");
     let client_for = |secret: &str, policy: &str| {
         let file = password_file(&pki, secret, 0o600);
         let mut args = vec![

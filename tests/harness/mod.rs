@@ -421,6 +421,32 @@ impl Redis {
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
     }
+    /// A redis-server that also speaks TLS, with `pki`'s server certificate, requiring client
+    /// certificates from its CA and the password `password`; and its TLS port.
+    pub fn start_tls(pki: &Pki, password: &str) -> (Redis, u16) {
+        let tls_port = free_port();
+        let leaf = pki.leaf("server");
+        let (cert, key, ca) = (
+            leaf.cert.display().to_string(),
+            leaf.key.display().to_string(),
+            pki.ca_cert().display().to_string(),
+        );
+        let redis = Redis::start_with(&[
+            "--requirepass",
+            password,
+            "--tls-port",
+            &tls_port.to_string(),
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &ca,
+            "--tls-auth-clients",
+            "yes",
+        ]);
+        (redis, tls_port)
+    }
 
     /// Sends one command on a fresh connection.
     pub fn command(&self, args: &[&str]) -> Reply {
