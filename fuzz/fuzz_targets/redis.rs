@@ -1,14 +1,26 @@
 //! Bytes from Redis, a Sentinel or a consumer: RESP values parse, wait for more, or give a
-//! one-line error, never a panic or more than the bound; the consumer's leading commands
+//! one-line error, never a panic or more than the bound; what legate reads out of them (a role,
+//! INFO's fields, a Sentinel's master and +switch-master) never panics; the consumer's leading commands
 //! (`consumer_auth = "local"`) are rewritten without losing a byte that is not theirs.
 #![no_main]
 
-use legate::redis::{leading::Leading, resp};
+use legate::redis::{self as redis, leading::Leading, resp};
+use legate::upstream::discovery;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     match resp::parse(data, 4096) {
-        Ok(Some((_, used))) => assert!(used >= 3 && used <= data.len().min(4096)),
+        Ok(Some((v, used))) => {
+            assert!(used >= 3 && used <= data.len().min(4096));
+            // What is read out of replies from Redis and Sentinels: never a panic.
+            let _ = redis::parse_role(&v);
+            let _ = v.field("role");
+            let _ = discovery::master_addr(&v);
+            let _ = discovery::switch_master(&v, "cache");
+            if let resp::Value::Bulk(text) = &v {
+                let _ = redis::parse_info(text);
+            }
+        }
         Ok(None) => assert!(data.len() <= 4096),
         Err(e) => assert!(!e.0.is_empty() && !e.0.contains('\n')),
     }
