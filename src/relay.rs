@@ -189,7 +189,7 @@ pub(crate) async fn until<T>(end: &End, work: impl Future<Output = T>) -> Result
 }
 
 /// Relays until both directions end or the close timeout passes after the first one, or until
-/// `deadline`.
+/// `end` (its deadline, or its stop).
 pub async fn relay<A, B>(inbound: A, outbound: B, close_timeout: Duration, end: End) -> Totals
 where
     A: AsyncRead + AsyncWrite,
