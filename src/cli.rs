@@ -332,7 +332,7 @@ pub struct RedisArgs {
     )]
     pub consumer_auth: Option<crate::redis::ConsumerAuth>,
     /// The target speaks Redis (implied by --redis-* and --require-role): "redis" or "tcp".
-    #[arg(help_heading = "Redis", long, value_name = "PROTOCOL", value_parser = parse_protocol)]
+    #[arg(help_heading = "Redis", long, value_name = "PROTOCOL")]
     pub protocol: Option<crate::config::Protocol>,
 }
 
@@ -565,13 +565,5 @@ impl ClientArgs {
         f.peer_is_legate = self.peer_is_legate;
         self.redis.apply(&mut f);
         (f, process)
-    }
-}
-
-fn parse_protocol(s: &str) -> Result<crate::config::Protocol, String> {
-    match s {
-        "redis" => Ok(crate::config::Protocol::Redis),
-        "tcp" => Ok(crate::config::Protocol::Tcp),
-        _ => Err(format!("--protocol {s:?}: write redis or tcp")),
     }
 }

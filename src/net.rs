@@ -58,6 +58,15 @@ impl HostPort {
     }
 }
 
+impl From<SocketAddr> for HostPort {
+    fn from(a: SocketAddr) -> HostPort {
+        HostPort {
+            host: a.ip().to_string(),
+            port: a.port(),
+        }
+    }
+}
+
 impl fmt::Display for HostPort {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.host.contains(':') {

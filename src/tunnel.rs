@@ -366,19 +366,28 @@ async fn ready_redis(
     match redis::prepare(tls, settings, cfg.connect_timeout).await {
         Ok(()) => Ok(()),
         Err(redis::Refusal::Auth(why)) => {
-            let reply = format!("-ERR legate: upstream authentication failed: {why}\r\n");
+            let (reply, f) = auth_refused(&why);
             let _ = consumer.write_all(reply.as_bytes()).await;
             let _ = consumer.shutdown().await;
-            let f = fail(
-                Outcome::AuthFailed,
-                format!("Redis refused the credentials: {why}"),
-            );
             Err((f, reply.len() as u64))
         }
         Err(redis::Refusal::NotMaster(why) | redis::Refusal::Failed(why)) => {
             Err((fail(Outcome::DialFailed, why), 0))
         }
     }
+}
+
+/// Redis refused the ambassador's credentials: the one RESP error line the consumer reads
+/// before EOF, and the failure logged.
+fn auth_refused(why: &str) -> (String, Failure) {
+    // One line, whatever the reason says.
+    let why = why.replace(['\r', '\n'], " ");
+    let reply = format!("-ERR legate: upstream authentication failed: {why}\r\n");
+    let failure = fail(
+        Outcome::AuthFailed,
+        format!("Redis refused the credentials: {why}"),
+    );
+    (reply, failure)
 }
 
 /// Server side: handshake and authorize once; then either the one raw stream to the default
@@ -461,10 +470,7 @@ async fn serve_stream(
         Err((_, f)) if f.outcome == Outcome::AuthFailed => {
             // The consumer reads a RESP error it understands, then EOF.
             carrier.ready();
-            let reply = format!(
-                "-ERR legate: upstream authentication failed: {}\r\n",
-                f.detail
-            );
+            let (reply, failure) = auth_refused(&f.detail);
             let plain =
                 tokio::io::join(std::io::Cursor::new(reply.into_bytes()), tokio::io::sink());
             let totals = carrier
@@ -475,10 +481,7 @@ async fn serve_stream(
                 down: totals.up,
                 ..totals
             };
-            Err(fail(
-                Outcome::AuthFailed,
-                format!("Redis refused the credentials: {}", f.detail),
-            ))
+            Err(failure)
         }
         Err((code, f)) => {
             carrier.refuse(code, &f.detail).await;

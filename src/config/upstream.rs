@@ -52,6 +52,17 @@ pub enum Protocol {
     Redis,
 }
 
+impl std::str::FromStr for Protocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Protocol, String> {
+        match s {
+            "redis" => Ok(Protocol::Redis),
+            "tcp" => Ok(Protocol::Tcp),
+            _ => Err(format!("--protocol {s:?}: write redis or tcp")),
+        }
+    }
+}
+
 /// The Redis keys of a tunnel or of a route table, as written.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RedisKeys {

@@ -205,32 +205,16 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Conn<'a, S> {
 
     /// Sends `command` and reads its one reply (nothing may follow it).
     pub async fn request(&mut self, args: &[&[u8]]) -> Result<resp::Value, String> {
-        let name = String::from_utf8_lossy(args[0]).into_owned();
-        self.s
-            .write_all(&resp::command(args))
+        self.send(args).await?;
+        let name = String::from_utf8_lossy(args[0]);
+        let reply = self
+            .next()
             .await
-            .map_err(|e| format!("sending {name} failed: {e}"))?;
-        let mut chunk = [0u8; 1024];
-        loop {
-            if let Some((v, used)) = resp::parse(&self.buf, MAX_REPLY).map_err(|e| e.0)? {
-                self.buf.drain(..used);
-                if !self.buf.is_empty() {
-                    return Err(format!("more than one reply to {name}"));
-                }
-                return Ok(v);
-            }
-            let n = self
-                .s
-                .read(&mut chunk)
-                .await
-                .map_err(|e| format!("reading the reply to {name} failed: {e}"))?;
-            if n == 0 {
-                return Err(format!(
-                    "Redis closed the connection before answering {name}"
-                ));
-            }
-            self.buf.extend_from_slice(&chunk[..n]);
+            .map_err(|e| format!("waiting for the reply to {name}: {e}"))?;
+        if !self.buf.is_empty() {
+            return Err(format!("more than one reply to {name}"));
         }
+        Ok(reply)
     }
 }
 

@@ -404,7 +404,7 @@ async fn follow_sentinels(
             };
             first = at;
             failures = 0;
-            if !report(state, target, Ok(vec![master_spec(addr)]), s.hold) {
+            if !report(state, target, Ok(vec![bare(addr)]), s.hold) {
                 return;
             }
             // Until the subscription breaks or goes quiet for the longest interval; then ask
@@ -452,16 +452,7 @@ async fn follow_mdns(state: &SourceState, target: &Weak<dyn Refresh>, service: &
                     IpAddr::V6(v6) => !v6.is_unicast_link_local(),
                     IpAddr::V4(v4) => !v4.is_link_local(),
                 })
-                .map(|a| EndpointSpec {
-                    addr: Address::Tcp(HostPort {
-                        host: a.ip().to_string(),
-                        port: a.port(),
-                    }),
-                    weight: 1,
-                    priority: 0,
-                    name: None,
-                    dns_name: None,
-                })
+                .map(|a| bare(HostPort::from(*a)))
                 .collect();
             endpoints.sort_by_key(|e| e.addr.to_string());
             endpoints.dedup_by(|a, b| a.addr == b.addr);
@@ -491,7 +482,8 @@ fn report(
     target.strong_count() > 0
 }
 
-fn master_spec(addr: HostPort) -> EndpointSpec {
+/// An endpoint found with nothing but its address (a Sentinel's master, an mDNS server).
+fn bare(addr: HostPort) -> EndpointSpec {
     EndpointSpec {
         addr: Address::Tcp(addr),
         weight: 1,
@@ -580,7 +572,7 @@ async fn subscribe(
     confirmed.map_err(|_| "no answer to SUBSCRIBE".to_string())??;
     // A failover between the question and the subscription is caught by asking once more.
     let again = ask_sentinel(sentinel, master, Duration::from_secs(2)).await?;
-    if !report(state, target, Ok(vec![master_spec(again)]), hold) {
+    if !report(state, target, Ok(vec![bare(again)]), hold) {
         return Ok(());
     }
     loop {
@@ -591,7 +583,7 @@ async fn subscribe(
             continue;
         };
         tracing::info!(source = %state.source, master = %addr, "sentinel announced a new master");
-        if !report(state, target, Ok(vec![master_spec(addr)]), hold) {
+        if !report(state, target, Ok(vec![bare(addr)]), hold) {
             return Ok(());
         }
     }
