@@ -94,6 +94,7 @@ pub async fn run(cfg: &TunnelConfig, redis: bool) -> Vec<Step> {
         }
     };
     out.push(certificate_age(client.not_after()));
+    out.extend(own_chain(cfg, true));
     let Some(target) = &cfg.target else {
         return out;
     };
@@ -142,7 +143,10 @@ async fn discovered(
 /// reach it, with the Redis exchange its route asks for and, with `redis`, a PING.
 async fn server(cfg: &TunnelConfig, redis: bool, out: &mut Vec<Step>) {
     match tls::ServerTls::new(&cfg.tls, cfg.tls_versions) {
-        Ok(s) => out.push(certificate_age(s.not_after())),
+        Ok(s) => {
+            out.push(certificate_age(s.not_after()));
+            out.extend(own_chain(cfg, false));
+        }
         Err(e) => {
             out.push(
                 step("certificates", Verdict::Fail, e.to_string())
@@ -213,6 +217,17 @@ async fn service(
     let mut st = ping_verdict(addr, reply);
     st.step = what;
     st
+}
+
+/// The own certificate's names and whether the CA bundle this side trusts vouches for it: a
+/// warning when not, since peers that trust another CA may still accept it.
+fn own_chain(cfg: &TunnelConfig, as_client: bool) -> Option<Step> {
+    Some(match tls::own_certificate(&cfg.tls, as_client)? {
+        Ok(detail) => step("certificate chain", Verdict::Ok, detail),
+        Err(detail) => step("certificate chain", Verdict::Warn, detail).hint(
+            "peers trusting the same --cacert will refuse it; fine only if they trust the CA that issued it",
+        ),
+    })
 }
 
 /// The own certificate's expiry: failed when past, a warning within 14 days.

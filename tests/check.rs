@@ -26,6 +26,14 @@ fn check(args: &[String]) -> (i32, Vec<serde_json::Value>) {
     (out.status.code().unwrap(), steps)
 }
 
+/// The step called `name`.
+fn named<'a>(steps: &'a [serde_json::Value], name: &str) -> &'a serde_json::Value {
+    steps
+        .iter()
+        .find(|s| s["step"] == name)
+        .unwrap_or_else(|| panic!("no step {name:?}: {steps:#?}"))
+}
+
 /// The first failed step: its name and detail.
 fn failed(steps: &[serde_json::Value]) -> (String, String, String) {
     let s = steps
@@ -67,6 +75,14 @@ fn a_working_tunnel_passes_every_step() {
             "{want} in {names:?}"
         );
     }
+    // The own certificate's names, issuer and chain.
+    let chain = named(&steps, "certificate chain");
+    let detail = chain["detail"].as_str().unwrap();
+    assert_eq!(chain["verdict"], "ok", "{chain}");
+    assert!(
+        detail.starts_with("CN=client, SANs [") && detail.ends_with("chains to the CA bundle"),
+        "{detail}"
+    );
 }
 
 #[test]
@@ -94,6 +110,14 @@ fn each_failure_is_named_at_its_step() {
     assert_eq!(code, 2);
     assert!(step.starts_with("TLS with"), "{steps:#?}");
     assert!(hint.contains("--cacert"), "{hint}");
+    // That CA did not issue this side's certificate either: a warning (a peer may trust
+    // another CA), which names why.
+    let chain = named(&steps, "certificate chain");
+    assert_eq!(chain["verdict"], "warn", "{chain}");
+    assert!(
+        chain["detail"].as_str().unwrap().contains("UnknownIssuer"),
+        "{chain}"
+    );
 
     // Nothing listening.
     let port = harness::free_port();
@@ -182,6 +206,12 @@ fn a_config_file_checks_server_sides_and_discovery_too() {
     assert!(
         detail.contains("WRONGPASS") && hint.contains("--redis-password-file"),
         "{detail} {hint}"
+    );
+    // A server side's certificate is checked as a server's.
+    assert_eq!(
+        named(&steps, "certificate chain")["verdict"],
+        "ok",
+        "{steps:#?}"
     );
     let (code, steps) = run("app");
     assert_eq!(code, 0, "{steps:#?}");

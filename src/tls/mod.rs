@@ -392,6 +392,72 @@ impl Material {
     }
 }
 
+/// This side's own certificate as a peer trusting the same CA bundle would see it: its names
+/// and issuer, and whether its chain verifies (as a client certificate when `as_client`, as a
+/// server's otherwise). `None` when there is no certificate or no CA bundle to check it by;
+/// `Err` says why the chain does not verify, with the names.
+pub fn own_certificate(files: &Files, as_client: bool) -> Option<Result<String, String>> {
+    let material = Material::load(files).ok()?;
+    let ((chain, _), roots) = (material.identity?, material.roots?);
+    let (leaf, intermediates) = chain.split_first()?;
+    let id = PeerIdentity::from_der(leaf).ok()?;
+    let issuer = x509_parser::parse_x509_certificate(leaf)
+        .map(|(_, c)| c.issuer().to_string())
+        .unwrap_or_default();
+    let mut names: Vec<String> = id.dns_names.iter().map(|d| format!("DNS:{d}")).collect();
+    names.extend(id.ips.iter().map(|i| format!("IP:{i}")));
+    names.extend(id.uris.iter().map(|u| format!("URI:{u}")));
+    let names = format!(
+        "{id}, SANs [{}], issued by {issuer}",
+        if names.is_empty() {
+            "none".to_string()
+        } else {
+            names.join(" ")
+        }
+    );
+    let now = rustls::pki_types::UnixTime::now();
+    let verified = if as_client {
+        WebPkiClientVerifier::builder_with_provider(roots, provider())
+            .build()
+            .map_err(|e| e.to_string())
+            .and_then(|v| {
+                v.verify_client_cert(leaf, intermediates, now)
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            })
+    } else {
+        // The name is checked against each client's own --override-server-name, not here.
+        let name = id
+            .dns_names
+            .first()
+            .cloned()
+            .or_else(|| id.ips.first().map(ToString::to_string))
+            .unwrap_or_else(|| "legate.invalid".to_string());
+        let name = ServerName::try_from(name).map_err(|e| e.to_string());
+        WebPkiServerVerifier::builder_with_provider(roots, provider())
+            .build()
+            .map_err(|e| e.to_string())
+            .and_then(|v| {
+                let name = name?;
+                use rustls::client::danger::ServerCertVerifier as _;
+                match v.verify_server_cert(leaf, intermediates, &name, &[], now) {
+                    Ok(_)
+                    | Err(rustls::Error::InvalidCertificate(
+                        rustls::CertificateError::NotValidForName
+                        | rustls::CertificateError::NotValidForNameContext { .. },
+                    )) => Ok(()),
+                    Err(e) => Err(e.to_string()),
+                }
+            })
+    };
+    Some(match verified {
+        Ok(()) => Ok(format!("{names}; chains to the CA bundle")),
+        Err(e) => Err(format!(
+            "{names}; does not verify against the CA bundle: {e}"
+        )),
+    })
+}
+
 fn identity_error(files: &Files, e: rustls::Error) -> Error {
     let identity = match &files.identity {
         IdentitySource::Pem { cert, key } => {
