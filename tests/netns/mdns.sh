@@ -6,7 +6,8 @@
 #   - one stopped with SIGTERM takes no new connection and withdraws its announcement (gone from
 #     the client's list after RFC 6762's one-second goodbye hold);
 #   - one killed with SIGKILL (no goodbye) is ejected by passive health, with no consumer error;
-#   - the impostor (a certificate from another CA) is never used: its handshake fails.
+#   - the impostor (a certificate from another CA) is never used: its handshake fails;
+#   - avahi-browse (avahi-daemon in the client's namespace) resolves the announcements.
 # Needs root (namespaces); exit 77 when it cannot run here. By hand:
 #   LEGATE_BIN=target/debug/legate tests/netns/mdns.sh
 set -euo pipefail
@@ -120,4 +121,42 @@ grep -q "ejected" "$work/client.log" || fail "the killed server was not ejected"
 echo "killed: ejected by health; 60 of 60 consumers served by the remaining server"
 
 if grep -q "outcome=ok" "$work/evil.log"; then fail "the impostor completed a connection"; fi
+
+# avahi sees the announcement: avahi-daemon in the client's namespace, on a D-Bus of this test's
+# own (a system bus may not run here), and avahi-browse asking it.
+if command -v avahi-daemon >/dev/null && command -v avahi-browse >/dev/null \
+    && command -v dbus-daemon >/dev/null; then
+    cat >"$work/bus.conf" <<EOF
+<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <listen>unix:path=$work/bus</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/> <allow own="*"/>
+    <allow send_destination="*"/> <allow receive_sender="*"/>
+  </policy>
+</busconfig>
+EOF
+    printf '[server]\nuse-ipv6=no\nenable-dbus=yes\n[publish]\ndisable-publishing=yes\n' >"$work/avahi.conf"
+    dbus-daemon --config-file="$work/bus.conf" --nofork 2>"$work/dbus.log" &
+    pids+=($!)
+    export DBUS_SYSTEM_BUS_ADDRESS="unix:path=$work/bus"
+    for _ in $(seq 100); do [ -S "$work/bus" ] && break; sleep 0.05; done
+    ip netns exec "$b" avahi-daemon -f "$work/avahi.conf" --no-drop-root --no-chroot \
+        --no-rlimits 2>"$work/avahi.log" &
+    pids+=($!)
+    seen=""
+    for _ in $(seq 20); do
+        seen=$(ip netns exec "$b" timeout 5 avahi-browse -rpt _legate._tcp 2>/dev/null || true)
+        grep -q '^=.*;198.18.0.1;8445;.*"routes=' <<<"$seen" && break
+        sleep 0.2
+    done
+    grep -q '^=.*;198.18.0.1;8445;.*"routes=' <<<"$seen" \
+        || fail "avahi-browse did not resolve the announcement: $seen"
+    echo "avahi: avahi-browse resolves $(grep -c '^=' <<<"$seen") announcement(s), server three at 198.18.0.1:8445 among them"
+else
+    echo "avahi: skipped (avahi-daemon, avahi-browse or dbus-daemon not installed)"
+fi
 echo "PASS: mDNS discovery across namespaces"
