@@ -6,8 +6,9 @@ Each contender runs as a client-side plus server-side pair doing mutual TLS with
 ECDSA P-256 certificates (from `legate gen-certs`). Figures: iperf3 throughput (1 and 8
 streams), redis-benchmark requests/s (50 clients; pipelined -P 16), single-client
 PING latency p50/p99, new connections/s (-k 0), resident memory per idle connection with
-2,000 connections open, and time to first reply of a fresh connection across a link delayed
-25 ms each way (a delaying relay in this script, since the kernel here has no netem).
+2,000 connections open, GET requests/s, p99 and both sides' memory with 10,000 clients at
+once (legate, HAProxy, nginx), and time to first reply of a fresh connection across a link
+delayed 25 ms each way (a delaying relay in this script, since the kernel here has no netem).
 
 Every pair stays up for the whole run. Latency comes first, before any load: single-client PING
 round trips from this script, in turns that each visit every contender. Then one-stream
@@ -26,6 +27,7 @@ import os
 import platform
 import queue
 import random
+import resource
 import signal
 import socket
 import statistics
@@ -43,6 +45,14 @@ LEGATE_ENV = {}
 DELAY = 0.025  # seconds each way on the slow link
 IDLE_CONNS = int(os.environ.get("BENCH_IDLE_CONNS", "2000"))
 FAILOVER_CLIENTS = 8
+# Descriptors each process may hold: bench/run raises the soft limit to the hard one.
+FD_LIMIT = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+# Many consumers at once (issue 19): redis-benchmark with this many clients through one pair, for
+# the contenders built to hold that many (stunnel's thread and socat's process per connection
+# are left out). HAProxy and nginx hold two descriptors per connection on each side (consumer
+# and next hop), so a hard limit below 20,400 lowers the count for all alike.
+SCALE_CLIENTS = min(int(os.environ.get("BENCH_SCALE_CLIENTS", "10000")), (FD_LIMIT - 200) // 2)
+SCALE_CONTENDERS = ("direct", "legate", "haproxy", "nginx")
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 RUNS = 1 if QUICK else 3  # rounds of the repeated load figures (see above)
 # Single-client latency: turns of round trips, every turn visiting every contender
@@ -255,8 +265,8 @@ checkHost = localhost
 
 def haproxy(procs, c, target, hop):
     s, cl = hop["server"], hop["client"]
-    common = """global
-  maxconn 8000
+    common = f"""global
+  maxconn {(FD_LIMIT - 100) // 2}
 defaults
   mode tcp
   timeout connect 5s
@@ -300,8 +310,8 @@ daemon off;
 worker_processes {workers};
 pid {d}/nginx.pid;
 error_log {d}/error.log warn;
-worker_rlimit_nofile 16384;
-events {{ worker_connections 8000; }}
+worker_rlimit_nofile {FD_LIMIT};
+events {{ worker_connections {FD_LIMIT - 100}; }}
 stream {{
   tcp_nodelay on;
   server {{
@@ -506,6 +516,75 @@ def idle_memory(procs, port):
     return max(used - base, 0) / IDLE_CONNS, used
 
 
+class PeakRss:
+    """The highest resident memory of `procs` while it runs, sampled every 50 ms in a thread."""
+
+    def __init__(self, procs):
+        self.procs, self.peak, self.done = procs, procs.rss(), threading.Event()
+        self.thread = threading.Thread(target=self._sample)
+        self.thread.start()
+
+    def _sample(self):
+        while not self.done.wait(0.05):
+            self.peak = max(self.peak, self.procs.rss())
+
+    def stop(self):
+        self.done.set()
+        self.thread.join()
+        return self.peak
+
+
+def at_scale(procs, port):
+    """SCALE_CLIENTS redis-benchmark clients at once through the pair (each opens its
+    connection first and keeps it): GET requests/s and p99, and the peak resident memory of
+    both sides above what they held before, while the clients are connected."""
+    time.sleep(0.5)  # let the processes settle after the earlier load before the baseline
+    base = procs.rss()
+    peak = PeakRss(procs)
+    n = SCALE_CLIENTS * (5 if QUICK else 20)
+    try:
+        rows = redis_bench(port, "-c", str(SCALE_CLIENTS), "-n", str(n), "-t", "get")
+    finally:
+        top = peak.stop()
+    row = next(r for r in rows if r["test"] == "GET")
+    return float(row["rps"]), float(row["p99_latency_ms"]), max(top - base, 0)
+
+
+def picker_cost(c, redis_port, work, single_port):
+    """New connections per second through a client whose target lists two server ambassadors
+    (so its upstream picker chooses for every connection) against the plain pair on
+    `single_port`, alternating, PICKER_ROUNDS rounds each: the medians of both."""
+    work.mkdir(exist_ok=True)
+    procs = Procs(work)
+    env = {**os.environ, "RUST_LOG": "warn", **LEGATE_ENV}
+    try:
+        servers = []
+        for i in range(2):
+            port = free_port()
+            procs.start(f"legate-server{i}", [
+                LEGATE, "server", f"--listen=127.0.0.1:{port}", f"--target=127.0.0.1:{redis_port}",
+                f"--cert={c}/server.crt", f"--key={c}/server.key", f"--cacert={c}/ca.crt",
+                "--allow-cn=client"], env=env)
+            wait_port(port)
+            servers.append(port)
+        client_port = free_port()
+        procs.start("legate-client", [
+            LEGATE, "client", f"--listen=127.0.0.1:{client_port}",
+            *(f"--target=localhost:{s}" for s in servers), f"--cert={c}/client.crt",
+            f"--key={c}/client.key", f"--cacert={c}/ca.crt"], env=env)
+        wait_port(client_port)
+        one, two = [], []
+        for _ in range(PICKER_ROUNDS):
+            one.append(conn_rps(single_port))
+            two.append(conn_rps(client_port))
+        return statistics.median(one), statistics.median(two), one, two
+    finally:
+        procs.stop()
+
+
+PICKER_ROUNDS = 1 if QUICK else 3
+
+
 def first_reply_ms(port, n=20):
     times = []
     for _ in range(n):
@@ -639,6 +718,18 @@ def measure_once(name, c, procs, ports, redis_port, results):
     if name != "direct":
         log(f"  {name}: memory with {IDLE_CONNS} idle connections")
         results["mem_per_conn"], results["mem_total"] = idle_memory(procs, ports["redis"])
+    if name in SCALE_CONTENDERS:
+        log(f"  {name}: {SCALE_CLIENTS} clients at once")
+        rps_, p99, mem = at_scale(procs, ports["redis"])
+        results.update(rps_scale=rps_, p99_scale=p99)
+        if name != "direct":
+            results["mem_scale"] = mem
+    if name == "legate":
+        log("  legate: new connections with the upstream picker on")
+        one, two, one_runs, two_runs = picker_cost(c, redis_port, procs.work / "picker",
+                                                   ports["redis"])
+        results.update(conn_rps_one=one, conn_rps_pick=two, conn_rps_one_runs=one_runs,
+                       conn_rps_pick_runs=two_runs)
     procs.stop()
     # The same pair with the delaying relay between the two sides.
     log(f"  {name}: slow link")
@@ -811,6 +902,9 @@ METRICS = [
     ("p99", "PING latency p99, 1 client", "ms", False),
     ("conn_rps", "new connections (-k 0 PING)", "conn/s", True),
     ("mem_per_conn", f"memory per idle connection ({IDLE_CONNS} open)", "KB", False),
+    ("rps_scale", f"redis GET, {SCALE_CLIENTS:,} clients", "req/s", True),
+    ("p99_scale", f"redis GET p99, {SCALE_CLIENTS:,} clients", "ms", False),
+    ("mem_scale", f"memory, both sides, {SCALE_CLIENTS:,} clients connected", "MB", False),
     ("first_reply_ms", "fresh connection to first reply, 25 ms each way", "ms", False),
 ]
 
@@ -820,9 +914,11 @@ def fmt(key, v):
         return "-"
     if key == "mem_per_conn":
         return f"{v / 1000:.1f}"
+    if key == "mem_scale":
+        return f"{v / 1e6:.1f}"
     if key.startswith("gbps"):
         return f"{v:.2f}"
-    if key in ("p50", "p99", "first_reply_ms"):
+    if key in ("p50", "p99", "p99_scale", "first_reply_ms"):
         return f"{v:.3f}" if v < 10 else f"{v:.1f}"
     return f"{v:,.0f}"
 
@@ -858,6 +954,15 @@ def render(results, elapsed, steal):
                    ", ".join(f"{n} {results[n]['first_reply_ms'] / rtt:.1f}" for n in names
                              if "first_reply_ms" in results[n]) + ".")
     lg = results.get("legate", {})
+    if "conn_rps_pick" in lg:
+        out.append("")
+        out.append(f"Upstream picker: new connections (-k 0 PING) through a client whose target "
+                   f"lists two server ambassadors, so its picker chooses for every connection, "
+                   f"against the plain pair, alternating, {PICKER_ROUNDS} rounds each: median "
+                   f"{lg['conn_rps_pick']:,.0f}/s against {lg['conn_rps_one']:,.0f}/s, ratio "
+                   f"{lg['conn_rps_pick'] / lg['conn_rps_one']:.2f} (rounds: two "
+                   + "/".join(f"{x:,.0f}" for x in lg["conn_rps_pick_runs"]) + ", one "
+                   + "/".join(f"{x:,.0f}" for x in lg["conn_rps_one_runs"]) + ").")
     if "failover_errors" in lg:
         out.append("")
         out.append(f"Failover: a legate client with two server ambassadors, {FAILOVER_CLIENTS} "
