@@ -165,8 +165,12 @@ pub(crate) fn note_failure(e: &io::Error, failed: &std::sync::OnceLock<String>) 
     }
 }
 
-/// Runs `work` until `end`'s deadline or stop, if any; which came first otherwise.
-pub(crate) async fn until<T>(end: &End, work: impl Future<Output = T>) -> Result<T, Cut> {
+/// Runs `work` until `end`'s deadline or stop, if any; which came first otherwise. `work`
+/// comes pinned by the caller, so this future does not hold a second copy of it.
+pub(crate) async fn until<T>(
+    end: &End,
+    work: std::pin::Pin<&mut impl Future<Output = T>>,
+) -> Result<T, Cut> {
     let stopped = async {
         match &end.stop {
             Some(stop) => stop.cancelled().await,
@@ -217,7 +221,7 @@ where
         };
         tokio::time::timeout(close_timeout, rest).await.is_err()
     };
-    let cut = until(&end, both).await;
+    let cut = until(&end, std::pin::pin!(both)).await;
     Totals {
         up: up.load(Ordering::Relaxed),
         down: down.load(Ordering::Relaxed),
@@ -275,14 +279,16 @@ where
 /// too, unless `broken` says the first one broke the stream (then the other is not waited for).
 /// Returns how the first to end ended, how the other did (`None`: not waited for, or cut), and
 /// whether the close timeout cut it.
+///
+/// The two directions come pinned by the caller: taken by value, an async fn keeps its
+/// arguments and the pinned copies apart, and this future doubled (1.6 KB per stream, held for
+/// its whole life; docs/performance.md).
 pub(crate) async fn both_directions<T>(
-    outward: impl Future<Output = T>,
-    inward: impl Future<Output = T>,
+    mut outward: std::pin::Pin<&mut impl Future<Output = T>>,
+    mut inward: std::pin::Pin<&mut impl Future<Output = T>>,
     close_timeout: Duration,
     broken: impl Fn(&T) -> bool,
 ) -> (T, Option<T>, bool) {
-    let mut outward = std::pin::pin!(outward);
-    let mut inward = std::pin::pin!(inward);
     let (first, out_first) = tokio::select! {
         e = &mut outward => (e, true),
         e = &mut inward => (e, false),

@@ -283,7 +283,9 @@ impl Tunnel {
 async fn serve_conn(t: &Arc<Shared>, tcp: Stream, peer: PeerAddr, stop: &CancellationToken) {
     let _open = t.metrics.open();
     match (&t.tls, &t.peers) {
-        (TlsEnd::Server(server), _) => serve_peer(t, server, tcp, peer, stop).await,
+        // Boxed: one task type serves both sides, and the server side's connection future is
+        // the larger; inline, it would size every client-side consumer's task too.
+        (TlsEnd::Server(server), _) => Box::pin(serve_peer(t, server, tcp, peer, stop)).await,
         (TlsEnd::Client(_), Some(peers)) => serve_consumer(t, peers, tcp, peer).await,
         (TlsEnd::Client(_), None) => unreachable!("a client tunnel has a peer pool"),
     }
@@ -323,9 +325,9 @@ async fn serve_consumer(t: &Shared, peers: &Peers, mut tcp: Stream, peer: PeerAd
                 };
                 if settings.consumer_auth == redis::ConsumerAuth::Local {
                     let redis = redis::leading::Filtered::new(&mut *tls);
-                    relay::relay(&mut tcp, redis, cfg.close_timeout, end).await
+                    Box::pin(relay::relay(&mut tcp, redis, cfg.close_timeout, end)).await
                 } else {
-                    relay::relay(&mut tcp, &mut *tls, cfg.close_timeout, end).await
+                    Box::pin(relay::relay(&mut tcp, &mut *tls, cfg.close_timeout, end)).await
                 }
             }
             (_, mut carrier) => {
@@ -473,9 +475,7 @@ async fn serve_stream(
             let (reply, failure) = auth_refused(&f.detail);
             let plain =
                 tokio::io::join(std::io::Cursor::new(reply.into_bytes()), tokio::io::sink());
-            let totals = carrier
-                .relay(plain, cfg.close_timeout, false, None, None)
-                .await;
+            let totals = Box::pin(carrier.relay(plain, cfg.close_timeout, false, None, None)).await;
             rec.totals = relay::Totals {
                 up: totals.down,
                 down: totals.up,
@@ -496,7 +496,7 @@ async fn serve_stream(
             let totals = match redis.as_ref().map(|r| r.consumer_auth) {
                 Some(redis::ConsumerAuth::Local) => {
                     let plain = redis::leading::Filtered::new(plain);
-                    carrier.relay(plain, close, false, lifetime, stop).await
+                    Box::pin(carrier.relay(plain, close, false, lifetime, stop)).await
                 }
                 _ => carrier.relay(plain, close, false, lifetime, stop).await,
             };
@@ -525,6 +525,9 @@ async fn serve_mux(
 ) -> Failure {
     let cfg = &t.cfg;
     let streams = TaskTracker::new();
+    // Shared by the connection's streams: a clone per stream was 232 bytes in each stream's
+    // task and a copy of every name in it on the heap.
+    let info = Arc::new(info);
     let on_open = {
         let (t, streams) = (t.clone(), streams.clone());
         let (reloads, stop) = (reloads.clone(), stop.clone());

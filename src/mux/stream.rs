@@ -214,13 +214,14 @@ impl Stream {
         };
         let rx = &mut self.rx;
         let inward = from_stream(id, conn, window, rx, &mut plain_w, &in_count, &failed);
+        let (outward, inward) = (std::pin::pin!(outward), std::pin::pin!(inward));
         // A reset from the peer ends both directions, even when one ended cleanly and left the
         // other waiting for window the peer will never grant; a stream blocked on its plain
         // side (a target that does not read) ends at the latest a close timeout after its
         // connection died.
         let both = relay::both_directions(outward, inward, close_timeout, Result::is_err);
         let mut both = std::pin::pin!(both);
-        let ended = relay::until(&end, async {
+        let work = std::pin::pin!(async {
             tokio::select! {
                 r = &mut both => r,
                 _ = window.was_reset() => (Err(true), None, false),
@@ -231,8 +232,8 @@ impl Stream {
                     _ = tokio::time::sleep(close_timeout) => (Err(true), None, true),
                 },
             }
-        })
-        .await;
+        });
+        let ended = relay::until(&end, work).await;
         let (expired, stopped) = match &ended {
             Err(relay::Cut::Deadline) => (true, false),
             Err(relay::Cut::Stopped) => (false, true),
@@ -318,12 +319,17 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(
 ) -> io::Result<()> {
     let mut first = 0;
     while first < bufs.len() {
-        let mut slices = [io::IoSlice::new(&[]); 64];
-        let k = (bufs.len() - first).min(slices.len());
-        for (slice, b) in slices.iter_mut().zip(&bufs[first..first + k]) {
-            *slice = io::IoSlice::new(b);
-        }
-        let mut n = w.write_vectored(&slices[..k]).await?;
+        // The slices are made on the stack of each poll, not kept in the future across the
+        // wait: 1 KB that every stream's task would hold for its whole life.
+        let mut n = std::future::poll_fn(|cx| {
+            let mut slices = [io::IoSlice::new(&[]); 64];
+            let k = (bufs.len() - first).min(slices.len());
+            for (slice, b) in slices.iter_mut().zip(&bufs[first..first + k]) {
+                *slice = io::IoSlice::new(b);
+            }
+            std::pin::Pin::new(&mut *w).poll_write_vectored(cx, &slices[..k])
+        })
+        .await?;
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
