@@ -323,6 +323,8 @@ async fn serve_consumer(t: &Shared, peers: &Peers, mut tcp: Stream, peer: PeerAd
                         .map(|d| tokio::time::Instant::now() + d),
                     stop: None,
                 };
+                // Boxed, as the other rare paths' relays are: inline, the largest of them would
+                // size every consumer's task.
                 if settings.consumer_auth == redis::ConsumerAuth::Local {
                     let redis = redis::leading::Filtered::new(&mut *tls);
                     Box::pin(relay::relay(&mut tcp, redis, cfg.close_timeout, end)).await
@@ -475,6 +477,7 @@ async fn serve_stream(
             let (reply, failure) = auth_refused(&f.detail);
             let plain =
                 tokio::io::join(std::io::Cursor::new(reply.into_bytes()), tokio::io::sink());
+            // Boxed: a rare path, which would otherwise size every stream's task.
             let totals = Box::pin(carrier.relay(plain, cfg.close_timeout, false, None, None)).await;
             rec.totals = relay::Totals {
                 up: totals.down,
@@ -495,6 +498,7 @@ async fn serve_stream(
             let (close, lifetime) = (cfg.close_timeout, cfg.max_conn_lifetime);
             let totals = match redis.as_ref().map(|r| r.consumer_auth) {
                 Some(redis::ConsumerAuth::Local) => {
+                    // Boxed: the filter's relay is the larger, and only its routes pay for it.
                     let plain = redis::leading::Filtered::new(plain);
                     Box::pin(carrier.relay(plain, close, false, lifetime, stop)).await
                 }

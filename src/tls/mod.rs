@@ -397,6 +397,7 @@ impl Material {
 /// server's otherwise). `None` when there is no certificate or no CA bundle to check it by;
 /// `Err` says why the chain does not verify, with the names.
 pub fn own_certificate(files: &Files, as_client: bool) -> Option<Result<String, String>> {
+    use rustls::client::danger::ServerCertVerifier as _;
     let material = Material::load(files).ok()?;
     let ((chain, _), roots) = (material.identity?, material.roots?);
     let (leaf, intermediates) = chain.split_first()?;
@@ -439,7 +440,6 @@ pub fn own_certificate(files: &Files, as_client: bool) -> Option<Result<String, 
             .map_err(|e| e.to_string())
             .and_then(|v| {
                 let name = name?;
-                use rustls::client::danger::ServerCertVerifier as _;
                 match v.verify_server_cert(leaf, intermediates, &name, &[], now) {
                     Ok(_)
                     | Err(rustls::Error::InvalidCertificate(
