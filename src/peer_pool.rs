@@ -247,6 +247,8 @@ pub struct PeerPool {
     wake: Arc<Notify>,
     keeping: AtomicBool,
     stop: CancellationToken,
+    /// Connections to keep: `--pool-size`, or one per runtime worker thread.
+    size: usize,
 }
 
 impl PeerPool {
@@ -259,6 +261,11 @@ impl PeerPool {
         stop: CancellationToken,
     ) -> Arc<PeerPool> {
         let generation = tls.generation();
+        // One connection per worker thread by default: one connection's TLS work runs on one
+        // thread at a time, so with several threads the streams spread over as many.
+        let workers =
+            tokio::runtime::Handle::try_current().map_or(1, |h| h.metrics().num_workers());
+        let size = cfg.pool_size.unwrap_or(workers.max(1));
         Arc::new(PeerPool {
             cfg,
             tls,
@@ -274,6 +281,7 @@ impl PeerPool {
             wake: Arc::new(Notify::new()),
             keeping: AtomicBool::new(false),
             stop,
+            size,
         })
     }
 
@@ -321,7 +329,7 @@ impl PeerPool {
         if let Some(c) = self.pick(generation) {
             return Ok(Dialed::Mux(c));
         }
-        let shared = self.cfg.pool_size > 0;
+        let shared = self.size > 0;
         match self.kind(generation) {
             Kind::Raw => return self.dial(generation).await,
             Kind::Legate if !shared => return self.dial(generation).await,
@@ -389,7 +397,7 @@ impl PeerPool {
             identity,
             generation,
             // A closed pool (its server left the list) keeps nothing: no keeper would tend it.
-            kept: self.cfg.pool_size > 0 && !self.stop.is_cancelled(),
+            kept: self.size > 0 && !self.stop.is_cancelled(),
         };
         if c.kept {
             self.state().conns.push(c.clone());
@@ -445,7 +453,7 @@ impl PeerPool {
 
     /// Starts the keeper, once.
     fn keep(self: &Arc<Self>) {
-        if self.cfg.pool_size == 0 || self.keeping.swap(true, Ordering::AcqRel) {
+        if self.size == 0 || self.keeping.swap(true, Ordering::AcqRel) {
             return;
         }
         let pool = self.clone();
@@ -465,7 +473,7 @@ impl PeerPool {
                 last_ping = Instant::now();
             }
             let live = self.retire(generation, ping);
-            if live < self.cfg.pool_size {
+            if live < self.size {
                 let opened = tokio::select! {
                     _ = self.stop.cancelled() => return,
                     r = self.open_kept(generation) => r,

@@ -150,7 +150,8 @@ fn echo_server_with_status(pki: &Pki) -> (Backend, Legate) {
 fn against_a_legate_server_the_first_consumer_is_answered_and_its_connection_kept() {
     let pki = Pki::new();
     let (_backend, server) = echo_server_with_status(&pki);
-    let client = Legate::client(&pki, "client", server.addr(), &[]);
+    // One worker thread, so one kept connection (the default is one per thread).
+    let client = Legate::client(&pki, "client", server.addr(), &["--threads=1"]);
     stays(
         "no connection before a consumer",
         Duration::from_secs(1),
@@ -178,7 +179,12 @@ fn against_a_legate_server_the_first_consumer_is_answered_and_its_connection_kep
 fn a_client_told_its_peer_is_legate_connects_before_the_first_consumer() {
     let pki = Pki::new();
     let (_backend, server) = echo_server_with_status(&pki);
-    let client = Legate::client(&pki, "client", server.addr(), &["--peer-is-legate"]);
+    let client = Legate::client(
+        &pki,
+        "client",
+        server.addr(),
+        &["--threads=1", "--peer-is-legate"],
+    );
     eventually("the kept connection", DEADLINE, || {
         (harness::open_connections(&server) == 1).then_some(())
     });

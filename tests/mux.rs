@@ -193,6 +193,34 @@ fn streams_spread_over_the_kept_connections() {
 }
 
 #[test]
+fn the_pool_keeps_a_connection_per_worker_thread_by_default() {
+    let pki = Pki::new();
+    let backend = Backend::echo(b"ok:");
+    let server = Legate::server(&pki, &backend.target(), &["--allow-cn=client"]);
+    // Three worker threads and no --pool-size: three kept connections, so the streams' TLS
+    // work is not held to one thread.
+    let client = Legate::client(
+        &pki,
+        "client",
+        server.addr(),
+        &["--threads=3", "--peer-is-legate"],
+    );
+    client
+        .log
+        .wait_for(&["multiplexed connection ready", "kept=3"]);
+    assert_eq!(harness::exchange(client.addr(), b"spread"), b"ok:spread");
+    // --pool-size still decides when given: one thread, two connections.
+    let told = Legate::client(
+        &pki,
+        "client",
+        server.addr(),
+        &["--threads=1", "--pool-size=2", "--peer-is-legate"],
+    );
+    told.log
+        .wait_for(&["multiplexed connection ready", "kept=2"]);
+}
+
+#[test]
 fn streams_count_against_the_servers_connection_limit() {
     let pki = Pki::new();
     let backend = Backend::echo(b"ok:");

@@ -28,7 +28,6 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(30);
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(300);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-pub const DEFAULT_POOL_SIZE: usize = 1;
 /// ghostunnel's default, so dashboards built on its metric names keep working.
 pub const DEFAULT_METRICS_PREFIX: &str = "ghostunnel";
 
@@ -223,8 +222,10 @@ pub struct TunnelConfig {
     pub skip_resolve: bool,
     /// Server side: `--unsafe-target`, targets (and discovered endpoints) off loopback.
     pub unsafe_target: bool,
-    /// Client side: multiplexed `legate/1` connections kept per server ambassador (0: none).
-    pub pool_size: usize,
+    /// Client side: multiplexed `legate/1` connections kept per server ambassador (0: none);
+    /// `None`, the default: one per runtime worker thread, so the threads share the TLS work
+    /// of many streams (docs/performance.md, "Eight streams over several connections").
+    pub pool_size: Option<usize>,
     /// Client side: the server is known to speak `legate/1` (`--peer-is-legate`, or a
     /// route): connections are kept from startup, not from the first consumer on.
     pub peer_is_legate: bool,
@@ -658,7 +659,7 @@ impl TunnelFile {
             proxy_protocol: self.proxy_protocol,
             skip_resolve: self.skip_resolve,
             unsafe_target: self.unsafe_target,
-            pool_size: self.pool_size.unwrap_or(DEFAULT_POOL_SIZE),
+            pool_size: self.pool_size,
             peer_is_legate: !self.raw && (self.peer_is_legate || self.route.is_some()),
             idle_timeout: t.idle,
         })
@@ -1614,7 +1615,7 @@ pool_size = 2
             }
         );
         assert_eq!(app.close_timeout, Duration::from_secs(2));
-        assert_eq!(app.pool_size, 2);
+        assert_eq!(app.pool_size, Some(2));
         // A route means the server is a legate.
         assert!(app.peer_is_legate);
         let cache = &c.tunnels[1];
@@ -1696,7 +1697,7 @@ colour = "blue"
     #[test]
     fn pool_size_and_peer_is_legate_are_client_side_keys() {
         let default = from_toml(&GOOD.replace("pool_size = 2\n", ""), None).unwrap();
-        assert_eq!(default.tunnels[0].pool_size, 1);
+        assert_eq!(default.tunnels[0].pool_size, None);
         let no_route = GOOD.replace("route = \"queue\"\n", "");
         assert!(!from_toml(&no_route, None).unwrap().tunnels[0].peer_is_legate);
         let told = no_route.replace("pool_size = 2", "peer_is_legate = true");
