@@ -161,20 +161,24 @@ fn pool_size_zero_gives_each_consumer_a_connection_of_its_own() {
     );
 }
 
+/// A client of `server` with `flags` (and --peer-is-legate), once it keeps `kept` connections.
+fn client_keeping(pki: &Pki, server: &Legate, flags: &[&str], kept: usize) -> Legate {
+    let mut flags = flags.to_vec();
+    flags.push("--peer-is-legate");
+    let client = Legate::client(pki, "client", server.addr(), &flags);
+    let kept = format!("kept={kept}");
+    client
+        .log
+        .wait_for(&["multiplexed connection ready", kept.as_str()]);
+    client
+}
+
 #[test]
 fn streams_spread_over_the_kept_connections() {
     let pki = Pki::new();
     let backend = Backend::echo(b"ok:");
     let server = Legate::server(&pki, &backend.target(), &["--allow-cn=client"]);
-    let client = Legate::client(
-        &pki,
-        "client",
-        server.addr(),
-        &["--pool-size=3", "--peer-is-legate"],
-    );
-    client
-        .log
-        .wait_for(&["multiplexed connection ready", "kept=3"]);
+    let client = client_keeping(&pki, &server, &["--pool-size=3"], 3);
     // Three consumers open at once go to the connection with the fewest streams: one each.
     let mut held = Vec::new();
     for i in 0..3 {
@@ -199,25 +203,10 @@ fn the_pool_keeps_a_connection_per_worker_thread_by_default() {
     let server = Legate::server(&pki, &backend.target(), &["--allow-cn=client"]);
     // Three worker threads and no --pool-size: three kept connections, so the streams' TLS
     // work is not held to one thread.
-    let client = Legate::client(
-        &pki,
-        "client",
-        server.addr(),
-        &["--threads=3", "--peer-is-legate"],
-    );
-    client
-        .log
-        .wait_for(&["multiplexed connection ready", "kept=3"]);
+    let client = client_keeping(&pki, &server, &["--threads=3"], 3);
     assert_eq!(harness::exchange(client.addr(), b"spread"), b"ok:spread");
     // --pool-size still decides when given: one thread, two connections.
-    let told = Legate::client(
-        &pki,
-        "client",
-        server.addr(),
-        &["--threads=1", "--pool-size=2", "--peer-is-legate"],
-    );
-    told.log
-        .wait_for(&["multiplexed connection ready", "kept=2"]);
+    client_keeping(&pki, &server, &["--threads=1", "--pool-size=2"], 2);
 }
 
 #[test]
