@@ -111,17 +111,16 @@ impl State {
 
     /// Every tunnel's endpoints as they are now, for their metrics.
     fn endpoint_samples(&self) -> Vec<EndpointSample> {
-        let now = std::time::Instant::now();
         let mut all = Vec::new();
         for t in self.read().tunnels.iter() {
-            for (route, e) in t.upstreams.endpoints(&t.cfg) {
+            for (route, e, takes) in t.upstreams.endpoints(&t.cfg) {
                 all.push(EndpointSample {
                     tunnel: t.cfg.name.clone(),
                     side: t.cfg.side.as_str(),
                     route,
                     endpoint: e.spec.addr.to_string(),
                     open: e.open(),
-                    up: e.available(now),
+                    up: takes,
                 });
             }
         }
@@ -250,7 +249,7 @@ fn endpoints(t: &TunnelView) -> Vec<serde_json::Value> {
     t.upstreams
         .endpoints(&t.cfg)
         .iter()
-        .map(|(route, e)| {
+        .map(|(route, e, _)| {
             let mut v = serde_json::json!({
                 "route": route,
                 "address": e.spec.addr.to_string(),

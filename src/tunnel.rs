@@ -669,25 +669,26 @@ impl Upstreams {
     }
 
     /// Every endpoint with its route ("" for the default target; client side: the route it
-    /// asks for).
-    pub fn endpoints(&self, cfg: &TunnelConfig) -> Vec<(String, Arc<Endpoint>)> {
+    /// asks for), and whether it takes new connections now ([`Set::taking`]).
+    pub fn endpoints(&self, cfg: &TunnelConfig) -> Vec<(String, Arc<Endpoint>, bool)> {
+        let now = Instant::now();
+        let with_route = |route: &str, set: &Set| {
+            set.taking(now)
+                .into_iter()
+                .map(|(e, takes)| (route.to_string(), e, takes))
+                .collect::<Vec<_>>()
+        };
         match self {
             Upstreams::Server(routes) => {
                 let table = routes.table();
                 let default = table.default.iter().map(|s| (String::new(), s));
                 let named = table.named.iter().map(|(n, s)| (n.clone(), s));
-                let mut all = Vec::new();
-                for (route, set) in default.chain(named) {
-                    all.extend(set.endpoints().iter().map(|e| (route.clone(), e.clone())));
-                }
-                all
+                default
+                    .chain(named)
+                    .flat_map(|(route, set)| with_route(&route, set))
+                    .collect()
             }
-            Upstreams::Client(peers) => peers
-                .set
-                .endpoints()
-                .iter()
-                .map(|e| (cfg.route.clone(), e.clone()))
-                .collect(),
+            Upstreams::Client(peers) => with_route(&cfg.route, &peers.set),
         }
     }
 }

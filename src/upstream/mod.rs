@@ -282,6 +282,19 @@ impl Set {
         self.gated
     }
 
+    /// Each endpoint, and whether it takes new connections now as [`Set::pick`] chooses:
+    /// available, and in a gated set proven master (or any, while none is proven).
+    pub fn taking(&self, now: Instant) -> Vec<(Arc<Endpoint>, bool)> {
+        let all = self.endpoints();
+        let masters_only = self.gated && all.iter().any(|e| e.eligible());
+        all.iter()
+            .map(|e| {
+                let takes = e.available(now) && (!masters_only || e.eligible());
+                (e.clone(), takes)
+            })
+            .collect()
+    }
+
     /// Asks the role checker to look again now.
     pub fn recheck(&self) {
         self.recheck.notify_one();
@@ -877,11 +890,41 @@ mod tests {
         // Only the ejected one left untried: panic mode tries it.
         assert_eq!(set.pick(&[ids[1], ids[2]]).unwrap().id, ids[0]);
         assert!(set.pick(&ids).is_none());
+        let taking: Vec<bool> = set.taking(Instant::now()).iter().map(|t| t.1).collect();
+        assert_eq!(taking, [false, true, true]);
         // Open connections are counted while in use.
         let e = set.pick(&[]).unwrap();
         let guard = e.begin();
         assert_eq!(e.open(), 1);
         drop(guard);
         assert_eq!(e.open(), 0);
+    }
+
+    #[test]
+    fn a_gated_set_takes_only_proven_masters_and_any_while_none_is() {
+        let mut upstream = Upstream::parse(
+            "t",
+            &crate::config::Targets::Many(vec!["a:1".into(), "b:2".into()]),
+            None,
+        )
+        .unwrap();
+        upstream.redis = Some(crate::redis::Settings {
+            require_master: true,
+            ..Default::default()
+        });
+        let set = Set::new(&upstream, Balance::RoundRobin, false);
+        let taking =
+            |set: &Set| -> Vec<bool> { set.taking(Instant::now()).iter().map(|t| t.1).collect() };
+        // None proven: every endpoint is tried (a connection proves the role itself).
+        assert_eq!(taking(&set), [true, true]);
+        let b = set.endpoints()[1].clone();
+        b.gated(None, true, "master");
+        // b proven master: only b takes connections, as pick chooses.
+        assert_eq!(taking(&set), [false, true]);
+        for _ in 0..4 {
+            assert_eq!(set.pick(&[]).unwrap().id, b.id);
+        }
+        b.not_master("demoted");
+        assert_eq!(taking(&set), [true, true]);
     }
 }
