@@ -45,12 +45,16 @@ LEGATE_ENV = {}
 DELAY = 0.025  # seconds each way on the slow link
 IDLE_CONNS = int(os.environ.get("BENCH_IDLE_CONNS", "2000"))
 FAILOVER_CLIENTS = 8
-# Descriptors each process may hold: bench/run raises the soft limit to the hard one.
-FD_LIMIT = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+# Descriptors each process may hold: the soft limit raised to the hard one here (bench/run also
+# does), for this script and the contenders it starts.
+_, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (_hard, _hard))
+# At most 65,536: HAProxy and nginx size tables by it.
+FD_LIMIT = 65536 if _hard == resource.RLIM_INFINITY else min(_hard, 65536)
 # Many consumers at once (issue 19): redis-benchmark with this many clients through one pair, for
 # the contenders built to hold that many (stunnel's thread and socat's process per connection
 # are left out). HAProxy and nginx hold two descriptors per connection on each side (consumer
-# and next hop), so a hard limit below 20,400 lowers the count for all alike.
+# and next hop), so a limit below 20,200 lowers the count for all alike.
 SCALE_CLIENTS = min(int(os.environ.get("BENCH_SCALE_CLIENTS", "10000")), (FD_LIMIT - 200) // 2)
 SCALE_CONTENDERS = ("direct", "legate", "haproxy", "nginx")
 QUICK = os.environ.get("BENCH_QUICK") == "1"

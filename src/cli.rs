@@ -388,7 +388,7 @@ pub struct ClientArgs {
     pub unsafe_listen: bool,
     /// Multiplexed legate/1 connections to keep open to a legate server, each carrying any
     /// number of consumer connections as streams; 0 gives every consumer connection a TLS
-    /// connection of its own. [default: one per worker thread (--threads)]
+    /// connection of its own. [default: one per worker thread (--threads), at most 4]
     #[arg(help_heading = "Addresses", long, value_name = "N")]
     pub pool_size: Option<usize>,
     /// The server is a legate: keep connections open from startup, so even the first consumer

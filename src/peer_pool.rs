@@ -41,6 +41,9 @@ use rustls::pki_types::ServerName;
 const ASSUMED_IDLE: Duration = Duration::from_secs(30);
 /// How often a kept connection is asked to prove itself live (or `--keepalive`, if shorter).
 const PING_EVERY: Duration = Duration::from_secs(5);
+/// The most connections kept per server without `--pool-size`: one per worker thread up to
+/// this many.
+const MAX_DEFAULT_POOL: usize = 4;
 
 /// A client tunnel's server ambassadors: the set the balancer picks from, and a pool per
 /// endpoint. Both can be replaced by a reload that changes only the targets
@@ -262,10 +265,11 @@ impl PeerPool {
     ) -> Arc<PeerPool> {
         let generation = tls.generation();
         // One connection per worker thread by default: one connection's TLS work runs on one
-        // thread at a time, so with several threads the streams spread over as many.
+        // thread at a time, so with several threads the streams spread over as many. At most
+        // MAX_DEFAULT_POOL, so a big host does not keep dozens of connections to every server.
         let workers =
             tokio::runtime::Handle::try_current().map_or(1, |h| h.metrics().num_workers());
-        let size = cfg.pool_size.unwrap_or(workers.max(1));
+        let size = cfg.pool_size.unwrap_or(workers.clamp(1, MAX_DEFAULT_POOL));
         Arc::new(PeerPool {
             cfg,
             tls,

@@ -669,7 +669,7 @@ impl Upstreams {
     }
 
     /// Every endpoint with its route ("" for the default target; client side: the route it
-    /// asks for), and whether it takes new connections now ([`Set::taking`]).
+    /// asks for), and whether it may take new connections now ([`Set::taking`]).
     pub fn endpoints(&self, cfg: &TunnelConfig) -> Vec<(String, Arc<Endpoint>, bool)> {
         let now = Instant::now();
         let with_route = |route: &str, set: &Set| {

@@ -139,6 +139,34 @@ fn each_failure_is_named_at_its_step() {
 }
 
 #[test]
+fn a_revoked_own_certificate_is_named_at_the_chain_step() {
+    let pki = Pki::new();
+    let revoked = pki.issue("revoked", &LeafSpec::new("client", Usage::Client));
+    let crl = pki.path("ca.crl");
+    std::fs::write(
+        &crl,
+        pki.ca
+            .crl(std::slice::from_ref(&revoked.serial), 1)
+            .unwrap(),
+    )
+    .unwrap();
+    let port = harness::free_port();
+    let mut args = client_flags(
+        &pki,
+        "revoked",
+        format!("127.0.0.1:{port}").parse().unwrap(),
+    );
+    args.push(format!("--crl={}", crl.display()));
+    let (_, steps) = check(&args);
+    let chain = named(&steps, "certificate chain");
+    assert_eq!(chain["verdict"], "warn", "{chain}");
+    assert!(
+        chain["detail"].as_str().unwrap().contains("Revoked"),
+        "{chain}"
+    );
+}
+
+#[test]
 fn a_wrong_redis_password_is_named() {
     let pki = Pki::new();
     let redis = Redis::start_with(&["--requirepass", "right"]);

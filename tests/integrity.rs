@@ -205,8 +205,9 @@ fn six_hundred_short_connections_leave_nothing_behind() {
 
 #[test]
 fn consumers_that_reset_leave_the_gauge_at_zero() {
-    // The server side counts its TLS connections: the kept multiplexed ones.
-    consumers_reset(&["--peer-is-legate"], 1);
+    // The server side counts its TLS connections: the kept multiplexed ones (one per worker
+    // thread by default).
+    consumers_reset(&["--peer-is-legate", "--threads=1"], 1);
     consumers_reset(&["--peer-is-legate", "--pool-size=3"], 3);
 }
 

@@ -26,7 +26,8 @@ fn concurrent_consumers_share_one_tls_connection() {
     let pki = Pki::new();
     let backend = Backend::echo(b"ok:");
     let server = Legate::server(&pki, &backend.target(), &["--allow-cn=client"]);
-    let client = Legate::client(&pki, "client", server.addr(), &[]);
+    // One worker thread, so one kept connection (the default is one per thread).
+    let client = Legate::client(&pki, "client", server.addr(), &["--threads=1"]);
     let addr = client.addr();
     let workers: Vec<_> = (0..20)
         .map(|w| {

@@ -223,8 +223,8 @@ pub struct TunnelConfig {
     /// Server side: `--unsafe-target`, targets (and discovered endpoints) off loopback.
     pub unsafe_target: bool,
     /// Client side: multiplexed `legate/1` connections kept per server ambassador (0: none);
-    /// `None`, the default: one per runtime worker thread, so the threads share the TLS work
-    /// of many streams (docs/performance.md, "Eight streams over several connections").
+    /// `None`, the default: one per runtime worker thread (at most 4), so the threads share the
+    /// TLS work of many streams (docs/performance.md, "Eight streams over several connections").
     pub pool_size: Option<usize>,
     /// Client side: the server is known to speak `legate/1` (`--peer-is-legate`, or a
     /// route): connections are kept from startup, not from the first consumer on.

@@ -394,11 +394,13 @@ impl Material {
 
 /// This side's own certificate as a peer trusting the same CA bundle would see it: its names
 /// and issuer, and whether its chain verifies (as a client certificate when `as_client`, as a
-/// server's otherwise). `None` when there is no certificate or no CA bundle to check it by;
+/// server's otherwise), and against `--crl` when there is one. `None` when there is no
+/// certificate or no CA bundle to check it by;
 /// `Err` says why the chain does not verify, with the names.
 pub fn own_certificate(files: &Files, as_client: bool) -> Option<Result<String, String>> {
     use rustls::client::danger::ServerCertVerifier as _;
     let material = Material::load(files).ok()?;
+    let crls = material.crls;
     let ((chain, _), roots) = (material.identity?, material.roots?);
     let (leaf, intermediates) = chain.split_first()?;
     let id = PeerIdentity::from_der(leaf).ok()?;
@@ -418,37 +420,46 @@ pub fn own_certificate(files: &Files, as_client: bool) -> Option<Result<String, 
     );
     let now = rustls::pki_types::UnixTime::now();
     let verified = if as_client {
-        WebPkiClientVerifier::builder_with_provider(roots, provider())
-            .build()
-            .map_err(|e| e.to_string())
-            .and_then(|v| {
-                v.verify_client_cert(leaf, intermediates, now)
-                    .map(drop)
-                    .map_err(|e| e.to_string())
-            })
+        let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider());
+        match crls {
+            // As the tunnel checks its peers: the leaf against the CRLs.
+            Some(crls) => verifier.with_crls(crls).only_check_end_entity_revocation(),
+            None => verifier,
+        }
+        .build()
+        .map_err(|e| e.to_string())
+        .and_then(|v| {
+            v.verify_client_cert(leaf, intermediates, now)
+                .map(drop)
+                .map_err(|e| e.to_string())
+        })
     } else {
-        // The name is checked against each client's own --override-server-name, not here.
+        // The name is checked against each client's own --override-server-name, not here: any
+        // name that parses will do (a wildcard does not).
         let name = id
             .dns_names
             .first()
             .cloned()
             .or_else(|| id.ips.first().map(ToString::to_string))
-            .unwrap_or_else(|| "legate.invalid".to_string());
-        let name = ServerName::try_from(name).map_err(|e| e.to_string());
-        WebPkiServerVerifier::builder_with_provider(roots, provider())
-            .build()
-            .map_err(|e| e.to_string())
-            .and_then(|v| {
-                let name = name?;
-                match v.verify_server_cert(leaf, intermediates, &name, &[], now) {
-                    Ok(_)
-                    | Err(rustls::Error::InvalidCertificate(
-                        rustls::CertificateError::NotValidForName
-                        | rustls::CertificateError::NotValidForNameContext { .. },
-                    )) => Ok(()),
-                    Err(e) => Err(e.to_string()),
-                }
-            })
+            .and_then(|n| ServerName::try_from(n).ok())
+            .unwrap_or_else(|| ServerName::try_from("legate.invalid").expect("a valid name"));
+        let verifier = WebPkiServerVerifier::builder_with_provider(roots, provider());
+        match crls {
+            Some(crls) => verifier.with_crls(crls).only_check_end_entity_revocation(),
+            None => verifier,
+        }
+        .build()
+        .map_err(|e| e.to_string())
+        .and_then(
+            |v| match v.verify_server_cert(leaf, intermediates, &name, &[], now) {
+                Ok(_)
+                | Err(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::NotValidForName
+                    | rustls::CertificateError::NotValidForNameContext { .. },
+                )) => Ok(()),
+                Err(e) => Err(e.to_string()),
+            },
+        )
     };
     Some(match verified {
         Ok(()) => Ok(format!("{names}; chains to the CA bundle")),

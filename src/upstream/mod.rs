@@ -282,8 +282,10 @@ impl Set {
         self.gated
     }
 
-    /// Each endpoint, and whether it takes new connections now as [`Set::pick`] chooses:
-    /// available, and in a gated set proven master (or any, while none is proven).
+    /// Each endpoint, and whether it may take new connections now: available (not ejected,
+    /// not down by checks) and, in a gated set, proven master (or any, while none is proven),
+    /// as [`Set::pick`] filters them. Priority tiers are not applied: a healthy backup says
+    /// yes, as HAProxy shows a backup server UP.
     pub fn taking(&self, now: Instant) -> Vec<(Arc<Endpoint>, bool)> {
         let all = self.endpoints();
         let masters_only = self.gated && all.iter().any(|e| e.eligible());
