@@ -170,10 +170,7 @@ fn a_revoked_own_certificate_is_named_at_the_chain_step() {
 fn a_wrong_redis_password_is_named() {
     let pki = Pki::new();
     let redis = Redis::start_with(&["--requirepass", "right"]);
-    let pw = pki.path("redis.pw");
-    std::fs::write(&pw, "wrong\n").unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let pw = pki.password_file("wrong", 0o600);
     let server = Legate::server(
         &pki,
         &redis.addr(),
@@ -198,10 +195,7 @@ fn a_wrong_redis_password_is_named() {
 fn a_config_file_checks_server_sides_and_discovery_too() {
     let pki = Pki::new();
     let redis = Redis::start_with(&["--requirepass", "right"]);
-    let pw = pki.path("redis.pw");
-    std::fs::write(&pw, "wrong\n").unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let pw = pki.password_file("wrong", 0o600);
     let server = Legate::server(&pki, &redis.addr(), &["--allow-cn=client"]);
     let eps = pki.path("eps.toml");
     std::fs::write(
@@ -268,10 +262,7 @@ fn a_raw_client_to_a_tls_redis_checks_its_credentials() {
     let pki = Pki::new();
     let (_redis, tls_port) = Redis::start_tls(&pki, "tlspw");
     let with_password = |secret: &str| {
-        let pw = pki.path("redis.pw");
-        std::fs::write(&pw, secret).unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let pw = pki.password_file(secret, 0o600);
         let mut args = vec![
             "--redis".to_string(),
             format!("--target=localhost:{tls_port}"),

@@ -4,18 +4,8 @@
 mod harness;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
 
 use harness::{Legate, Pki, Redis, Reply, connect};
-
-/// A private file holding `secret` (and a trailing newline, as `echo` writes it).
-fn password_file(pki: &Pki, secret: &str, mode: u32) -> PathBuf {
-    let path = pki.path("redis.pw");
-    std::fs::write(&path, format!("{secret}\n")).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
-    path
-}
 
 /// A server ambassador in front of `redis` with the password in `file`, and a client.
 fn pair(pki: &Pki, redis: &Redis, file: &std::path::Path) -> (Legate, Legate) {
@@ -35,7 +25,7 @@ fn pair(pki: &Pki, redis: &Redis, file: &std::path::Path) -> (Legate, Legate) {
 fn a_consumer_without_auth_reaches_a_requirepass_redis() {
     let pki = Pki::new();
     let redis = Redis::start_with(&["--requirepass", "s3cret pw"]);
-    let file = password_file(&pki, "s3cret pw", 0o600);
+    let file = pki.password_file("s3cret pw", 0o600);
     let (server, client) = pair(&pki, &redis, &file);
     let mut s = connect(client.addr());
     assert_eq!(
@@ -83,7 +73,7 @@ fn an_acl_user_from_the_environment() {
 fn a_wrong_secret_gives_the_consumer_a_resp_error_then_eof() {
     let pki = Pki::new();
     let redis = Redis::start_with(&["--requirepass", "right"]);
-    let file = password_file(&pki, "wrong", 0o600);
+    let file = pki.password_file("wrong", 0o600);
     let (server, client) = pair(&pki, &redis, &file);
     let mut s = connect(client.addr());
     s.write_all(b"*1\r\n$4\r\nPING\r\n").unwrap();
@@ -105,7 +95,7 @@ fn a_wrong_secret_gives_the_consumer_a_resp_error_then_eof() {
 fn a_thousand_pipelined_sets_sent_before_auth_finished_all_apply_in_order() {
     let pki = Pki::new();
     let redis = Redis::start_with(&["--requirepass", "pw"]);
-    let file = password_file(&pki, "pw", 0o600);
+    let file = pki.password_file("pw", 0o600);
     let (_server, client) = pair(&pki, &redis, &file);
     let mut s = connect(client.addr());
     let mut batch = Vec::new();
@@ -132,7 +122,7 @@ fn a_thousand_pipelined_sets_sent_before_auth_finished_all_apply_in_order() {
 #[test]
 fn a_password_file_others_can_read_is_refused_at_startup() {
     let pki = Pki::new();
-    let file = password_file(&pki, "pw", 0o644);
+    let file = pki.password_file("pw", 0o644);
     let mut args: Vec<String> = [
         "server",
         "--listen=127.0.0.1:0",
@@ -167,7 +157,7 @@ fn pair_with_policy(pki: &Pki, redis: &Redis, file: &std::path::Path, policy: &s
 fn the_consumers_own_auth_is_passed_on_or_answered_here() {
     let pki = Pki::new();
     let redis = Redis::start_with(&["--requirepass", "current"]);
-    let file = password_file(&pki, "current", 0o600);
+    let file = pki.password_file("current", 0o600);
     for policy in ["pass", "local"] {
         let server = pair_with_policy(&pki, &redis, &file, policy);
         let client = Legate::client(&pki, "client", server.addr(), &[]);
@@ -218,7 +208,7 @@ fn hello_3_authenticates_an_acl_user_in_one_round_trip() {
     let redis = Redis::start_with(&[
         "--user", "app", "on", ">apppw", "~*", "&*", "+@all", "--user", "default", "off",
     ]);
-    let file = password_file(&pki, "apppw", 0o600);
+    let file = pki.password_file("apppw", 0o600);
     let server = Legate::server(
         &pki,
         &redis.addr(),
@@ -259,7 +249,7 @@ fn a_client_side_authenticates_to_a_redis_that_speaks_tls() {
     let pki = Pki::new();
     let (_redis, tls_port) = Redis::start_tls(&pki, "tlspw");
     let client_for = |secret: &str, policy: &str| {
-        let file = password_file(&pki, secret, 0o600);
+        let file = pki.password_file(secret, 0o600);
         let mut args = vec![
             "client".to_string(),
             "--listen=127.0.0.1:0".into(),

@@ -80,6 +80,15 @@ impl Pki {
         self.dir.path().join(file)
     }
 
+    /// `redis.pw` holding `secret` (and a trailing newline, as `echo` writes it), with `mode`.
+    pub fn password_file(&self, secret: &str, mode: u32) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.path("redis.pw");
+        std::fs::write(&path, format!("{secret}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        path
+    }
+
     /// Issues a leaf and writes `NAME.crt` / `NAME.key`.
     pub fn issue(&self, name: &str, spec: &LeafSpec) -> Leaf {
         let issued = self.ca.issue(spec).unwrap();
