@@ -91,7 +91,7 @@ impl ConnInfo {
             peer: rec.peer,
             session: rec.session.clone(),
             identity: rec.identity.clone(),
-            destination: stream.get_ref().local_addr(),
+            destination: stream.local_addr(),
             tls_version: conn.protocol_version().map(|v| match v {
                 rustls::ProtocolVersion::TLSv1_3 => "TLSv1.3".to_string(),
                 rustls::ProtocolVersion::TLSv1_2 => "TLSv1.2".to_string(),

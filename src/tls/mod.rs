@@ -6,6 +6,7 @@
 //! exchange (X25519MLKEM768) is offered first.
 
 pub mod identity;
+pub mod record;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -16,19 +17,22 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName};
-use rustls::server::{Acceptor, WebPkiClientVerifier};
+use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, ServerConfig};
 
-use crate::net::{ReadAhead, Stream};
-use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
+use crate::net::Stream;
 
 pub use identity::{PeerIdentity, Rules};
 
 /// The ALPN name of the legate-to-legate protocol (`docs/protocol.md`).
 pub const LEGATE_ALPN: &[u8] = b"legate/1";
 
-pub type ServerStream = tokio_rustls::server::TlsStream<ReadAhead>;
-pub type ClientStream = tokio_rustls::client::TlsStream<ReadAhead>;
+pub use record::Session;
+
+/// An established connection, either side: rustls' handshake, legate's record layer
+/// ([`record`]).
+pub type ServerStream = record::TlsStream;
+pub type ClientStream = record::TlsStream;
 
 /// The TLS versions a tunnel speaks: from `--min-tls-version` and `--max-tls-version`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -134,10 +138,10 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(provider)
 }
 
-static TLS13_ONLY: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+pub(crate) static TLS13_ONLY: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
 static TLS13_AND_12: &[&rustls::SupportedProtocolVersion] =
     &[&rustls::version::TLS13, &rustls::version::TLS12];
-static TLS12_ONLY: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS12];
+pub(crate) static TLS12_ONLY: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS12];
 
 fn versions(v: TlsVersions) -> &'static [&'static rustls::SupportedProtocolVersion] {
     match v {
@@ -544,9 +548,11 @@ impl ServerSnapshot {
         let status = status_config(files, chain.clone(), key.clone_key(), min)?;
         // A new config per load means a new session cache: nobody resumes a session that the
         // new CA bundle, CRL or rules would not admit afresh.
-        let raw = builder
+        let mut raw = builder
             .with_single_cert(chain, key)
             .map_err(|e| identity_error(files, e))?;
+        // legate's record layer takes the traffic keys after the handshake (`record`).
+        raw.enable_secret_extraction = true;
         // Two configs sharing one session cache: rustls refuses a handshake whose ALPN offer has
         // no overlap with a configured list, and raw peers may offer anything (h2, http/1.1).
         let mut legate = raw.clone();
@@ -608,18 +614,18 @@ impl ServerTls {
 
     /// Runs the server handshake on `tcp`. The caller bounds it with a timeout.
     pub async fn accept(&self, tcp: Stream) -> std::io::Result<ServerStream> {
-        let start = LazyConfigAcceptor::new(Acceptor::default(), ReadAhead::new(tcp)).await?;
-        let wants_legate = start
-            .client_hello()
-            .alpn()
-            .is_some_and(|mut offered| offered.any(|p| p == LEGATE_ALPN));
-        let snapshot = self.current.load();
-        let config = if wants_legate {
-            snapshot.legate.clone()
-        } else {
-            snapshot.raw.clone()
-        };
-        start.into_stream(config).await
+        record::accept(tcp, |hello| {
+            let wants_legate = hello
+                .alpn()
+                .is_some_and(|mut offered| offered.any(|p| p == LEGATE_ALPN));
+            let snapshot = self.current.load();
+            if wants_legate {
+                snapshot.legate.clone()
+            } else {
+                snapshot.raw.clone()
+            }
+        })
+        .await
     }
 }
 
@@ -703,7 +709,7 @@ impl std::error::Error for PinError {}
 
 /// One loaded set of TLS material for a client side.
 struct ClientSnapshot {
-    connector: TlsConnector,
+    config: Arc<ClientConfig>,
     status: Option<Arc<ServerConfig>>,
     not_after: Option<i64>,
 }
@@ -754,8 +760,9 @@ impl ClientSnapshot {
         if offer_legate {
             config.alpn_protocols = vec![LEGATE_ALPN.to_vec()];
         }
+        config.enable_secret_extraction = true;
         Ok(ClientSnapshot {
-            connector: TlsConnector::from(Arc::new(config)),
+            config: Arc::new(config),
             status,
             not_after,
         })
@@ -827,8 +834,8 @@ impl ClientTls {
         tcp: Stream,
         name: ServerName<'static>,
     ) -> std::io::Result<ClientStream> {
-        let connector = self.current.load().connector.clone();
-        connector.connect(name, ReadAhead::new(tcp)).await
+        let config = self.current.load().config.clone();
+        record::connect(config, name, tcp).await
     }
 }
 
@@ -842,38 +849,22 @@ pub fn server_name(name: &str) -> Result<ServerName<'static>, Error> {
 }
 
 /// The verified identity of the peer on an established connection.
-pub fn peer_identity(conn: &rustls::CommonState) -> Result<PeerIdentity, String> {
-    let cert = conn
-        .peer_certificates()
-        .and_then(|c| c.first())
+pub fn peer_identity(session: &Session) -> Result<PeerIdentity, String> {
+    let cert = session
+        .peer_certificate()
         .ok_or("peer presented no certificate")?;
     PeerIdentity::from_der(cert)
 }
 
 /// What was negotiated, for the log: version, cipher suite, key exchange group, and whether
 /// the handshake was full or resumed, e.g. `TLSv1_3 TLS13_AES_256_GCM_SHA384 X25519MLKEM768 full`.
-pub fn describe_session(conn: &rustls::CommonState) -> String {
-    let version = conn
-        .protocol_version()
-        .map_or_else(|| "-".to_string(), |v| format!("{v:?}"));
-    let suite = conn
-        .negotiated_cipher_suite()
-        .map_or_else(|| "-".to_string(), |s| format!("{:?}", s.suite()));
-    let kx = conn
-        .negotiated_key_exchange_group()
-        .map_or_else(|| "-".to_string(), |g| format!("{:?}", g.name()));
-    let kind = match conn.handshake_kind() {
-        Some(rustls::HandshakeKind::Resumed) => "resumed",
-        Some(rustls::HandshakeKind::FullWithHelloRetryRequest) => "full+retry",
-        Some(rustls::HandshakeKind::Full) => "full",
-        None => "-",
-    };
-    format!("{version} {suite} {kx} {kind}")
+pub fn describe_session(session: &Session) -> String {
+    session.describe()
 }
 
 /// Whether the peer agreed to `legate/1`.
-pub fn negotiated_legate(conn: &rustls::CommonState) -> bool {
-    conn.alpn_protocol() == Some(LEGATE_ALPN)
+pub fn negotiated_legate(session: &Session) -> bool {
+    session.alpn_protocol() == Some(LEGATE_ALPN)
 }
 
 /// Turns a handshake error into its most useful one-line form: what happened in words an
