@@ -18,6 +18,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 fn runtime() -> &'static tokio::runtime::Runtime {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
     RT.get_or_init(|| {
+        // A write to a closed socket must be an error here, as in legate's own binary (Rust's
+        // runtime ignores SIGPIPE there; libFuzzer's main does not).
+        // SAFETY: setting a signal's disposition to ignore, once, before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
