@@ -304,6 +304,16 @@ pub enum Stream {
 }
 
 impl Stream {
+    /// Writes what the socket takes now without waiting, and without registering for
+    /// readiness: a task other than the writer's may call it without taking the writer's
+    /// wakeup.
+    pub fn try_write_vectored(&self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.try_write_vectored(bufs),
+            Stream::Unix(s) => s.try_write_vectored(bufs),
+        }
+    }
+
     /// This end's address, for TCP.
     pub fn local_addr(&self) -> Option<SocketAddr> {
         match self {

@@ -377,29 +377,51 @@ impl Tx {
     /// Writes queued records until none is left or the socket is full.
     fn poll_send(&mut self, io: &mut Stream, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !self.out.is_empty() {
-            let mut slices = [IoSlice::new(&[]); 16];
-            let mut n = 0;
-            for (i, r) in self.out.iter().take(slices.len()).enumerate() {
-                slices[i] = IoSlice::new(if i == 0 { &r[self.sent..] } else { r });
-                n += 1;
-            }
-            let mut w = ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices[..n]))?;
-            if w == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-            }
-            self.queued -= w;
-            while w > 0 {
-                let left = self.out[0].len() - self.sent;
-                if w < left {
-                    self.sent += w;
-                    break;
-                }
-                w -= left;
-                self.sent = 0;
-                self.out.pop_front();
-            }
+            let w = ready!(self.with_slices(|s| Pin::new(&mut *io).poll_write_vectored(cx, s)))?;
+            self.consume(w)?;
         }
         Poll::Ready(Ok(()))
+    }
+
+    /// Writes what the socket takes now, from the reading side: without waiting, and without
+    /// taking the writer's wakeup.
+    fn send_now(&mut self, io: &Stream) {
+        while !self.out.is_empty() {
+            match self.with_slices(|s| io.try_write_vectored(s)) {
+                Ok(w) if self.consume(w).is_ok() => {}
+                _ => return,
+            }
+        }
+    }
+
+    /// `f` on the first queued records, as slices for one vectored write.
+    fn with_slices<T>(&self, f: impl FnOnce(&[IoSlice<'_>]) -> T) -> T {
+        let mut slices = [IoSlice::new(&[]); 16];
+        let mut n = 0;
+        for (i, r) in self.out.iter().take(slices.len()).enumerate() {
+            slices[i] = IoSlice::new(if i == 0 { &r[self.sent..] } else { r });
+            n += 1;
+        }
+        f(&slices[..n])
+    }
+
+    /// Drops `w` written bytes from the queue.
+    fn consume(&mut self, mut w: usize) -> io::Result<()> {
+        if w == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        self.queued -= w;
+        while w > 0 {
+            let left = self.out[0].len() - self.sent;
+            if w < left {
+                self.sent += w;
+                break;
+            }
+            w -= left;
+            self.sent = 0;
+            self.out.pop_front();
+        }
+        Ok(())
     }
 }
 
@@ -493,6 +515,11 @@ impl TlsStream {
         rx.seq += 1;
         match plain.typ {
             ContentType::ApplicationData => {
+                if !rx.join.is_empty() {
+                    return Err(rustls::Error::PeerMisbehaved(
+                        rustls::PeerMisbehaved::MessageInterleavedWithHandshakeMessage,
+                    ));
+                }
                 rx.plain = plain.payload.as_ptr() as usize - base;
                 rx.plain_end = rx.plain + plain.payload.len();
             }
@@ -604,10 +631,7 @@ impl AsyncRead for TlsStream {
                 Err(e) => {
                     me.tx.alert(&e);
                     // Best effort: the alert goes now if the socket takes it.
-                    let _ = me.tx.poll_send(
-                        &mut me.io,
-                        &mut Context::from_waker(std::task::Waker::noop()),
-                    );
+                    me.tx.send_now(&me.io);
                     me.rx.end = RxEnd::Failed(e);
                     continue;
                 }
@@ -834,6 +858,11 @@ async fn drive<H: Handshaking>(
             }
         }
         inbuf.drain(..discard);
+        if done && conn.common().is_handshaking() {
+            // A server may write before the client's Finished (half-RTT data, which legate's
+            // configs do not enable); the keys are taken only once the handshake is whole.
+            (done, blocked) = (false, true);
+        }
         if let Some(e) = failed {
             // Send the alert rustls queued for the peer, as tokio-rustls would.
             for _ in 0..4 {
