@@ -1225,6 +1225,7 @@ mod tests {
             peer.flush().await.unwrap();
             expect(&mut ours, 100_000, 3).await;
             assert!(ours.tx.answer_update, "the request was noted");
+            assert!(ours.rx.buf.is_none(), "all read: the read buffer went back");
             ours.write_all(&pattern(50_000, 4)).await.unwrap();
             ours.flush().await.unwrap();
             assert!(!ours.tx.answer_update, "answered");
@@ -1239,6 +1240,48 @@ mod tests {
             expect(&mut ours, 30_000, 6).await;
             exchange(ours, peer, 10_000).await;
         }
+    }
+
+    #[tokio::test]
+    async fn data_in_the_clients_last_handshake_flight_is_read_first_and_whole() {
+        // rustls' buffered client sends plaintext written before the handshake ended right
+        // after its Finished, in the same write: our server's handshake takes it in the same
+        // read and must hand it on before what follows.
+        let p = pki(super::super::TLS13_ONLY);
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let client = p.client.clone();
+        let sender = std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            let mut sock = std::net::TcpStream::connect(addr).unwrap();
+            let mut conn = rustls::ClientConnection::new(client, name()).unwrap();
+            conn.writer().write_all(&pattern(3000, 9)).unwrap();
+            while conn.is_handshaking() {
+                conn.complete_io(&mut sock).unwrap();
+            }
+            while conn.wants_write() {
+                conn.write_tls(&mut sock).unwrap();
+            }
+            conn.writer().write_all(&pattern(5000, 10)).unwrap();
+            conn.send_close_notify();
+            while conn.wants_write() {
+                conn.write_tls(&mut sock).unwrap();
+            }
+            // Wait for the server's close before closing the socket.
+            let mut rest = Vec::new();
+            let _ = sock.read_to_end(&mut rest);
+        });
+        let (s, _) = l.accept().await.unwrap();
+        let config = p.server.clone();
+        let mut ours = accept(Stream::Tcp(s), move |_| config).await.unwrap();
+        let mut got = Vec::new();
+        ours.read_to_end(&mut got).await.unwrap();
+        let mut want = pattern(3000, 9);
+        want.extend(pattern(5000, 10));
+        assert!(got == want, "{} bytes, not the 8000 sent", got.len());
+        ours.shutdown().await.unwrap();
+        drop(ours);
+        sender.join().unwrap();
     }
 
     #[tokio::test]
