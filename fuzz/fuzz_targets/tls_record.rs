@@ -57,12 +57,15 @@ async fn feed(mut data: &[u8]) {
             }
         }
     };
-    let reader = async {
+    let reader = async move {
         let mut sink = Vec::new();
         let _ = ours.read_to_end(&mut sink).await;
         // A key update the peer asked for is answered before this.
         let _ = ours.write_all(b"after").await;
         let _ = ours.shutdown().await;
+        // Closed here: a peer still writing after an error gets EPIPE rather than a full
+        // socket nobody reads.
+        drop(ours);
     };
     let both = async { tokio::join!(writer, reader) };
     let ended = tokio::time::timeout(Duration::from_secs(5), both).await;

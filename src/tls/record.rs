@@ -481,7 +481,11 @@ impl TlsStream {
     fn before_record(&mut self) -> Result<(), rustls::Error> {
         if self.tx.answer_update || self.tx.seq >= self.tx.limit {
             if !self.kernel.tls13() {
-                return Err(rustls::Error::EncryptError);
+                // TLS 1.2 has no key update: the connection ends, and the next one starts
+                // with fresh keys.
+                return Err(rustls::Error::General(
+                    "this TLS 1.2 connection reached its cipher's record limit".into(),
+                ));
             }
             self.update_tx_keys(false)?;
         }
