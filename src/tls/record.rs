@@ -50,6 +50,9 @@ const MAX_CIPHERTEXT: usize = MAX_FRAGMENT + 2048;
 /// The read buffer: three full records and room for a fourth's start, so that a record
 /// straddling its end (moved to the front) is at most a quarter of what one read brings.
 const READ_BUF: usize = 64 * 1024;
+/// A record's start this short is kept aside while its connection waits for the rest, and
+/// the read buffer goes back: a peer that stops mid-record holds a few bytes, not 64 KiB.
+const PARKED: usize = 1024;
 /// Encrypted bytes that may wait for the socket before a write waits with them.
 const WRITE_AHEAD: usize = 64 * 1024;
 /// Handshake bytes a peer may send before the handshake must have finished.
@@ -294,6 +297,8 @@ struct Rx {
     early: Vec<u8>,
     /// A post-handshake message split over records.
     join: Vec<u8>,
+    /// The start of a record, up to [`PARKED`] bytes, kept while the read buffer went back.
+    parked: Vec<u8>,
     end: RxEnd,
 }
 
@@ -316,9 +321,30 @@ impl Rx {
         }
     }
 
+    /// Before waiting for the socket: gives the read buffer back unless a long partial
+    /// record is in it (only an incomplete record can be left when this is called).
+    fn park(&mut self) {
+        let partial = self.len - self.pos;
+        if self.plain == self.plain_end
+            && partial > 0
+            && partial <= PARKED
+            && let Some(buf) = &self.buf
+        {
+            self.parked.extend_from_slice(&buf[self.pos..self.len]);
+            self.pos = self.len;
+        }
+        self.release_if_empty();
+    }
+
     /// Room to read into, with the record at `pos` whole once it has arrived.
     fn room(&mut self) -> &mut [u8] {
         let buf = self.buf.get_or_insert_with(spare::take);
+        if !self.parked.is_empty() {
+            // Only while the buffer was away, so it is fresh here.
+            buf[..self.parked.len()].copy_from_slice(&self.parked);
+            (self.pos, self.len) = (0, self.parked.len());
+            self.parked = Vec::new();
+        }
         if self.pos == self.len {
             (self.pos, self.len) = (0, 0);
         } else if buf.len() - self.pos < HEADER + MAX_CIPHERTEXT {
@@ -641,14 +667,14 @@ impl AsyncRead for TlsStream {
                 }
             }
             if copied {
-                me.rx.release_if_empty();
+                me.rx.park();
                 return Poll::Ready(Ok(()));
             }
             let room = me.rx.room();
             let mut rb = ReadBuf::new(room);
             match Pin::new(&mut me.io).poll_read(cx, &mut rb) {
                 Poll::Pending => {
-                    me.rx.release_if_empty();
+                    me.rx.park();
                     return Poll::Pending;
                 }
                 Poll::Ready(Err(e)) => {
@@ -906,6 +932,7 @@ async fn drive<H: Handshaking>(
         len: 0,
         early,
         join: Vec::new(),
+        parked: Vec::new(),
         end: if peer_closed {
             RxEnd::Closed
         } else {
@@ -1286,6 +1313,39 @@ mod tests {
         ours.shutdown().await.unwrap();
         drop(ours);
         sender.join().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_peer_stopped_mid_record_leaves_a_few_bytes_held_not_the_buffer() {
+        let (client, server) = testing::tls13_configs();
+        let (mut ours, mut peer) = testing::pair(client, server).await.unwrap();
+        peer.tx
+            .seal(ContentType::ApplicationData, (&pattern(500, 11)[..]).into())
+            .unwrap();
+        let record = peer.tx.out.pop_front().unwrap();
+        peer.tx.queued -= record.len();
+        let (head, tail) = record.split_at(3);
+        testing::send_raw(&mut peer, head).await.unwrap();
+        let mut buf = [0u8; 600];
+        // The three bytes arrive, the read waits for the rest.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while ours.rx.parked.is_empty() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the bytes never arrived"
+            );
+            let waited =
+                tokio::time::timeout(std::time::Duration::from_millis(20), ours.read(&mut buf));
+            assert!(waited.await.is_err(), "a read returned with half a header");
+        }
+        assert_eq!(ours.rx.parked.len(), 3);
+        assert!(
+            ours.rx.buf.is_none(),
+            "the read buffer went back while waiting"
+        );
+        testing::send_raw(&mut peer, tail).await.unwrap();
+        expect(&mut ours, 500, 11).await;
+        assert!(ours.rx.parked.is_empty() && ours.rx.buf.is_none());
     }
 
     #[tokio::test]
