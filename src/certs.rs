@@ -276,8 +276,9 @@ fn san(name: &str) -> Result<SanType, Error> {
 
 fn random_bytes<const N: usize>() -> Result<[u8; N], Error> {
     let mut bytes = [0u8; N];
-    // aws-lc's RNG: the one rustls uses too.
-    crate::tls::provider()
+    // aws-lc's RNG: the one rustls uses too (taken from the provider directly, so that this
+    // module stays below `tls`, whose tests issue certificates with it).
+    rustls::crypto::aws_lc_rs::default_provider()
         .secure_random
         .fill(&mut bytes)
         .map_err(|_| Error::Invalid("the system random number generator failed".into()))?;
