@@ -43,6 +43,7 @@ pub mod peer_pool;
 pub mod proxy_protocol;
 pub mod redis;
 pub mod relay;
+pub mod spare;
 pub mod status;
 pub mod tls;
 pub mod tunnel;

@@ -31,30 +31,17 @@ pub(crate) const fn frame_payload(head: usize) -> usize {
 /// Relay buffers are taken only while bytes are moving and handed back when a read would wait,
 /// so an idle connection holds none. Spares are kept per thread, a few dozen at most.
 mod spare {
-    use std::cell::RefCell;
-
     /// Header room in front of the payload: a `legate/1` DATA frame's 7 bytes
     /// (`mux::frame::HEAD`, which checks that it fits).
     pub const HEAD: usize = 7;
     const KEEP: usize = 64;
 
-    thread_local! {
-        static SPARE: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
-    }
-
     pub fn take() -> Box<[u8]> {
-        SPARE
-            .with(|s| s.borrow_mut().pop())
-            .unwrap_or_else(|| vec![0u8; HEAD + super::BUF_SIZE].into_boxed_slice())
+        crate::spare::take(HEAD + super::BUF_SIZE)
     }
 
     pub fn give(buf: Box<[u8]>) {
-        SPARE.with(|s| {
-            let mut s = s.borrow_mut();
-            if s.len() < KEEP {
-                s.push(buf);
-            }
-        });
+        crate::spare::give(buf, KEEP);
     }
 }
 

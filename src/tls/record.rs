@@ -60,30 +60,8 @@ const MAX_HANDSHAKE_BYTES: usize = 256 * 1024;
 /// Before rustls' hard limit on sequence numbers (it refuses at `u64::MAX - 1`).
 const SEQ_SOFT_LIMIT: u64 = 0xffff_ffff_ffff_0000;
 
-/// Read buffers of streams that have nothing buffered go back here, so an idle connection
-/// holds none and a busy thread does not allocate one per read.
-mod spare {
-    use std::cell::RefCell;
-
-    thread_local! {
-        static SPARE: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
-    }
-
-    pub fn take() -> Box<[u8]> {
-        SPARE
-            .with(|s| s.borrow_mut().pop())
-            .unwrap_or_else(|| vec![0u8; super::READ_BUF].into_boxed_slice())
-    }
-
-    pub fn give(buf: Box<[u8]>) {
-        SPARE.with(|s| {
-            let mut s = s.borrow_mut();
-            if s.len() < 16 {
-                s.push(buf);
-            }
-        });
-    }
-}
+/// Read buffers kept per thread for streams that have nothing buffered ([`crate::spare`]).
+const SPARE_KEEP: usize = 16;
 
 /// What the handshake settled, for the log and for authorization.
 #[derive(Debug, Clone)]
@@ -316,7 +294,7 @@ impl Rx {
         if self.plain == self.plain_end && self.pos == self.len {
             (self.plain, self.plain_end, self.pos, self.len) = (0, 0, 0, 0);
             if let Some(buf) = self.buf.take() {
-                spare::give(buf);
+                crate::spare::give(buf, SPARE_KEEP);
             }
         }
     }
@@ -338,7 +316,7 @@ impl Rx {
 
     /// Room to read into, with the record at `pos` whole once it has arrived.
     fn room(&mut self) -> &mut [u8] {
-        let buf = self.buf.get_or_insert_with(spare::take);
+        let buf = self.buf.get_or_insert_with(|| crate::spare::take(READ_BUF));
         if !self.parked.is_empty() {
             // Only while the buffer was away, so it is fresh here.
             buf[..self.parked.len()].copy_from_slice(&self.parked);
